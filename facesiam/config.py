@@ -1,0 +1,344 @@
+"""Typed training configuration: dataclasses with a docstring per field, YAML files and command-line overrides.
+
+One YAML per experiment lives in ``launch/configs/``. Sections mirror the dataclasses below (``model``,
+``augment``, ``loss``, ``optim``; everything else is top level). Every field is also a command-line flag
+(``embedding_dim`` -> ``--embedding-dim``), so field names are unique across sections. Unknown keys are
+errors, never silently ignored: a typo in an experiment file must not train the wrong model for a day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """What is needed to rebuild the embedding network (exported with ``best/``)."""
+
+    backbone: str = "tf_efficientnetv2_b0"
+    """Any timm model name; the classifier is removed (``num_classes=0``) and its pooled features feed the head."""
+    embedding_dim: int = 512
+    """Size of the L2-normalised embedding."""
+    head: str = "linear"
+    """``linear`` (the seed article's Linear) or ``face`` (BN -> Dropout -> Linear -> BN, as in arcface_torch)."""
+    dropout: float = 0.0
+    """Dropout before the head's Linear (``face`` head only)."""
+    pretrained: str = "none"
+    """``none`` (random init), ``hub`` (timm's weights, needs the network) or a local .safetensors/.pth file."""
+    image_size: int = 224
+    """Square input size in pixels, for training and inference."""
+    center_crop: Optional[float] = None
+    """Fraction of the shorter side kept around the centre before resizing (LFW: 0.6); None keeps all."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel normalisation mean."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel normalisation standard deviation."""
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations (the seed article's by default); 0 disables a stage."""
+
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    """RandomResizedCrop area range."""
+    rotation: float = 15.0
+    """RandomRotation range in degrees (±)."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    color_jitter: float = 0.2
+    """ColorJitter strength for brightness, contrast and saturation."""
+
+
+@dataclass
+class LossConfig:
+    """The metric-learning loss, built from pytorch-metric-learning parts."""
+
+    loss: str = "triplet"
+    """triplet | contrastive | multisimilarity (pair losses, see the global batch) or arcface | subcenter_arcface | cosface
+    (margin classification losses with trained class centres)."""
+    margin: Optional[float] = 0.1
+    """Loss margin; None takes PML's default. ArcFace margins are in degrees, as in PML (28.6 deg = 0.5 rad)."""
+    scale: Optional[float] = None
+    """Logit scale of the margin classification losses; None takes PML's default (64)."""
+    subcenters: int = 3
+    """Sub-centres per class for subcenter_arcface."""
+    distance: str = "cosine"
+    """Distance for pair losses: cosine (CosineSimilarity) or euclidean (LpDistance on normalised embeddings)."""
+    miner: str = "none"
+    """none | semihard | hard | multisimilarity: which pairs/triplets the pair loss trains on."""
+    class_lr_mult: float = 1.0
+    """Learning-rate multiplier for the class centres of margin losses."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: str = "adamw"
+    """adamw | sgd | schedulefree_adamw (needs the schedulefree package)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 1e-5
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    scheduler: str = "cosine_epoch"
+    """cosine_epoch (CosineAnnealingLR stepped per epoch, the seed's) | cosine (per step, with warmup) | step | plateau | constant."""
+    t_max: int = 50
+    """cosine_epoch: epochs of one cosine half-period."""
+    eta_min: float = 1e-6
+    """Lowest learning rate of the cosine schedules."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (cosine and constant schedules)."""
+    step_size: int = 10
+    """step: epochs between decays."""
+    gamma: float = 0.1
+    """step/plateau: decay factor."""
+    patience: int = 2
+    """plateau: validations without improvement before decaying."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still measured)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as RUN/config.yaml."""
+
+    data: str = ""
+    """Shard directory written by tools/make_shards.py."""
+    output: str = ""
+    """Run directory: checkpoints/, best/, metrics.jsonl, tensorboard/, wandb/."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train_split: str = "train"
+    """Split of the shards to train on."""
+    val_split: str = "val"
+    """Split used for validation; skipped (with a warning) when the shards have none."""
+    batch_size: int = 32
+    """Images per process per step."""
+    m_per_class: int = 4
+    """Images of each identity in a batch (batch_size must be a multiple)."""
+    epochs: int = 50
+    """Passes over the training split."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when reached first)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (fp16 only on CUDA; it uses a GradScaler)."""
+    seed: int = 0
+    """Seeds weights, sampling order and every augmentation."""
+    num_workers: int = 2
+    """DataLoader worker processes per training process."""
+    channels_last: bool = False
+    """Use channels-last memory format (faster convolutions on GPUs with tensor cores)."""
+    compile: bool = False
+    """torch.compile the embedding network."""
+    val_every_steps: int = 0
+    """Also validate every N steps (0: only at each epoch end and at the end of training)."""
+    val_batch_size: int = 128
+    """Batch size for embedding the validation split."""
+    best_metric: str = "tar_at_far_1e-03"
+    """Validation metric that selects RUN/best: tar_at_far_1e-03 | auc | rank1 | map_at_r | neg_eer."""
+    checkpoint_every_steps: int = 0
+    """Save a resumable checkpoint every N steps (0: only at epoch ends and when training stops)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+    resume: Optional[str] = None
+    """latest (newest in RUN/checkpoints) or a checkpoint directory."""
+    log_every_steps: int = 10
+    """Steps between metric logs."""
+    max_nonfinite_steps: int = 20
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+    wandb: Optional[str] = None
+    """off | offline | online. None: $WANDB_MODE if set, else offline. Nothing is uploaded unless online."""
+    wandb_project: str = "facesiam"
+    """W&B project name."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN/tensorboard."""
+
+
+SECTIONS = {"model": ModelConfig, "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig}
+
+
+def _flag_fields() -> dict[str, tuple[Optional[str], dataclasses.Field]]:
+    """Map every leaf field name to (section or None, field); names must be unique to be flags."""
+    out: dict[str, tuple[Optional[str], dataclasses.Field]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SECTIONS:
+            for sf in dataclasses.fields(SECTIONS[f.name]):
+                assert sf.name not in out, f"duplicate config field name {sf.name}"
+                out[sf.name] = (f.name, sf)
+        else:
+            assert f.name not in out, f"duplicate config field name {f.name}"
+            out[f.name] = (None, f)
+    return out
+
+
+FLAG_FIELDS = _flag_fields()
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with a clear error naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key '{where}': expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key '{where}': expected true/false, got {value!r}")
+    try:
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key '{where}': expected {tp.__name__}, got {value!r}") from None
+
+
+def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
+    """Apply a nested dict (YAML layout) onto cfg; unknown keys raise."""
+    for key, value in values.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: section '{key}' must be a mapping")
+            section = getattr(cfg, key)
+            known = {f.name for f in dataclasses.fields(section)}
+            for sk, sv in value.items():
+                if sk not in known:
+                    raise ValueError(f"{source}: unknown key '{key}.{sk}' (known: {', '.join(sorted(known))})")
+                setattr(section, sk, _coerce(sv, _field_type(type(section), sk), f"{key}.{sk}"))
+        elif key in FLAG_FIELDS and FLAG_FIELDS[key][0] is None:
+            setattr(cfg, key, _coerce(value, _field_type(TrainConfig, key), key))
+        else:
+            hint = f" (did you mean '{FLAG_FIELDS[key][0]}.{key}'?)" if key in FLAG_FIELDS else ""
+            raise ValueError(f"{source}: unknown key '{key}'{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with a clear error when it is not a mapping."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of keys to values")
+    return data
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per config field (default None: only given flags override)."""
+    parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); flags override it")
+    for name, (section, f) in FLAG_FIELDS.items():
+        if f.name in SECTIONS:
+            continue
+        flag = "--" + name.replace("_", "-")
+        doc = (f.metadata.get("doc") if f.metadata else None) or ""
+        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                            help=f"{section + '.' if section else ''}{name}{': ' + doc if doc else ''}")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults <- --config YAML <- command-line flags."""
+    cfg = TrainConfig()
+    if getattr(args, "config", None):
+        _apply(cfg, load_yaml(args.config), args.config)
+    overrides: dict[str, Any] = {}
+    for name, (section, _) in FLAG_FIELDS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if section:
+            overrides.setdefault(section, {})[name] = value
+        else:
+            overrides[name] = value
+    _apply(cfg, overrides, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a nested dict (e.g. a saved RUN/config.yaml)."""
+    cfg = TrainConfig()
+    _apply(cfg, values, "config")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML, JSON and trackers."""
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(dataclasses.asdict(cfg))
+
+
+def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (atomically) so every run records exactly what it ran."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+CHOICES = {
+    "model.head": ("linear", "face"),
+    "loss.loss": ("triplet", "contrastive", "multisimilarity", "arcface", "subcenter_arcface", "cosface"),
+    "loss.distance": ("cosine", "euclidean"),
+    "loss.miner": ("none", "semihard", "hard", "multisimilarity"),
+    "optim.optimizer": ("adamw", "sgd", "schedulefree_adamw"),
+    "optim.scheduler": ("cosine_epoch", "cosine", "step", "plateau", "constant"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+    "best_metric": ("tar_at_far_1e-03", "auc", "rank1", "map_at_r", "neg_eer"),
+    "wandb": (None, "off", "offline", "online"),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check values that would otherwise fail late (after data loading) or silently."""
+    for key, allowed in CHOICES.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ValueError(f"config key '{key}' is {obj!r}; choose one of {', '.join(map(str, allowed))}")
+    if cfg.m_per_class < 1 or cfg.batch_size % cfg.m_per_class:
+        raise ValueError(f"batch_size ({cfg.batch_size}) must be a positive multiple of m_per_class ({cfg.m_per_class})")
+    if cfg.grad_accum_steps < 1:
+        raise ValueError("grad_accum_steps must be >= 1")
+    if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:
+        raise ValueError("model.center_crop must be in (0, 1]")

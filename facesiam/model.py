@@ -1,0 +1,188 @@
+"""The embedding network: a timm trunk plus an embedding head, L2-normalised; export and reload for inference.
+
+The model knows nothing about parallelism, losses or file formats of the data: the trainer wraps it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be loaded."""
+
+
+class EmbeddingModel(nn.Module):
+    """trunk (timm, pooled features) -> head -> L2-normalised embedding (float32)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(images)
+        # Normalise in fp32: under bf16 autocast the norm of a 512-d vector loses digits that cosine scores need.
+        return F.normalize(self.head(features).float(), dim=-1)
+
+
+def build_head(kind: str, in_features: int, embedding_dim: int, dropout: float = 0.0) -> nn.Module:
+    """The seed's plain Linear, or the BN-Dropout-Linear-BN embedding head used by arcface_torch-style models."""
+    if kind == "linear":
+        return nn.Linear(in_features, embedding_dim)
+    if kind == "face":
+        return nn.Sequential(
+            nn.BatchNorm1d(in_features),
+            nn.Dropout(dropout),
+            nn.Linear(in_features, embedding_dim, bias=False),
+            nn.BatchNorm1d(embedding_dim),
+        )
+    raise ValueError(f"unknown head {kind!r}: use 'linear' or 'face'")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"{path}: not a state dict; save it with torch.save(model.state_dict(), ...)")
+    return state
+
+
+def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
+    """Load a local .safetensors/.pth state dict into a timm trunk; every trunk tensor must be present."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(
+            f"pretrained weights file {path} not found; pass --pretrained none, hub, or an existing .safetensors/.pth"
+        )
+    state = _read_state_dict(path)
+    # Accept exports of a whole EmbeddingModel (trunk.*) as well as plain timm state dicts.
+    if any(k.startswith("trunk.") for k in state):
+        state = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    own = trunk.state_dict()
+    usable = {k: v for k, v in state.items() if k in own}
+    missing = [k for k in own if k not in usable]
+    wrong = [k for k, v in usable.items() if v.shape != own[k].shape]
+    if missing or wrong:
+        detail = (f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "") + (
+            f" {len(wrong)} with other shapes (e.g. {wrong[:3]})" if wrong else "")
+        raise PretrainedWeightsError(f"{path} does not fit this backbone: {detail.strip()}; "
+                                     "is it for the same --backbone? (tools/convert_weights.py converts known formats)")
+    trunk.load_state_dict(usable, strict=True)
+
+
+def build_model(cfg: ModelConfig) -> EmbeddingModel:
+    """Create the trunk (random, hub or local weights) and the head; fails early with a clear message."""
+    pretrained = cfg.pretrained or "none"
+    if pretrained == "hub":
+        try:
+            trunk = timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
+        except Exception as err:  # network errors come in many types (OSError, HTTP, hub-specific)
+            raise PretrainedWeightsError(
+                f"could not download pretrained weights for {cfg.backbone!r} from the model hub ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:200] if str(err) else ''}); use --pretrained none for random init, or "
+                "--pretrained PATH for a local .safetensors/.pth file (tools/convert_weights.py makes one)"
+            ) from err
+    else:
+        try:
+            trunk = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
+        except RuntimeError as err:
+            raise ValueError(f"unknown backbone {cfg.backbone!r}: see timm.list_models() ({err})") from None
+        if pretrained != "none":
+            load_trunk_weights(trunk, pretrained)
+    head = build_head(cfg.head, trunk.num_features, cfg.embedding_dim, cfg.dropout)
+    return EmbeddingModel(trunk, head)
+
+
+def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write out_dir/model.safetensors + out_dir/config.json; a complete export replaces the old one at once."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        meta = {"format_version": EXPORT_FORMAT_VERSION, **asdict(cfg), "pretrained": "none"}
+        meta["mean"], meta["std"] = list(cfg.mean), list(cfg.std)
+        if extra:
+            meta["export_info"] = extra
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        # Swap: the old export stays intact until the new one is complete.
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_exported_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an export (path: the export dir, or a run dir holding best/)."""
+    path = _export_dir(path)
+    meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    known = {f.name for f in fields(ModelConfig)}
+    kwargs = {k: v for k, v in meta.items() if k in known}
+    for key in ("mean", "std"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return ModelConfig(**kwargs)
+
+
+def _export_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / CONFIG_FILE).is_file() and (path / "best" / CONFIG_FILE).is_file():
+        path = path / "best"
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no exported model ({WEIGHTS_FILE} + {CONFIG_FILE}); "
+                                "pass a training run's best/ directory (RUN/best)")
+    return path
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ModelConfig]:
+    """Rebuild an exported model for inference (eval mode) with its ModelConfig."""
+    from safetensors.torch import load_file
+
+    path = _export_dir(path)
+    cfg = read_exported_config(path)
+    model = build_model(ModelConfig(**{**asdict(cfg), "pretrained": "none"}))
+    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+    return model.to(device).eval(), cfg
+
+
+def eval_transform_for(cfg: ModelConfig) -> Callable:
+    """The inference preprocessing an exported model expects."""
+    from .data.transforms import build_eval_transform
+
+    return build_eval_transform(cfg.image_size, center_crop=cfg.center_crop, mean=cfg.mean, std=cfg.std)

@@ -1,0 +1,150 @@
+"""Training end to end on CPU: 2 gloo processes, exact resume, resume across world sizes, non-finite losses, learning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from facesiam import train as train_mod
+from facesiam.train import TrainingDiverged, main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--batch-size", "16",
+        "--m-per-class", "4", "--num-workers", "0", "--wandb", "off", "--log-every-steps", "1"]
+
+
+def _weights(ckpt: Path) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(synthetic_shards, tmp_path_factory) -> Path:
+    """2 processes on gloo through `accelerate launch` with the repo's cpu.yaml."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / "cpu.yaml"), "--main_process_port", "0",
+           str(REPO / "launch" / "train.py"), "--data", str(synthetic_shards), "--output", str(run),
+           *TINY, "--epochs", "2", "--lr", "1e-3", "--scheduler", "cosine", "--optimizer", "adamw"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return run
+
+
+def test_two_processes_train_validate_and_export(ddp_run):
+    summary = json.loads((ddp_run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["steps"] > 0
+    assert (ddp_run / "best" / "model.safetensors").is_file() and (ddp_run / "best" / "config.json").is_file()
+    records = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if "val/auc" in r]
+    assert len(vals) == 2, "one validation per epoch (the last doubles as the final one)"
+    train_logs = [r for r in records if "loss" in r]
+    assert train_logs and all(r["images_per_s"] > 0 for r in train_logs)
+    # Both ranks counted: images/s in total is twice the per-process figure.
+    assert train_logs[-1]["images_per_s"] == pytest.approx(2 * train_logs[-1]["images_per_s_per_process"])
+    cfg = (ddp_run / "config.yaml").read_text()
+    assert "test_efficientnet" in cfg
+    assert (ddp_run / "checkpoints").is_dir() and list((ddp_run / "tensorboard").rglob("events.*"))
+
+
+def test_two_process_checkpoint_resumes_on_one_process(ddp_run, synthetic_shards, tmp_path):
+    ckpts = sorted((ddp_run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+    last = int(ckpts[-1].name[5:])
+    summary = main(["--data", str(synthetic_shards), "--output", str(tmp_path / "one"), *TINY, "--epochs", "3",
+                    "--lr", "1e-3", "--scheduler", "cosine", "--resume", str(ckpts[-1])])
+    # The 2-process run finished 2 epochs; one more epoch on one process takes twice the steps per epoch.
+    assert summary["epochs_completed"] == 3
+    assert summary["steps"] > last
+
+
+def test_resume_is_exact(synthetic_shards, tmp_path):
+    common = ["--data", str(synthetic_shards), *TINY, "--lr", "1e-3", "--scheduler", "cosine", "--epochs", "5",
+              "--num-workers", "2", "--dropout", "0.2", "--head", "face", "--val-split", "none"]
+    straight = main([*common, "--output", str(tmp_path / "a"), "--max-steps", "8"])
+    _reset_accelerate()
+    main([*common, "--output", str(tmp_path / "b"), "--max-steps", "8", "--checkpoint-every-steps", "3"])
+    # Throw away the end of run b and continue from its step-3 checkpoint (mid-epoch: an epoch is 4-5 steps).
+    ckpt = tmp_path / "b" / "checkpoints" / "step-3"
+    assert ckpt.is_dir()
+    _reset_accelerate()
+    resumed = main([*common, "--output", str(tmp_path / "c"), "--max-steps", "8", "--resume", str(ckpt)])
+    assert straight["steps"] == resumed["steps"] == 8
+    a = _weights(tmp_path / "a" / "checkpoints" / "step-8")
+    c = _weights(tmp_path / "c" / "checkpoints" / "step-8")
+    assert a.keys() == c.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+    # And the resumed run really trained: weights moved away from the checkpoint it started from.
+    start = _weights(ckpt)
+    assert any(not np.array_equal(start[k], c[k]) for k in c)
+
+
+def test_non_finite_loss_is_skipped_then_stops(synthetic_shards, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = train_mod.Criterion.forward
+
+    def flaky(self, embeddings, labels):
+        calls["n"] += 1
+        loss, value = original(self, embeddings, labels)
+        if calls["n"] in (2, 3):
+            return loss * float("nan"), value * float("nan")
+        return loss, value
+
+    monkeypatch.setattr(train_mod.Criterion, "forward", flaky)
+    args = ["--data", str(synthetic_shards), *TINY, "--max-steps", "6", "--val-split", "none"]
+    summary = main([*args, "--output", str(tmp_path / "flaky")])
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    final = _weights(tmp_path / "flaky" / "checkpoints" / "step-6")
+    assert all(np.isfinite(v).all() for v in final.values())
+
+    def always_nan(self, embeddings, labels):
+        loss, value = original(self, embeddings, labels)
+        return loss * float("nan"), value * float("nan")
+
+    monkeypatch.setattr(train_mod.Criterion, "forward", always_nan)
+    _reset_accelerate()
+    with pytest.raises(TrainingDiverged, match="consecutive steps"):
+        main([*args, "--output", str(tmp_path / "nan"), "--max-nonfinite-steps", "3"])
+
+
+def test_training_beats_random_init(synthetic_shards, tmp_path):
+    from facesiam.data import ShardDataset
+    from facesiam.embed import embed_dataset
+    from facesiam.metrics import evaluate_embeddings
+    from facesiam.model import eval_transform_for, load_exported
+
+    run = tmp_path / "learn"
+    main(["--data", str(synthetic_shards), "--output", str(run), *TINY, "--epochs", "12", "--lr", "3e-3",
+          "--scheduler", "cosine", "--loss", "arcface", "--margin", "20", "--scale", "16", "--head", "face",
+          "--class-lr-mult", "10"])
+    trained, cfg = load_exported(run / "best")
+    torch.manual_seed(123)
+    random_init = train_mod.build_model(cfg)
+    val = ShardDataset(synthetic_shards, "val", transform=eval_transform_for(cfg))
+    aucs = {}
+    for name, model in (("trained", trained), ("random", random_init.eval())):
+        emb, labels = embed_dataset(model, val, batch_size=64, progress=False)
+        aucs[name] = evaluate_embeddings(emb, labels)["verification"]["auc"]
+    assert aucs["trained"] > aucs["random"] + 0.1, aucs
