@@ -257,14 +257,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def field_docs() -> dict[str, str]:
+    """The docstring under each dataclass field (for --help), read from this file's source."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(inspect.getmodule(field_docs)))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            body = node.body
+            for a, b in zip(body, body[1:]):
+                if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                        and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                    docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --config and one flag per config field (default None: only given flags override)."""
     parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); flags override it")
+    docs = field_docs()
     for name, (section, f) in FLAG_FIELDS.items():
-        if f.name in SECTIONS:
-            continue
         flag = "--" + name.replace("_", "-")
-        doc = (f.metadata.get("doc") if f.metadata else None) or ""
+        doc = docs.get(name, "").replace("%", "%%")
         parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
                             help=f"{section + '.' if section else ''}{name}{': ' + doc if doc else ''}")
 

@@ -208,9 +208,6 @@ class RunLogger:
 
                 tracker.run.log({name: wandb.Image(figure)}, step=step)
 
-    def close(self) -> None:
-        self.accelerator.end_training()
-
 
 # ----------------------------------------------------------------------------------------------- the run
 
@@ -488,10 +485,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                "best_dir": str(run / "best"), "run_dir": str(run)}
     if main_proc:
         (run / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        logger.close()
         log.info("done: %d steps; best %s = %s at step %s; model in %s", state.step, cfg.best_metric,
                  state.best_value, state.best_step, run / "best")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers and (in accelerate>=1.x) the process group: call it last
     return summary
 
 
