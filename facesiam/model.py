@@ -57,7 +57,8 @@ def build_head(kind: str, in_features: int, embedding_dim: int, dropout: float =
     raise ValueError(f"unknown head {kind!r}: use 'linear' or 'face'")
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch checkpoint (loaded with weights_only: no code runs)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -78,7 +79,7 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
         raise PretrainedWeightsError(
             f"pretrained weights file {path} not found; pass --pretrained none, hub, or an existing .safetensors/.pth"
         )
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     # Accept exports of a whole EmbeddingModel (trunk.*) as well as plain timm state dicts.
     if any(k.startswith("trunk.") for k in state):
         state = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
@@ -124,9 +125,11 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
+        os.chmod(tmp / WEIGHTS_FILE, 0o644)  # safetensors creates 0600 files; an export is meant to be shared
         meta = {"format_version": EXPORT_FORMAT_VERSION, **asdict(cfg), "pretrained": "none"}
         meta["mean"], meta["std"] = list(cfg.mean), list(cfg.std)
         if extra:
