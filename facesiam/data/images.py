@@ -1,0 +1,198 @@
+"""Image policy shared by the shard writer and the readers: decode once, keep good bytes, normalise the rest.
+
+Every image is fully decoded once while packing (so broken files are caught then, not in epoch 37). What a
+shard stores:
+
+* the original file bytes when the file is an 8-bit RGB or grayscale JPEG, PNG or WebP with no EXIF rotation:
+  every WebDataset reader (``.decode("pil").to_tuple("jpg;png;webp", ...)``), PIL, OpenCV and torchvision.io
+  read those correctly, and keeping them avoids a lossy re-encode;
+* otherwise a converted 8-bit RGB (or grayscale) image, because a standard reader would mishandle the file:
+
+  ========================  =============================================  ===================================
+  input                     what a standard reader does                    what is stored
+  ========================  =============================================  ===================================
+  EXIF orientation != 1     shows the face sideways (PIL ignores EXIF)     rotated pixels, EXIF dropped
+  CMYK / YCCK JPEG          torchvision.io / some decoders fail or invert  RGB
+  16-bit PNG (grey or RGB)  PIL ``convert("RGB")`` clips grey to white;    8-bit (high byte), RGB or grey
+                            OpenCV/torchvision.io return uint16
+  alpha (RGBA, LA, tRNS)    alpha dropped, hidden pixels show              composited over white, RGB
+  palette (P), 1-bit        fine in PIL, not in all readers                RGB / grey
+  PGM, PPM, BMP, TIFF, GIF  not matched by ``to_tuple("jpg;png;webp")``    PNG (lossless)
+  ========================  =============================================  ===================================
+
+  Converted images from lossy sources (JPEG, WebP) are stored as JPEG quality 95, from lossless sources as PNG.
+  The member extension is the stored format (``jpg``, ``png`` or ``webp``), whatever the file was called.
+
+Written by hand (not a library) because the point is the policy itself: which files to pass through untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# -----------------------------------------------------------------------------
+# Stored as-is when 8-bit RGB/L: the formats every WebDataset consumer selects with "jpg;png;webp".
+PASS_THROUGH = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+LOSSY_FORMATS = {"JPEG", "MPO", "WEBP"}  # converted images from these are re-encoded as JPEG, others as PNG
+JPEG_QUALITY = 95
+ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white (how image viewers show them)
+EXIF_ORIENTATION = 0x0112
+# -----------------------------------------------------------------------------
+
+
+class BadImage(ValueError):
+    """A file that cannot be used as a training image; ``str(exc)`` is the reason (one line)."""
+
+
+@dataclass
+class PackedImage:
+    """An image ready for a shard: its bytes, extension (``jpg``/``png``/``webp``), size and how it was made."""
+
+    data: bytes
+    ext: str
+    width: int
+    height: int
+    converted: Optional[str]  # None: the original file bytes; otherwise why it was re-encoded
+
+
+def _png_bit_depth(raw: bytes) -> int:
+    """Bit depth from the PNG header (PIL silently reduces 16-bit RGB PNGs to 8 bits)."""
+    return raw[24] if len(raw) > 25 and raw[12:16] == b"IHDR" else 8
+
+
+def normalize(img: Image.Image, raw: bytes | None = None) -> tuple[Image.Image, Optional[str]]:
+    """Return (8-bit RGB or L image, reason it differs from the file's own pixels, or None).
+
+    ``img`` must be loaded. ``raw`` (the file bytes) lets 16-bit PNGs be detected.
+    """
+    reasons = []
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a corrupt EXIF block does not make the pixels unusable
+        orientation = 1
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        img = ImageOps.exif_transpose(img)
+        reasons.append("EXIF orientation")
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        if img.format == "PNG" and raw is not None and _png_bit_depth(raw) == 16:
+            reasons.append("16-bit")  # PIL already kept the high byte; re-encode so other readers agree
+        if "transparency" in img.info:  # tRNS chunk on an RGB/L PNG: a colour meant to be see-through
+            img = _flatten_alpha(img.convert("RGBA"))
+            reasons.append("alpha")
+    elif mode.startswith("I") or mode == "F":
+        img = _to_8bit_grey(img)
+        reasons.append("16-bit" if mode.startswith("I") else "float")
+    elif mode in ("RGBA", "LA", "La", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
+        img = _flatten_alpha(img.convert("RGBA"))
+        reasons.append("alpha")
+    elif mode == "P":
+        img = img.convert("RGB")
+        reasons.append("palette")
+    elif mode == "1":
+        img = img.convert("L")
+        reasons.append("1-bit")
+    else:  # CMYK, YCbCr, LAB, HSV, ...
+        img = img.convert("RGB")
+        reasons.append(mode)
+    return img, (", ".join(reasons) if reasons else None)
+
+
+def _flatten_alpha(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_8bit_grey(img: Image.Image) -> Image.Image:
+    a = np.asarray(img)
+    if img.mode == "F":  # float images: [0, 1] if they look normalised, else [0, 255]
+        scale = 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else 1.0
+        a = np.nan_to_num(a * scale).clip(0, 255)
+    else:  # 16-bit (or 32-bit holding 16-bit values, as PIL reads some PNG/TIFF): keep the high byte
+        a = a.astype(np.int64).clip(0, 65535) >> 8
+    return Image.fromarray(a.astype(np.uint8), "L")
+
+
+def _decode(raw: bytes) -> Image.Image:
+    if not raw:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()  # full decode: truncated or corrupt data raises here
+    except UnidentifiedImageError:
+        raise BadImage("not an image: the content matches no image format PIL knows") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too many pixels ({e})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ... on bad data
+        raise BadImage(f"cannot decode: {type(e).__name__}: {e}") from None
+    return img
+
+
+def crop_and_resize(img: Image.Image, resize: Optional[int] = None, center_crop: Optional[float] = None) -> Image.Image:
+    """Optionally keep the central square ``center_crop`` x shorter side, then shrink the shorter side to ``resize``.
+
+    Never enlarges: the point is smaller shards.
+    """
+    if center_crop is not None:
+        side = max(1, round(center_crop * min(img.size)))
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if resize is not None and min(img.size) > resize:
+        scale = resize / min(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        if min(size) != resize:  # rounding: make the shorter side exactly `resize`
+            size = tuple(resize if s == min(size) else s for s in size)
+        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return img
+
+
+def pack_image(raw: bytes, *, resize: Optional[int] = None,
+               center_crop: Optional[float] = None) -> PackedImage:
+    """Decode ``raw`` fully and return what a shard stores for it; raise BadImage with the reason if unusable."""
+    img = _decode(raw)
+    fmt = img.format
+    out, reason = normalize(img, raw)
+    if resize is not None or center_crop is not None:
+        before = out.size
+        out = crop_and_resize(out, resize, center_crop)
+        if out.size != before:
+            reason = f"{reason}, resized" if reason else "resized"
+    if reason is None and fmt in PASS_THROUGH:
+        return PackedImage(raw, PASS_THROUGH[fmt], out.width, out.height, None)
+    if reason is None:
+        reason = f"{fmt} format"  # e.g. PGM/PPM (PIL says PPM), BMP, TIFF, GIF
+    buf = io.BytesIO()
+    if fmt in LOSSY_FORMATS:
+        out.save(buf, "JPEG", quality=JPEG_QUALITY)
+        ext = "jpg"
+    else:
+        out.save(buf, "PNG")
+        ext = "png"
+    return PackedImage(buf.getvalue(), ext, out.width, out.height, reason)
+
+
+def decode_rgb(raw: bytes) -> Image.Image:
+    """Decode image bytes already normalised by :func:`pack_image` (a shard member) to a PIL RGB image."""
+    img = Image.open(io.BytesIO(raw))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read any image file as a PIL RGB image under the same policy as the shards (EXIF, 16-bit, alpha, ...).
+
+    Raises BadImage naming the file when it cannot be used.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        img, _ = normalize(_decode(raw), raw)
+    except BadImage as e:
+        raise BadImage(f"{path}: {e}") from None
+    return img if img.mode == "RGB" else img.convert("RGB")
