@@ -230,6 +230,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     main_proc = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if main_proc else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the run's own log
     run = Path(cfg.output)
     if main_proc:
         run.mkdir(parents=True, exist_ok=True)
