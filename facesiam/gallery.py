@@ -23,9 +23,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .fileio import staged_directory
 from .metrics import resolve_device, topk_cosine
 
 log = logging.getLogger("facesiam.gallery")
@@ -248,25 +247,13 @@ class Gallery:
         directory = Path(directory)
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory} exists; pass --overwrite to replace it, or use 'gallery add'")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staged_directory(directory, last=META_FILE) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             with open(tmp / ENTRIES_FILE, "wb") as f:
                 np.savez(f, identity=self.identity, names=np.asarray(self.names, dtype=str),
                          paths=np.asarray(self.paths, dtype=str))
             meta = {**self.meta, "size": self.size, "identities": len(self.names)}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-            tmp.rename(directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod

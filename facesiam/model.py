@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
@@ -19,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .fileio import staged_directory
 
 EXPORT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -123,10 +122,7 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700 directories
-    try:
+    with staged_directory(out_dir, last=CONFIG_FILE) as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         os.chmod(tmp / WEIGHTS_FILE, 0o644)  # safetensors creates 0600 files; an export is meant to be shared
@@ -135,17 +131,6 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
         if extra:
             meta["export_info"] = extra
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        # Swap: the old export stays intact until the new one is complete.
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

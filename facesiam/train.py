@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from .config import TrainConfig, add_config_arguments, config_from_args, save_yaml, to_dict
 from .data.sampler import DistributedPerClassSampler
-from .losses import CLASSIFICATION_LOSSES, Criterion
+from .losses import Criterion
 from .model import EmbeddingModel, build_model, export_model
 
 log = logging.getLogger("facesiam.train")

@@ -42,6 +42,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from tqdm import tqdm
 
+from ..fileio import replace_directory
 from .folder import list_image_folder, printable_name
 from .images import BadImage, pack_image
 
@@ -360,20 +361,6 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
                                   f"shard folder; refusing to replace it even with --overwrite")
 
 
-def _swap_into_place(staging: Path, dst: Path) -> None:
-    """Move the finished build to dst; an old dst is moved aside first and deleted only afterwards."""
-    if not dst.exists():
-        os.replace(staging, dst)
-    elif not any(dst.iterdir()):  # an empty folder (maybe a mount point or the cwd): keep it, fill it
-        for entry in sorted(staging.iterdir(), key=lambda p: p.name == METADATA_FILE):  # dataset.json last
-            shutil.move(str(entry), str(dst / entry.name))  # a rename, or a copy across file systems
-    else:
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(staging, dst)
-        shutil.rmtree(old)
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -506,7 +493,7 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         tmp = staging / (METADATA_FILE + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, staging / METADATA_FILE)  # last: its presence marks a complete shard folder
-        _swap_into_place(staging, target)
+        replace_directory(staging, target, last=METADATA_FILE)
     except BaseException:
         if pool is not None:
             pool.terminate()

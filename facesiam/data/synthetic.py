@@ -9,7 +9,7 @@ better than chance, while a trained embedding does far better.
 Everything is drawn with PIL.ImageDraw at twice the target size and box-downsampled (cheap antialiasing).
 An image depends only on (seed, identity, image index), never on worker count or order, so a dataset is
 reproducible bit for bit. Written by hand because no maintained library generates identity-structured faces.
-This module is self-contained (numpy, PIL, tqdm) so that importing it pulls in nothing else from facesiam.
+This module needs only numpy, PIL, tqdm and facesiam.fileio (standard library), so importing it is cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
+
+from ..fileio import replace_directory
 
 # -----------------------------------------------------------------------------
 # defaults (the README demo uses ~200 identities x 10 images at 112 px; tests use 20 x 8 at 64 px)
@@ -527,16 +529,7 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
         meta = {"generator": "facesiam.data.synthetic", "version": GENERATOR_VERSION, "identities": identities,
                 "images_per_identity": images_per_identity, "size": size, "seed": seed}
         (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        old = None
-        if out.is_dir():
-            if any(out.iterdir()):  # overwrite=True (checked above): move aside, swap, then delete
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-            else:
-                out.rmdir()
-        os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old)
+        replace_directory(staging, out, last=METADATA_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
