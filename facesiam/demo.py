@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 # head and optimizer of facesiam's recommended recipe (see launch/configs/ and docs/results.md).
 DEMO_TRAIN_FLAGS = [
     "--backbone", "tf_efficientnetv2_b0", "--image-size", "64", "--channels-last", "true",
-    "--head", "face", "--loss", "arcface", "--class-lr-mult", "10",
+    "--head", "face", "--loss", "arcface", "--margin", "15", "--scale", "24", "--class-lr-mult", "10",
     "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "5e-4", "--scheduler", "cosine", "--warmup-steps", "20",
     "--batch-size", "64", "--m-per-class", "4", "--epochs", "100", "--num-workers", "2",
     "--log-every-steps", "20", "--wandb", "off",

@@ -1,0 +1,76 @@
+"""The embedding model: normalised output, export/reload, and pretrained weights from hub or file failing clearly."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from facesiam.config import ModelConfig
+from facesiam.model import PretrainedWeightsError, build_model, export_model, load_exported, read_exported_config
+
+TINY = dict(backbone="test_efficientnet", embedding_dim=16, image_size=32)
+
+
+@pytest.mark.parametrize("head", ["linear", "face"])
+def test_embeddings_are_unit_length_and_reload_identically(tmp_path, head):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**TINY, head=head, center_crop=0.6, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    model = build_model(cfg).eval()
+    x = torch.randn(3, 3, 32, 32)
+    emb = model(x)
+    assert emb.shape == (3, 16) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    export_model(model, cfg, tmp_path / "best", extra={"step": 7})
+    again, cfg2 = load_exported(tmp_path)  # a run directory resolves to its best/
+    assert cfg2 == ModelConfig(**{**cfg.__dict__, "pretrained": "none"})
+    assert torch.equal(again(x), emb)
+    meta = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert meta["export_info"]["step"] == 7 and meta["center_crop"] == 0.6
+    assert read_exported_config(tmp_path / "best").mean == (0.5, 0.5, 0.5)
+
+
+def test_export_replaces_old_export_only_when_complete(tmp_path, monkeypatch):
+    cfg = ModelConfig(**TINY)
+    export_model(build_model(cfg), cfg, tmp_path / "best")
+    before = (tmp_path / "best" / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_model(build_model(cfg), cfg, tmp_path / "best")
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"], "no temporary directory left behind"
+
+
+def test_local_pretrained_file_loads_into_the_trunk(tmp_path):
+    torch.manual_seed(1)
+    source = build_model(ModelConfig(**TINY))
+    save_file({k: v.contiguous() for k, v in source.trunk.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save(source.trunk.state_dict(), tmp_path / "w.pth")
+    for path in ("w.safetensors", "w.pth"):
+        torch.manual_seed(2)
+        model = build_model(ModelConfig(**TINY, pretrained=str(tmp_path / path)))
+        for k, v in source.trunk.state_dict().items():
+            assert torch.equal(model.trunk.state_dict()[k], v), k
+
+
+def test_pretrained_errors_are_clear(tmp_path):
+    with pytest.raises(PretrainedWeightsError, match="not found"):
+        build_model(ModelConfig(**TINY, pretrained=str(tmp_path / "missing.pth")))
+    other = build_model(ModelConfig(backbone="test_resnet", embedding_dim=8, image_size=32))
+    torch.save(other.trunk.state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(PretrainedWeightsError, match="does not fit this backbone"):
+        build_model(ModelConfig(**TINY, pretrained=str(tmp_path / "resnet.pth")))
+
+
+def test_unreachable_hub_names_the_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine without the hub sees, without waiting for time-outs
+    with pytest.raises(PretrainedWeightsError, match="--pretrained none.*--pretrained PATH"):
+        build_model(ModelConfig(**TINY, pretrained="hub"))
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model(ModelConfig(backbone="no_such_net"))
