@@ -128,7 +128,7 @@ class TrainConfig:
     train_split: str = "train"
     """Split of the shards to train on."""
     val_split: str = "val"
-    """Split used for validation; skipped (with a warning) when the shards have none."""
+    """Split used for validation (none: no validation); skipped with a warning when the shards lack it."""
     batch_size: int = 32
     """Images per process per step."""
     m_per_class: int = 4

@@ -246,10 +246,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ds = ShardDataset(cfg.data, cfg.train_split, transform=train_tf)
     splits = json.loads((Path(cfg.data) / "dataset.json").read_text(encoding="utf-8")).get("splits", {})
     val_ds = None
-    if cfg.val_split and cfg.val_split in splits:
+    if cfg.val_split in splits:
         val_ds = ShardDataset(cfg.data, cfg.val_split, transform=build_eval_transform(
             m.image_size, center_crop=m.center_crop, mean=m.mean, std=m.std))
-    else:
+    elif cfg.val_split.lower() != "none":
         log.warning("no '%s' split in %s: no validation; best/ will hold the final model "
                     "(make shards with --val-identities to validate on held-out people)", cfg.val_split, cfg.data)
     sampler = DistributedPerClassSampler(train_ds.labels, cfg.batch_size, cfg.m_per_class,

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared GPU session (about 10 minutes on an H200): the checks that need a device, in one go.
+#   bash tools/gpu_check.sh [OUT]        (run from the repository root on the GPU machine)
+# 1. installs the wheels the GPU machine lacks (../shared/wheels/py312, copied to ./wheels and carried along),
+# 2. runs the GPU parts of the test suite (CUDA scoring, bf16 training step),
+# 3. training throughput: the seed article's loop vs facesiam with bf16 + channels_last + loader workers,
+# 4. the LFW recipe at a full budget with bf16 (when ../shared/data/lfw-devtrain is there),
+# writing everything under OUT (default $OUT or ./gpu_out).
+set -uo pipefail
+OUT=${1:-${OUT:-gpu_out}}
+mkdir -p "$OUT"
+if [ -d wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+date -u > "$OUT/date.txt"
+timeout 120 python3 -m pytest -q tests/test_metrics.py tests/test_model.py > "$OUT/tests.txt" 2>&1
+timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
+  --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12" > "$OUT/bench_train.txt" 2>&1
+if [ -d ../shared/data/lfw-devtrain ]; then
+  python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --no-progress
+  python3 tools/make_pairs.py /tmp/lfw --split val --out /tmp/lfw_pairs.txt --pairs-per-fold 100
+  timeout 300 python3 launch/train.py --config launch/configs/lfw_cpu.yaml --data /tmp/lfw --output "$OUT/lfw_run" \
+    --mixed-precision bf16 --num-workers 12 --max-steps 3000 --val-every-steps 1000 --wandb off > "$OUT/lfw_train.txt" 2>&1
+  python3 tools/evaluate.py --checkpoint "$OUT/lfw_run/best" --data /tmp/lfw --split val --pairs /tmp/lfw_pairs.txt \
+    --out "$OUT/lfw_report" > "$OUT/lfw_eval.txt" 2>&1
+  rm -rf "$OUT/lfw_run/checkpoints"
+fi
+echo "done: see $OUT"
