@@ -42,6 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchdoc import write_section  # tools/ is on sys.path when a tool runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Evaluator"
@@ -411,15 +413,7 @@ def report(res: dict, args) -> str:
 
 def write_doc(text: str) -> None:
     """Replace this benchmark's section of docs/benchmarks.md (create the file if missing)."""
-    DOC.parent.mkdir(exist_ok=True)
-    old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    start = old.find(HEADING + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
-    DOC.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+    write_section(HEADING, text, DOC)
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,8 @@ from facesiam.data import ShardDataset, build_train_transform, make_synthetic_fa
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import decode_rgb  # noqa: E402
 
+from benchdoc import write_section  # tools/ is on sys.path when a tool runs as a script
+
 REPO = Path(__file__).resolve().parents[1]
 LFW = REPO.parent / "shared" / "data" / "lfw-devtrain"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -202,15 +204,7 @@ def lfw_subset(target: Path, images: int) -> Path | None:
 
 def write_doc(text: str) -> None:
     """Replace this benchmark's section of docs/benchmarks.md (create the file if missing)."""
-    DOC.parent.mkdir(exist_ok=True)
-    old = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    start = old.find(HEADING)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(HEADING))
-        new = old[:start] + text + ("\n" + old[end + 1:] if end >= 0 else "")
-    DOC.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
+    write_section(HEADING, text, DOC)
 
 
 def report(results: dict, args) -> str:
