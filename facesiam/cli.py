@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 COMMANDS = {
     "demo": ("facesiam.demo", "the whole path on generated faces: data -> shards -> train -> evaluate"),
@@ -18,6 +19,19 @@ COMMANDS = {
     "compare": ("facesiam.compare", "cosine similarity of two face images and the same/different decision"),
     "convert-weights": ("facesiam.convert_weights", "convert third-party ImageNet weights for --pretrained"),
 }
+
+
+def one_line_errors(prog: str, run: Callable[[Optional[Sequence[str]]], Any]) -> Callable[..., Any]:
+    """A tool's main(argv): bad input (missing file, bad value) ends with one line naming it, not a traceback."""
+
+    @functools.wraps(run)
+    def main(argv: Optional[Sequence[str]] = None) -> Any:
+        try:
+            return run(argv)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"{prog}: {err}") from None
+
+    return main
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

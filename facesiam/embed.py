@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from .cli import one_line_errors
+
 log = logging.getLogger("facesiam.embed")
 
 EMBEDDING_KEYS = ("embeddings", "labels", "paths", "classes")
@@ -188,12 +190,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
         accelerator.wait_for_everyone()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line (see the module docstring); bad input ends with a one-line message, not a traceback."""
-    try:
-        _main(argv)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"embed: {err}") from None
+main = one_line_errors("embed", _main)
 
 
 if __name__ == "__main__":

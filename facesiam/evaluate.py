@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .cli import one_line_errors
 from .metrics import CMC_RANKS, DEFAULT_BINS, FAR_TARGETS, FPIR_TARGETS, evaluate_embeddings, far_key
 
 log = logging.getLogger("facesiam.evaluate")
@@ -278,12 +279,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
         log_to_wandb(metrics, figures, args.wandb, args.wandb_project, name=out.name)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line (see the module docstring); bad input ends with a one-line message, not a traceback."""
-    try:
-        _main(argv)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"evaluate: {err}") from None
+main = one_line_errors("evaluate", _main)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 
 from .fileio import staged_directory
 from .metrics import resolve_device, topk_cosine
+from .cli import one_line_errors
 
 log = logging.getLogger("facesiam.gallery")
 
@@ -420,12 +421,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
              "" if exact else ", " + gallery.recall_note(), seconds)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line (see the module docstring); bad input ends with a one-line message, not a traceback."""
-    try:
-        _main(argv)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"gallery: {err}") from None
+main = one_line_errors("gallery", _main)
 
 
 if __name__ == "__main__":

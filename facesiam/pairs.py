@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .cli import one_line_errors
+
 log = logging.getLogger("facesiam.pairs")
 
 DEFAULT_FOLDS = 10
@@ -309,12 +311,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
              args.data)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command line (see the module docstring); bad input ends with a one-line message, not a traceback."""
-    try:
-        _main(argv)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"make_pairs: {err}") from None
+main = one_line_errors("make_pairs", _main)
 
 
 if __name__ == "__main__":
