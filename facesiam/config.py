@@ -89,6 +89,9 @@ class OptimConfig:
     """adamw | sgd | schedulefree_adamw (needs the schedulefree package)."""
     lr: float = 1e-4
     """Peak learning rate."""
+    trunk_lr_mult: float = 1.0
+    """Learning-rate multiplier for the timm trunk (e.g. 0.1-0.3 to keep a pretrained trunk's features while the
+    new head and class centres learn at the full lr)."""
     weight_decay: float = 1e-5
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
     eps: float = 1e-8
@@ -120,7 +123,7 @@ class TrainConfig:
     data: str = ""
     """Shard directory written by tools/make_shards.py."""
     output: str = ""
-    """Run directory: checkpoints/, best/, metrics.jsonl, tensorboard/, wandb/."""
+    """Run directory: checkpoints/, best/ (selected on val), final/ (last step), metrics.jsonl, tensorboard/, wandb/."""
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -78,9 +78,12 @@ class MetricLearner(nn.Module):
 # ----------------------------------------------------------------------------------------------- building blocks
 
 def build_optimizer(cfg: TrainConfig, learner: MetricLearner) -> torch.optim.Optimizer:
-    """AdamW / SGD / schedule-free AdamW over the model and (with their own lr multiplier) the class centres."""
+    """AdamW / SGD / schedule-free AdamW over trunk, head and class centres (trunk and centres with lr multipliers)."""
     o = cfg.optim
-    groups = [{"params": [p for p in learner.model.parameters() if p.requires_grad], "lr": o.lr}]
+    trainable = lambda module: [p for p in module.parameters() if p.requires_grad]  # noqa: E731
+    # The head's group comes first: it runs at the base lr, which is what the logs report as "lr".
+    groups = [{"params": trainable(learner.model.head), "lr": o.lr},
+              {"params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
     centres = [p for p in learner.criterion.parameters() if p.requires_grad]
     if centres:
         groups.append({"params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
@@ -476,14 +479,18 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- the end: always a validation (so best/ exists) and a checkpoint at the final step
     if val_ds is not None and last_val_step != state.step:
         validate()
-    if val_ds is None and main_proc:
-        export_model(accelerator.unwrap_model(learner).model, m, run / "best",
-                     extra={"step": state.step, "selected_by": "last (no validation split)"})
+    if main_proc:
+        # final/ is the model the schedule ends on, chosen by nobody: the one to report when the val people are
+        # also the test people (best/ is selected on them, so its numbers there are optimistic).
+        final = accelerator.unwrap_model(learner).model
+        export_model(final, m, run / "final", extra={"step": state.step, "epoch": state.epoch})
+        if val_ds is None:
+            export_model(final, m, run / "best", extra={"step": state.step, "selected_by": "last (no validation split)"})
     if last_ckpt_step != state.step:
         save_checkpoint()
     summary = {"steps": state.step, "epochs_completed": state.epoch, "skipped_steps": state.skipped_steps,
                "best_metric": cfg.best_metric, "best_value": state.best_value, "best_step": state.best_step,
-               "best_dir": str(run / "best"), "run_dir": str(run)}
+               "best_dir": str(run / "best"), "final_dir": str(run / "final"), "run_dir": str(run)}
     if main_proc:
         (run / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         log.info("done: %d steps; best %s = %s at step %s; model in %s", state.step, cfg.best_metric,

@@ -57,6 +57,8 @@ def test_two_processes_train_validate_and_export(ddp_run):
     summary = json.loads((ddp_run / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["steps"] > 0
     assert (ddp_run / "best" / "model.safetensors").is_file() and (ddp_run / "best" / "config.json").is_file()
+    final = json.loads((ddp_run / "final" / "config.json").read_text())
+    assert final["export_info"]["step"] == summary["steps"], "final/ holds the weights of the last step, whatever val said"
     records = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val/auc" in r]
     assert len(vals) == 2, "one validation per epoch (the last doubles as the final one)"
@@ -148,3 +150,23 @@ def test_training_beats_random_init(synthetic_shards, tmp_path):
         emb, labels = embed_dataset(model, val, batch_size=64, progress=False)
         aucs[name] = evaluate_embeddings(emb, labels)["verification"]["auc"]
     assert aucs["trained"] > aucs["random"] + 0.1, aucs
+
+
+def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers():
+    from facesiam.config import config_from_dict
+    from facesiam.losses import Criterion
+    from facesiam.model import build_model
+
+    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, "head": "face"},
+                            "loss": {"loss": "arcface", "class_lr_mult": 10.0},
+                            "optim": {"lr": 1e-3, "trunk_lr_mult": 0.1}})
+    model = build_model(cfg.model)
+    learner = train_mod.MetricLearner(model, Criterion(cfg.loss, 16, num_classes=5))
+    groups = train_mod.build_optimizer(cfg, learner).param_groups
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in learner.parameters()), "each trainable tensor in one group"
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert all(lr_of[id(p)] == pytest.approx(1e-4) for p in model.trunk.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in model.head.parameters())
+    assert all(lr_of[id(p)] == pytest.approx(1e-2) for p in learner.criterion.parameters())
+    assert groups[0]["lr"] == pytest.approx(1e-3), "the logged lr (group 0) is the base lr"

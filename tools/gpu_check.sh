@@ -20,11 +20,11 @@ timeout 120 python3 -m pytest -q tests/test_metrics.py tests/test_model.py > "$O
 timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
   --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12" > "$OUT/bench_train.txt" 2>&1
 if [ -d ../shared/data/lfw-devtrain ]; then
-  python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --no-progress
+  python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --seed 2 --no-progress
   python3 tools/make_pairs.py /tmp/lfw --split val --out /tmp/lfw_pairs.txt --pairs-per-fold 100
   timeout 300 python3 launch/train.py --config launch/configs/lfw_cpu.yaml --data /tmp/lfw --output "$OUT/lfw_run" \
     --mixed-precision bf16 --num-workers 12 --max-steps 3000 --val-every-steps 1000 --wandb off > "$OUT/lfw_train.txt" 2>&1
-  python3 tools/evaluate.py --checkpoint "$OUT/lfw_run/best" --data /tmp/lfw --split val --pairs /tmp/lfw_pairs.txt \
+  python3 tools/evaluate.py --checkpoint "$OUT/lfw_run/final" --data /tmp/lfw --split val --pairs /tmp/lfw_pairs.txt \
     --out "$OUT/lfw_report" > "$OUT/lfw_eval.txt" 2>&1
   rm -rf "$OUT/lfw_run/checkpoints"
 fi
