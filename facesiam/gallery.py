@@ -31,9 +31,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .cli import one_line_errors
 from .fileio import staged_directory
 from .metrics import resolve_device, topk_cosine
-from .cli import one_line_errors
 
 log = logging.getLogger("facesiam.gallery")
 

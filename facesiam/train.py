@@ -80,11 +80,14 @@ class MetricLearner(nn.Module):
 def build_optimizer(cfg: TrainConfig, learner: MetricLearner) -> torch.optim.Optimizer:
     """AdamW / SGD / schedule-free AdamW over trunk, head and class centres (trunk and centres with lr multipliers)."""
     o = cfg.optim
-    trainable = lambda module: [p for p in module.parameters() if p.requires_grad]  # noqa: E731
+
+    def trainable(module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad]
+
     # The head's group comes first: it runs at the base lr, which is what the logs report as "lr".
     groups = [{"params": trainable(learner.model.head), "lr": o.lr},
               {"params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
-    centres = [p for p in learner.criterion.parameters() if p.requires_grad]
+    centres = trainable(learner.criterion)
     if centres:
         groups.append({"params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
     if o.optimizer == "adamw":

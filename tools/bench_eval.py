@@ -45,7 +45,6 @@ import torch.nn.functional as F
 from benchdoc import write_section  # tools/ is on sys.path when a tool runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Evaluator"
 DATE = "2026-11-28"
 
@@ -411,10 +410,6 @@ def report(res: dict, args) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (create the file if missing)."""
-    write_section(HEADING, text, DOC)
-
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -447,7 +442,7 @@ def main(argv=None) -> None:
     text = report(res, args)
     print("\n" + text)
     if args.write_doc:
-        write_doc(text)
+        write_section(HEADING, text)
 
 
 if __name__ == "__main__":

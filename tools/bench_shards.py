@@ -44,11 +44,10 @@ from facesiam.data import ShardDataset, build_train_transform, make_synthetic_fa
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import decode_rgb  # noqa: E402
 
-from benchdoc import write_section  # tools/ is on sys.path when a tool runs as a script
+from benchdoc import DOC, write_section  # tools/ is on sys.path when a tool runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 LFW = REPO.parent / "shared" / "data" / "lfw-devtrain"
-DOC = REPO / "docs" / "benchmarks.md"
 HEADING = "## Data: make_shards and ShardDataset"
 DATE = "2026-11-28"
 
@@ -202,10 +201,6 @@ def lfw_subset(target: Path, images: int) -> Path | None:
     return target
 
 
-def write_doc(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (create the file if missing)."""
-    write_section(HEADING, text, DOC)
-
 
 def report(results: dict, args) -> str:
     lines = [HEADING, "",
@@ -300,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = report(results, args)
     print(text)
     if args.write_doc:
-        write_doc(text)
+        write_section(HEADING, text)
         print(f"wrote {DOC}", file=sys.stderr)
     return results
 
