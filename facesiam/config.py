@@ -77,6 +77,11 @@ class LossConfig:
     """Distance for pair losses: cosine (CosineSimilarity) or euclidean (LpDistance on normalised embeddings)."""
     miner: str = "none"
     """none | semihard | hard | multisimilarity: which pairs/triplets the pair loss trains on."""
+    pair_loss: str = "none"
+    """none | triplet | contrastive | multisimilarity: a pair loss (PML's default margins, loss.miner) added to a margin
+    classification loss; the two are summed."""
+    pair_loss_weight: float = 1.0
+    """Weight of pair_loss in the sum."""
     class_lr_mult: float = 1.0
     """Learning-rate multiplier for the class centres of margin losses."""
 
@@ -92,6 +97,10 @@ class OptimConfig:
     trunk_lr_mult: float = 1.0
     """Learning-rate multiplier for the timm trunk (e.g. 0.1-0.3 to keep a pretrained trunk's features while the
     new head and class centres learn at the full lr)."""
+    trunk_frozen_steps: int = 0
+    """Hold the trunk's lr at 0 for this many steps, then warm it up over warmup_steps (cosine/constant schedules):
+    the head and class centres first learn on the pretrained features, and the trunk is then fine-tuned towards
+    trained centres instead of random ones (linear probe, then fine-tune)."""
     weight_decay: float = 1e-5
     """Decoupled (AdamW) or L2 (SGD) weight decay."""
     eps: float = 1e-8
@@ -339,6 +348,7 @@ CHOICES = {
     "loss.loss": ("triplet", "contrastive", "multisimilarity", "arcface", "subcenter_arcface", "cosface"),
     "loss.distance": ("cosine", "euclidean"),
     "loss.miner": ("none", "semihard", "hard", "multisimilarity"),
+    "loss.pair_loss": ("none", "triplet", "contrastive", "multisimilarity"),
     "optim.optimizer": ("adamw", "sgd", "schedulefree_adamw"),
     "optim.scheduler": ("cosine_epoch", "cosine", "step", "plateau", "constant"),
     "mixed_precision": ("no", "bf16", "fp16"),
@@ -357,6 +367,10 @@ def validate(cfg: TrainConfig) -> None:
             raise ValueError(f"config key '{key}' is {obj!r}; choose one of {', '.join(map(str, allowed))}")
     if cfg.m_per_class < 1 or cfg.batch_size % cfg.m_per_class:
         raise ValueError(f"batch_size ({cfg.batch_size}) must be a positive multiple of m_per_class ({cfg.m_per_class})")
+    if cfg.optim.trunk_frozen_steps and cfg.optim.scheduler not in ("cosine", "constant"):
+        raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
+    if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
+        raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
     if cfg.grad_accum_steps < 1:
         raise ValueError("grad_accum_steps must be >= 1")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:

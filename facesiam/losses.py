@@ -9,9 +9,14 @@ Two families:
 - margin classification losses (arcface, subcenter_arcface, cosface) hold class centres: trained parameters
   that live inside the module the trainer hands to DDP, so they are in the optimizer, identical on every rank
   (gradients all-reduced like any weight) and saved with every checkpoint.
+
+A margin loss can also be paired with a pair loss (``loss.pair_loss``, weighted ``loss.pair_loss_weight``): the class
+centres pull each identity together against all others, the pair loss shapes the batch's own neighbourhoods.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -63,7 +68,7 @@ def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
     if cfg.miner == "none":
         return None
     if cfg.loss in CLASSIFICATION_LOSSES:
-        raise ValueError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r}")
+        raise ValueError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
     if cfg.miner == "semihard":
         return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="semihard", distance=_distance(cfg))
     if cfg.miner == "hard":
@@ -71,6 +76,27 @@ def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
     if cfg.miner == "multisimilarity":
         return miners.MultiSimilarityMiner(distance=distances.CosineSimilarity())
     raise ValueError(f"unknown miner {cfg.miner!r}")
+
+
+class PairTerm(nn.Module):
+    """A pair loss (and its miner) on the global batch: under DDP, PML's wrappers gather every rank's embeddings."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.loss = build_pml_loss(cfg, 0, 0)
+        self.miner = build_miner(cfg)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        world = torch.distributed.get_world_size() if pml_dist.is_distributed() else 1
+        if world > 1:
+            indices = None
+            if self.miner is not None:
+                indices = pml_dist.DistributedMinerWrapper(self.miner)(embeddings, labels)
+            loss = pml_dist.DistributedLossWrapper(self.loss)(embeddings, labels, indices)
+            return loss, loss.detach() / world
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        loss = self.loss(embeddings, labels, indices)
+        return loss, loss.detach()
 
 
 class Criterion(nn.Module):
@@ -82,20 +108,29 @@ class Criterion(nn.Module):
 
     def __init__(self, cfg: LossConfig, embedding_dim: int, num_classes: int):
         super().__init__()
-        self.name = cfg.loss
-        self.loss = build_pml_loss(cfg, embedding_dim, num_classes)
-        self.miner = build_miner(cfg)
+        self.name = cfg.loss if cfg.pair_loss == "none" else f"{cfg.loss}+{cfg.pair_loss_weight:g}*{cfg.pair_loss}"
         self.is_pair_loss = cfg.loss in PAIR_LOSSES
+        self.pair_loss_weight = cfg.pair_loss_weight
+        if cfg.pair_loss != "none":
+            if self.is_pair_loss or cfg.pair_loss not in PAIR_LOSSES:
+                raise ValueError(f"loss.pair_loss ({cfg.pair_loss!r}) adds one of {PAIR_LOSSES} to a margin loss "
+                                 f"{CLASSIFICATION_LOSSES}, not to {cfg.loss!r}")
+            # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
+            self.loss = build_pml_loss(dataclasses.replace(cfg, miner="none"), embedding_dim, num_classes)
+            self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None))
+        elif self.is_pair_loss:
+            self.loss, self.pair = None, PairTerm(cfg)
+        else:
+            build_miner(cfg)  # a miner without a pair loss is a config error: say so now
+            self.loss, self.pair = build_pml_loss(cfg, embedding_dim, num_classes), None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = embeddings.float()
-        world = torch.distributed.get_world_size() if pml_dist.is_distributed() else 1
-        if self.is_pair_loss and world > 1:
-            indices = None
-            if self.miner is not None:
-                indices = pml_dist.DistributedMinerWrapper(self.miner)(embeddings, labels)
-            loss = pml_dist.DistributedLossWrapper(self.loss)(embeddings, labels, indices)
-            return loss, loss.detach() / world
-        indices = self.miner(embeddings, labels) if self.miner is not None else None
-        loss = self.loss(embeddings, labels, indices)
-        return loss, loss.detach()
+        if self.loss is None:
+            return self.pair(embeddings, labels)
+        loss = self.loss(embeddings, labels)
+        value = loss.detach()
+        if self.pair is not None:
+            pair_loss, pair_value = self.pair(embeddings, labels)
+            loss, value = loss + self.pair_loss_weight * pair_loss, value + self.pair_loss_weight * pair_value
+        return loss, value

@@ -117,15 +117,23 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     warm = max(0, o.warmup_steps)
     floor = o.eta_min / o.lr if o.lr > 0 else 0.0
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
+    def factor(step: int, start: int = 0) -> float:
+        """Linear warm-up from `start` (0 before it), then constant or cosine decay to eta_min over the whole run."""
+        if step < start:
+            return 0.0
+        ramp = min(1.0, (step - start + 1) / warm) if warm else 1.0
         if o.scheduler == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+            return ramp
+        progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
+        return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "step"
+    # One factor per optimizer group (build_optimizer's order: head, trunk, class centres). A frozen trunk gets lr 0
+    # rather than requires_grad=False: DDP's set of parameters with gradients must not change mid-run, and AdamW
+    # with lr 0 leaves the weights exactly as they are (its decay is lr * weight_decay).
+    factors = [factor] * len(optimizer.param_groups)
+    if o.trunk_frozen_steps:
+        factors[1] = lambda step: factor(step, o.trunk_frozen_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), "step"
 
 
 def _metric_value(metrics: dict, name: str) -> Optional[float]:

@@ -18,11 +18,17 @@ def _problem(seed: int = 0):
     return x, labels
 
 
+def _config(loss_name: str, miner: str = "none") -> LossConfig:
+    """'arcface+multisimilarity' is arcface with a multisimilarity pair term (weight 0.5)."""
+    loss, _, pair = loss_name.partition("+")
+    return LossConfig(loss=loss, miner=miner, margin=None if loss != "triplet" else 0.1,
+                      pair_loss=pair or "none", pair_loss_weight=0.5)
+
+
 def _make(loss_name: str, miner: str = "none"):
     torch.manual_seed(0)
     net = torch.nn.Linear(12, DIM)
-    crit = Criterion(LossConfig(loss=loss_name, miner=miner, margin=None if loss_name != "triplet" else 0.1),
-                     DIM, CLASSES)
+    crit = Criterion(_config(loss_name, miner), DIM, CLASSES)
     return torch.nn.ModuleDict({"net": net, "crit": crit})
 
 
@@ -60,12 +66,13 @@ def _ddp_worker(rank, world, loss_name, miner):
 
 
 @pytest.mark.parametrize("loss_name,miner", [("triplet", "none"), ("multisimilarity", "multisimilarity"),
-                                             ("contrastive", "none"), ("arcface", "none")])
+                                             ("contrastive", "none"), ("arcface", "none"),
+                                             ("subcenter_arcface+multisimilarity", "multisimilarity")])
 def test_two_process_gradient_equals_global_batch_gradient(loss_name, miner):
     single_value, single_grads = _single(loss_name, miner)
     results = run_distributed(_ddp_worker, 2, loss_name, miner)
     for value, grads in results:
-        if loss_name not in ("arcface",):  # pair losses see the global batch: the logged value is the global loss
+        if "arcface" not in loss_name:  # pair losses see the global batch: the logged value is the global loss
             assert value == pytest.approx(single_value, rel=1e-5, abs=1e-6)
         for name, g in single_grads.items():
             np.testing.assert_allclose(grads[name], g.numpy(), rtol=1e-4, atol=1e-6, err_msg=f"{loss_name}: {name}")
@@ -94,3 +101,25 @@ def test_every_loss_trains_a_step(name):
     loss.backward()
     assert module["net"].weight.grad.abs().sum() > 0
     assert (len(list(module["crit"].parameters())) > 0) == (name in ("arcface", "subcenter_arcface", "cosface"))
+
+
+def test_margin_plus_pair_loss_is_the_weighted_sum_of_the_two_pml_losses():
+    module = _make("subcenter_arcface+multisimilarity", "multisimilarity")
+    x, labels = _problem()
+    emb = torch.nn.functional.normalize(module["net"](x), dim=-1)
+    loss, value = module["crit"](emb, labels)
+    # Independently: PML's SubCenterArcFace with the same centres, plus 0.5 x MultiSimilarity on MS-mined pairs.
+    from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+    arc = pml_losses.SubCenterArcFaceLoss(num_classes=CLASSES, embedding_size=DIM)
+    arc.load_state_dict(module["crit"].loss.state_dict())
+    ms = pml_losses.MultiSimilarityLoss()
+    expected = arc(emb, labels) + 0.5 * ms(emb, labels, pml_miners.MultiSimilarityMiner()(emb, labels))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6) and value.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert module["crit"].name == "subcenter_arcface+0.5*multisimilarity"
+
+
+@pytest.mark.parametrize("cfg", [LossConfig(loss="triplet", pair_loss="multisimilarity"),
+                                 LossConfig(loss="arcface", miner="semihard")])
+def test_bad_loss_combinations_are_refused(cfg):
+    with pytest.raises(ValueError, match="pair_loss"):
+        Criterion(cfg, DIM, CLASSES)

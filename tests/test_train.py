@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -170,3 +171,67 @@ def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers()
     assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in model.head.parameters())
     assert all(lr_of[id(p)] == pytest.approx(1e-2) for p in learner.criterion.parameters())
     assert groups[0]["lr"] == pytest.approx(1e-3), "the logged lr (group 0) is the base lr"
+
+
+def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
+    from facesiam.config import config_from_dict
+    from facesiam.losses import Criterion
+    from facesiam.model import build_model
+
+    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16},
+                            "loss": {"loss": "arcface"},
+                            "optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4, "eta_min": 0.0,
+                                      "trunk_frozen_steps": 10}})
+    learner = train_mod.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=5))
+    optimizer = train_mod.build_optimizer(cfg, learner)
+    scheduler, when = train_mod.build_scheduler(cfg, optimizer, total_steps=40)
+    lrs = []
+    for _ in range(40):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    head, trunk, centres = (np.array(c) for c in zip(*lrs))
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * max(0, s - 4) / 36)) for s in range(40)]
+    np.testing.assert_allclose(head[4:], cosine[4:], rtol=1e-6)
+    np.testing.assert_allclose(head[:4], [1e-3 * (s + 1) / 4 for s in range(4)], rtol=1e-6)
+    np.testing.assert_allclose(centres, head)
+    assert (trunk[:10] == 0).all()
+    np.testing.assert_allclose(trunk[10:14], [cosine[s] * (s - 9) / 4 for s in range(10, 14)], rtol=1e-6)
+    np.testing.assert_allclose(trunk[14:], head[14:])
+
+
+def test_frozen_trunk_weights_do_not_move_until_unfrozen():
+    from facesiam.config import config_from_dict
+    from facesiam.losses import Criterion
+    from facesiam.model import build_model
+
+    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, "image_size": 32},
+                            "loss": {"loss": "arcface"},
+                            "optim": {"lr": 1e-2, "weight_decay": 0.1, "scheduler": "cosine", "trunk_frozen_steps": 3}})
+    torch.manual_seed(0)
+    learner = train_mod.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=4))
+    optimizer = train_mod.build_optimizer(cfg, learner)
+    scheduler, _ = train_mod.build_scheduler(cfg, optimizer, total_steps=10)
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+
+    def snapshot(module):
+        return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+    start_trunk, start_head = snapshot(learner.model.trunk), snapshot(learner.model.head)
+    for step in range(4):
+        if step == 3:  # the last frozen step has run: nothing in the trunk moved, everything in the head did
+            assert all(torch.equal(v, start_trunk[k]) for k, v in snapshot(learner.model.trunk).items())
+            assert all(not torch.equal(v, start_head[k]) for k, v in snapshot(learner.model.head).items())
+        loss, _ = learner(images, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    assert any(not torch.equal(v, start_trunk[k]) for k, v in snapshot(learner.model.trunk).items())
+
+
+def test_frozen_trunk_needs_a_per_step_schedule():
+    from facesiam.config import config_from_dict
+
+    with pytest.raises(ValueError, match="trunk_frozen_steps"):
+        config_from_dict({"optim": {"scheduler": "cosine_epoch", "trunk_frozen_steps": 5}})
