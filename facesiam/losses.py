@@ -109,16 +109,16 @@ class Criterion(nn.Module):
     def __init__(self, cfg: LossConfig, embedding_dim: int, num_classes: int):
         super().__init__()
         self.name = cfg.loss if cfg.pair_loss == "none" else f"{cfg.loss}+{cfg.pair_loss_weight:g}*{cfg.pair_loss}"
-        self.is_pair_loss = cfg.loss in PAIR_LOSSES
+        is_pair_loss = cfg.loss in PAIR_LOSSES
         self.pair_loss_weight = cfg.pair_loss_weight
         if cfg.pair_loss != "none":
-            if self.is_pair_loss or cfg.pair_loss not in PAIR_LOSSES:
+            if is_pair_loss or cfg.pair_loss not in PAIR_LOSSES:
                 raise ValueError(f"loss.pair_loss ({cfg.pair_loss!r}) adds one of {PAIR_LOSSES} to a margin loss "
                                  f"{CLASSIFICATION_LOSSES}, not to {cfg.loss!r}")
             # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
             self.loss = build_pml_loss(dataclasses.replace(cfg, miner="none"), embedding_dim, num_classes)
             self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None))
-        elif self.is_pair_loss:
+        elif is_pair_loss:
             self.loss, self.pair = None, PairTerm(cfg)
         else:
             build_miner(cfg)  # a miner without a pair loss is a config error: say so now

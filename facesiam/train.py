@@ -85,11 +85,12 @@ def build_optimizer(cfg: TrainConfig, learner: MetricLearner) -> torch.optim.Opt
         return [p for p in module.parameters() if p.requires_grad]
 
     # The head's group comes first: it runs at the base lr, which is what the logs report as "lr".
-    groups = [{"params": trainable(learner.model.head), "lr": o.lr},
-              {"params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
+    # Each group is named so the scheduler can find the trunk's without relying on this order.
+    groups = [{"name": "head", "params": trainable(learner.model.head), "lr": o.lr},
+              {"name": "trunk", "params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
     centres = trainable(learner.criterion)
     if centres:
-        groups.append({"params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
+        groups.append({"name": "centres", "params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
     if o.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
     if o.optimizer == "sgd":
@@ -127,12 +128,13 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
         progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
         return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    # One factor per optimizer group (build_optimizer's order: head, trunk, class centres). A frozen trunk gets lr 0
-    # rather than requires_grad=False: DDP's set of parameters with gradients must not change mid-run, and AdamW
-    # with lr 0 leaves the weights exactly as they are (its decay is lr * weight_decay).
-    factors = [factor] * len(optimizer.param_groups)
-    if o.trunk_frozen_steps:
-        factors[1] = lambda step: factor(step, o.trunk_frozen_steps)
+    # One factor per optimizer group. A frozen trunk gets lr 0 rather than requires_grad=False: DDP's set of
+    # parameters with gradients must not change mid-run, and AdamW with lr 0 leaves the weights exactly as they are
+    # (its decay is lr * weight_decay).
+    def trunk_factor(step: int) -> float:
+        return factor(step, o.trunk_frozen_steps)
+
+    factors = [trunk_factor if g.get("name") == "trunk" else factor for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), "step"
 
 

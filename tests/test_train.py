@@ -153,17 +153,24 @@ def test_training_beats_random_init(synthetic_shards, tmp_path):
     assert aucs["trained"] > aucs["random"] + 0.1, aucs
 
 
-def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers():
+def _learner_and_optimizer(overrides: dict, num_classes: int):
+    """A test_efficientnet MetricLearner (ArcFace, 16-d) and its optimizer, from config overrides."""
     from facesiam.config import config_from_dict
     from facesiam.losses import Criterion
     from facesiam.model import build_model
 
-    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, "head": "face"},
-                            "loss": {"loss": "arcface", "class_lr_mult": 10.0},
-                            "optim": {"lr": 1e-3, "trunk_lr_mult": 0.1}})
-    model = build_model(cfg.model)
-    learner = train_mod.MetricLearner(model, Criterion(cfg.loss, 16, num_classes=5))
-    groups = train_mod.build_optimizer(cfg, learner).param_groups
+    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, **overrides.get("model", {})},
+                            "loss": {"loss": "arcface", **overrides.get("loss", {})},
+                            "optim": overrides.get("optim", {})})
+    learner = train_mod.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=num_classes))
+    return cfg, learner, train_mod.build_optimizer(cfg, learner)
+
+
+def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers():
+    cfg, learner, optimizer = _learner_and_optimizer({"model": {"head": "face"}, "loss": {"class_lr_mult": 10.0},
+                                                      "optim": {"lr": 1e-3, "trunk_lr_mult": 0.1}}, num_classes=5)
+    model = learner.model
+    groups = optimizer.param_groups
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in learner.parameters()), "each trainable tensor in one group"
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
@@ -174,17 +181,9 @@ def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers()
 
 
 def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
-    from facesiam.config import config_from_dict
-    from facesiam.losses import Criterion
-    from facesiam.model import build_model
-
-    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16},
-                            "loss": {"loss": "arcface"},
-                            "optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4, "eta_min": 0.0,
-                                      "trunk_frozen_steps": 10}})
-    learner = train_mod.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=5))
-    optimizer = train_mod.build_optimizer(cfg, learner)
-    scheduler, when = train_mod.build_scheduler(cfg, optimizer, total_steps=40)
+    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4,
+                                                          "eta_min": 0.0, "trunk_frozen_steps": 10}}, num_classes=5)
+    scheduler, _ = train_mod.build_scheduler(cfg, optimizer, total_steps=40)
     lrs = []
     for _ in range(40):
         lrs.append([g["lr"] for g in optimizer.param_groups])
@@ -201,16 +200,10 @@ def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
 
 
 def test_frozen_trunk_weights_do_not_move_until_unfrozen():
-    from facesiam.config import config_from_dict
-    from facesiam.losses import Criterion
-    from facesiam.model import build_model
-
-    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, "image_size": 32},
-                            "loss": {"loss": "arcface"},
-                            "optim": {"lr": 1e-2, "weight_decay": 0.1, "scheduler": "cosine", "trunk_frozen_steps": 3}})
     torch.manual_seed(0)
-    learner = train_mod.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=4))
-    optimizer = train_mod.build_optimizer(cfg, learner)
+    cfg, learner, optimizer = _learner_and_optimizer(
+        {"model": {"image_size": 32}, "optim": {"lr": 1e-2, "weight_decay": 0.1, "scheduler": "cosine",
+                                                "trunk_frozen_steps": 3}}, num_classes=4)
     scheduler, _ = train_mod.build_scheduler(cfg, optimizer, total_steps=10)
     images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
 

@@ -410,7 +410,6 @@ def report(res: dict, args) -> str:
     return "\n".join(lines)
 
 
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes (20k verification, 100k gallery)")

@@ -201,7 +201,6 @@ def lfw_subset(target: Path, images: int) -> Path | None:
     return target
 
 
-
 def report(results: dict, args) -> str:
     lines = [HEADING, "",
              f"{DATE}, `python tools/bench_shards.py --write-doc` ({args.workers} worker processes, batch "
