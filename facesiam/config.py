@@ -84,6 +84,10 @@ class LossConfig:
     """Weight of pair_loss in the sum."""
     class_lr_mult: float = 1.0
     """Learning-rate multiplier for the class centres of margin losses."""
+    init_centres: str = "random"
+    """random | imprint: start each class centre of a margin loss at the mean direction of its training images'
+    embeddings (one forward pass over the train split before step 0, weight imprinting), so a pretrained trunk
+    is fine-tuned towards meaningful centres from the first step instead of towards random ones."""
 
 
 @dataclass
@@ -349,6 +353,7 @@ CHOICES = {
     "loss.distance": ("cosine", "euclidean"),
     "loss.miner": ("none", "semihard", "hard", "multisimilarity"),
     "loss.pair_loss": ("none", "triplet", "contrastive", "multisimilarity"),
+    "loss.init_centres": ("random", "imprint"),
     "optim.optimizer": ("adamw", "sgd", "schedulefree_adamw"),
     "optim.scheduler": ("cosine_epoch", "cosine", "step", "plateau", "constant"),
     "mixed_precision": ("no", "bf16", "fp16"),
@@ -371,6 +376,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
     if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
         raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
+    if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in ("arcface", "subcenter_arcface", "cosface"):
+        raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:
         raise ValueError("grad_accum_steps must be >= 1")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:

@@ -20,6 +20,7 @@ import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
@@ -123,6 +124,35 @@ class Criterion(nn.Module):
         else:
             build_miner(cfg)  # a miner without a pair loss is a config error: say so now
             self.loss, self.pair = build_pml_loss(cfg, embedding_dim, num_classes), None
+
+    @torch.no_grad()
+    def imprint_centres(self, embeddings: torch.Tensor, labels: torch.Tensor, spread: float = 0.1) -> int:
+        """Point each class centre at its class's mean embedding direction (weight imprinting: Qi, Brown, Lowe,
+        "Low-Shot Learning with Imprinted Weights", CVPR 2018); returns how many classes were imprinted.
+
+        Classes without embeddings keep their random centres. Each centre keeps its norm: the losses only use the
+        direction, but Adam's steps are a fixed size per element, so the norm sets how fast a centre can turn.
+        Sub-centres of one class start at the class mean plus ``spread`` times their own random direction, so
+        that they are not identical (identical sub-centres would tie in the loss's max and never separate).
+        """
+        W = getattr(self.loss, "W", None)
+        if W is None:
+            raise ValueError(f"loss {self.name!r} has no class centres to imprint")
+        num_classes = self.loss.num_classes
+        per_class = W.shape[1] // num_classes  # SubCenterArcFace lays out class c's sub-centres at c*k .. c*k+k-1
+        embeddings = F.normalize(embeddings.float().to(W.device), dim=1)
+        labels = labels.to(W.device)
+        sums = torch.zeros(num_classes, W.shape[0], device=W.device).index_add_(0, labels, embeddings)
+        counts = torch.bincount(labels, minlength=num_classes)
+        means = F.normalize(sums, dim=1)  # (C, D)
+        centres = W.t().reshape(num_classes, per_class, W.shape[0])  # (C, k, D) view of the current centres
+        norms = centres.norm(dim=2, keepdim=True)
+        noise = F.normalize(centres, dim=2) * (spread if per_class > 1 else 0.0)
+        imprinted = F.normalize(means[:, None, :] + noise, dim=2) * norms
+        seen = counts > 0
+        centres[seen] = imprinted[seen].to(W.dtype)
+        W.copy_(centres.reshape(-1, W.shape[0]).t())
+        return int(seen.sum())
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = embeddings.float()

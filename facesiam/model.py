@@ -5,11 +5,12 @@ The model knows nothing about parallelism, losses or file formats of the data: t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import timm
 import torch
@@ -40,6 +41,28 @@ class EmbeddingModel(nn.Module):
         features = self.trunk(images)
         # Normalise in fp32: under bf16 autocast the norm of a 512-d vector loses digits that cosine scores need.
         return F.normalize(self.head(features).float(), dim=-1)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, except that BatchNorm layers normalise with each batch's own statistics, as they do in training.
+
+    For computing the embeddings a loss sees at a training step without training: dropout is off, and the running
+    statistics (and every other buffer) are restored on exit. The model's previous mode is restored too.
+    """
+    was_training = model.training
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
 
 
 def build_head(kind: str, in_features: int, embedding_dim: int, dropout: float = 0.0) -> nn.Module:

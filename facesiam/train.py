@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from .config import TrainConfig, add_config_arguments, config_from_args, save_yaml, to_dict
 from .data.sampler import DistributedPerClassSampler
 from .losses import Criterion
-from .model import EmbeddingModel, build_model, export_model
+from .model import EmbeddingModel, batch_statistics, build_model, export_model
 
 log = logging.getLogger("facesiam.train")
 
@@ -181,6 +181,34 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
     return path
 
 
+def imprint_centres(accelerator, learner: MetricLearner, loader: DataLoader, sampler: DistributedPerClassSampler,
+                    cfg: TrainConfig) -> None:
+    """Start each class centre at its class's mean embedding over one epoch of the training batches.
+
+    The embeddings are the ones the loss would see at step 0: the same sampler (epoch 0), augmentation and batch
+    size, BatchNorm on batch statistics; batch statistics over a batch of P identities differ from running ones,
+    which matters most for the face head's BatchNorm, still at its initial running averages here.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    chunks, labels = [], []
+    sampler.set_epoch(0)
+    with batch_statistics(learner.model), torch.inference_mode(), accelerator.autocast():
+        for images, batch_labels in tqdm(loader, desc="imprint centres", disable=not accelerator.is_main_process,
+                                         leave=False):
+            images = images.to(accelerator.device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            chunks.append(learner.model(images).float())
+            labels.append(batch_labels.to(accelerator.device))
+    # Every rank has the same number of batches of the same size (the sampler guarantees it), so a plain gather.
+    embeddings, labels = accelerator.gather(torch.cat(chunks)), accelerator.gather(torch.cat(labels))
+    count = learner.criterion.imprint_centres(embeddings, labels)
+    log.info("imprinted the centres of %d classes from %d training images in %.1fs (%.1f img/s)", count,
+             len(labels), time.time() - t0, len(labels) / max(time.time() - t0, 1e-9))
+
+
 # ----------------------------------------------------------------------------------------------- logging
 
 class RunLogger:
@@ -311,6 +339,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state.world_size, state.batch_size = accelerator.num_processes, cfg.batch_size
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_from, state.step, state.epoch,
                  state.batches_in_epoch)
+
+    if cfg.loss.init_centres == "imprint" and resume_from is None:
+        imprint_centres(accelerator, accelerator.unwrap_model(learner), loader, sampler, cfg)
 
     logger = RunLogger(accelerator, cfg, run) if main_proc else None
     if not main_proc:

@@ -123,3 +123,44 @@ def test_margin_plus_pair_loss_is_the_weighted_sum_of_the_two_pml_losses():
 def test_bad_loss_combinations_are_refused(cfg):
     with pytest.raises(ValueError, match="pair_loss"):
         Criterion(cfg, DIM, CLASSES)
+
+
+@pytest.mark.parametrize("loss_name,subcenters", [("arcface", 1), ("subcenter_arcface", 3), ("cosface", 1)])
+def test_imprinted_centres_point_at_class_means_and_keep_their_norms(loss_name, subcenters):
+    torch.manual_seed(0)
+    crit = Criterion(LossConfig(loss=loss_name, margin=None, subcenters=subcenters), DIM, CLASSES)
+    W0 = crit.loss.W.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(40, DIM, generator=g)
+    labels = torch.randint(0, CLASSES - 1, (40,), generator=g)  # the last class has no images
+    labels[:CLASSES - 1] = torch.arange(CLASSES - 1)
+    assert crit.imprint_centres(emb, labels) == CLASSES - 1
+    W = crit.loss.W.detach().numpy()
+    unit = emb.numpy() / np.linalg.norm(emb.numpy(), axis=1, keepdims=True)
+    for c in range(CLASSES):
+        cols = slice(c * subcenters, (c + 1) * subcenters)
+        np.testing.assert_allclose(np.linalg.norm(W[:, cols], axis=0), np.linalg.norm(W0[:, cols].numpy(), axis=0),
+                                   rtol=1e-5)
+        if c == CLASSES - 1:
+            np.testing.assert_array_equal(W[:, cols], W0[:, cols].numpy())
+            continue
+        mean = unit[labels.numpy() == c].mean(0)
+        cosines = mean @ W[:, cols] / np.linalg.norm(mean) / np.linalg.norm(W[:, cols], axis=0)
+        if subcenters == 1:
+            np.testing.assert_allclose(cosines, 1.0, atol=1e-5)
+        else:  # close to the mean, but not identical to each other
+            assert (cosines > 0.99).all() and (cosines < 1 - 1e-4).all(), cosines
+    # The imprinted centres make the loss of these very embeddings lower than random centres did.
+    fresh = Criterion(LossConfig(loss=loss_name, margin=None, subcenters=subcenters), DIM, CLASSES)
+    fresh.loss.W.data.copy_(W0)
+    seen = labels < CLASSES - 1
+    assert crit(emb[seen], labels[seen])[0] < fresh(emb[seen], labels[seen])[0]
+
+
+def test_imprinting_needs_class_centres():
+    from facesiam.config import config_from_dict
+
+    with pytest.raises(ValueError, match="init_centres"):
+        config_from_dict({"loss": {"loss": "multisimilarity", "init_centres": "imprint"}})
+    with pytest.raises(ValueError, match="no class centres"):
+        Criterion(LossConfig(loss="triplet"), DIM, CLASSES).imprint_centres(torch.randn(4, DIM), torch.arange(4))

@@ -74,3 +74,29 @@ def test_unreachable_hub_names_the_alternatives(monkeypatch):
 def test_unknown_backbone_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backbone"):
         build_model(ModelConfig(backbone="no_such_net"))
+
+
+def test_batch_statistics_normalise_like_training_and_restore_the_model():
+    import copy
+
+    from facesiam.model import batch_statistics
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="test_efficientnet", embedding_dim=16, image_size=32, head="face",
+                                    dropout=0.5))
+    images = torch.randn(8, 3, 32, 32) * 2 + 0.5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # Independently: train mode without dropout, on a copy whose running statistics may drift.
+    reference = copy.deepcopy(model).train()
+    reference.head[1].p = 0.0
+    with torch.no_grad():
+        expected, eval_mode = reference(images), copy.deepcopy(model).eval()(images)
+    model.train()
+    with batch_statistics(model), torch.no_grad():
+        got = model(images)
+        assert not model.head[1].training and model.head[0].training  # dropout off, BatchNorm on batch statistics
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, eval_mode, atol=1e-3)
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed"
