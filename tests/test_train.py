@@ -241,3 +241,34 @@ def test_imprinted_centres_start_training_at_a_lower_loss(synthetic_shards, tmp_
         first_loss[init] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     # Same seed, same weights, same first batch: only the centres differ.
     assert first_loss["imprint"] < first_loss["random"] - 0.5, first_loss
+
+
+def test_two_processes_imprint_the_centres_of_the_global_batch(synthetic_shards, tmp_path):
+    """Each rank embeds its slice of every batch; the gathered means must match one process on the same plan."""
+    flags = ["--data", str(synthetic_shards), "--backbone", "test_efficientnet", "--embedding-dim", "32",
+             "--image-size", "32", "--m-per-class", "4", "--num-workers", "0", "--wandb", "off", "--max-steps", "1",
+             "--lr", "1e-12", "--val-split", "none", "--loss", "subcenter_arcface", "--init-centres", "imprint"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "accelerate_configs" / "cpu.yaml"), "--main_process_port", "0", str(REPO / "launch" / "train.py"),
+           *flags, "--output", str(tmp_path / "two"), "--batch-size", "16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=None)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # One process, batch 32 = 2 x 16: the sampler plans the same steps, so the same images are embedded (BatchNorm
+    # statistics then come from 32 images instead of 16, hence "close", not "equal").
+    main([*flags, "--output", str(tmp_path / "one"), "--batch-size", "32"])
+    _reset_accelerate()
+    main([*flags, "--output", str(tmp_path / "rand"), "--batch-size", "32", "--init-centres", "random"])
+
+    def centres(run):
+        w = torch.from_numpy(_weights(run / "checkpoints" / "step-1")["criterion.loss.W"])
+        return torch.nn.functional.normalize(w, dim=0)
+
+    two, one, rand = centres(tmp_path / "two"), centres(tmp_path / "one"), centres(tmp_path / "rand")
+    # Sub-centre 0 of every imprinted class (the label space also holds the 6 val identities, never imprinted).
+    trained = [c for c in range(two.shape[1] // 3) if not torch.allclose(one[:, 3 * c], rand[:, 3 * c])]
+    assert len(trained) == 18
+    cross = two[:, [3 * c for c in trained]].t() @ one[:, [3 * c for c in trained]]  # class x class cosines
+    # Each class's 2-process centre is nearest to the same class's 1-process centre: labels stayed with their rows.
+    assert torch.equal(cross.argmax(1), torch.arange(len(trained))), cross
+    assert cross.diagonal().mean() > 0.7
