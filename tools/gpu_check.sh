@@ -4,7 +4,8 @@
 # 1. installs the wheels the GPU machine lacks (../shared/wheels/py312, copied to ./wheels and carried along),
 # 2. runs the GPU parts of the test suite (CUDA scoring, bf16 training step),
 # 3. training throughput: the seed article's loop vs facesiam with bf16 + channels_last + loader workers,
-# 4. the LFW recipe at a full budget with bf16 (when ../shared/data/lfw-devtrain is there),
+# 4. the LFW recipe from random init (lfw_cpu_scratch.yaml; no model hub there) at a full budget with bf16
+#    (when ../shared/data/lfw-devtrain is there),
 # writing everything under OUT (default $OUT or ./gpu_out).
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
@@ -22,7 +23,7 @@ timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
 if [ -d ../shared/data/lfw-devtrain ]; then
   python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --seed 2 --no-progress
   python3 tools/make_pairs.py /tmp/lfw --split val --out /tmp/lfw_pairs.txt --pairs-per-fold 100
-  timeout 300 python3 launch/train.py --config launch/configs/lfw_cpu.yaml --data /tmp/lfw --output "$OUT/lfw_run" \
+  timeout 300 python3 launch/train.py --config launch/configs/lfw_cpu_scratch.yaml --data /tmp/lfw --output "$OUT/lfw_run" \
     --mixed-precision bf16 --num-workers 12 --max-steps 3000 --val-every-steps 1000 --wandb off > "$OUT/lfw_train.txt" 2>&1
   python3 tools/evaluate.py --checkpoint "$OUT/lfw_run/final" --data /tmp/lfw --split val --pairs /tmp/lfw_pairs.txt \
     --out "$OUT/lfw_report" > "$OUT/lfw_eval.txt" 2>&1
