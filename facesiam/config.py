@@ -347,12 +347,15 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     tmp.replace(path)
 
 
+PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")  # compare embeddings with each other
+CLASSIFICATION_LOSSES = ("arcface", "subcenter_arcface", "cosface")  # margin losses, trained class centres
+
 CHOICES = {
     "model.head": ("linear", "face"),
-    "loss.loss": ("triplet", "contrastive", "multisimilarity", "arcface", "subcenter_arcface", "cosface"),
+    "loss.loss": PAIR_LOSSES + CLASSIFICATION_LOSSES,
     "loss.distance": ("cosine", "euclidean"),
     "loss.miner": ("none", "semihard", "hard", "multisimilarity"),
-    "loss.pair_loss": ("none", "triplet", "contrastive", "multisimilarity"),
+    "loss.pair_loss": ("none",) + PAIR_LOSSES,
     "loss.init_centres": ("random", "imprint"),
     "optim.optimizer": ("adamw", "sgd", "schedulefree_adamw"),
     "optim.scheduler": ("cosine_epoch", "cosine", "step", "plateau", "constant"),
@@ -376,7 +379,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
     if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
         raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
-    if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in ("arcface", "subcenter_arcface", "cosface"):
+    if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
         raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:
         raise ValueError("grad_accum_steps must be >= 1")

@@ -24,10 +24,7 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
-from .config import LossConfig
-
-PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")
-CLASSIFICATION_LOSSES = ("arcface", "subcenter_arcface", "cosface")
+from .config import CLASSIFICATION_LOSSES, PAIR_LOSSES, LossConfig
 
 
 def _distance(cfg: LossConfig) -> distances.BaseDistance:
@@ -145,7 +142,7 @@ class Criterion(nn.Module):
         sums = torch.zeros(num_classes, W.shape[0], device=W.device).index_add_(0, labels, embeddings)
         counts = torch.bincount(labels, minlength=num_classes)
         means = F.normalize(sums, dim=1)  # (C, D)
-        centres = W.t().reshape(num_classes, per_class, W.shape[0])  # (C, k, D) view of the current centres
+        centres = W.t().reshape(num_classes, per_class, W.shape[0])  # (C, k, D); written back into W below
         norms = centres.norm(dim=2, keepdim=True)
         noise = F.normalize(centres, dim=2) * (spread if per_class > 1 else 0.0)
         imprinted = F.normalize(means[:, None, :] + noise, dim=2) * norms

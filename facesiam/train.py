@@ -205,8 +205,9 @@ def imprint_centres(accelerator, learner: MetricLearner, loader: DataLoader, sam
     # Every rank has the same number of batches of the same size (the sampler guarantees it), so a plain gather.
     embeddings, labels = accelerator.gather(torch.cat(chunks)), accelerator.gather(torch.cat(labels))
     count = learner.criterion.imprint_centres(embeddings, labels)
+    seconds = time.time() - t0
     log.info("imprinted the centres of %d classes from %d training images in %.1fs (%.1f img/s)", count,
-             len(labels), time.time() - t0, len(labels) / max(time.time() - t0, 1e-9))
+             len(labels), seconds, len(labels) / max(seconds, 1e-9))
 
 
 # ----------------------------------------------------------------------------------------------- logging
