@@ -112,13 +112,17 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum."""
     scheduler: str = "cosine_epoch"
-    """cosine_epoch (CosineAnnealingLR stepped per epoch, the seed's) | cosine (per step, with warmup) | step | plateau | constant."""
+    """cosine_epoch (CosineAnnealingLR stepped per epoch, the seed's) | cosine (per step, with warmup) | step | plateau | constant
+    (per step, with warmup and an optional final cooldown)."""
     t_max: int = 50
     """cosine_epoch: epochs of one cosine half-period."""
     eta_min: float = 1e-6
     """Lowest learning rate of the cosine schedules."""
     warmup_steps: int = 0
     """Linear warm-up steps (cosine and constant schedules)."""
+    cooldown_steps: int = 0
+    """constant: anneal linearly to eta_min over the run's last this-many steps (warmup-stable-decay, Hägele et al.
+    2024): the lr stays at its peak for most of the run and still ends annealed; 0 keeps it constant to the end."""
     step_size: int = 10
     """step: epochs between decays."""
     gamma: float = 0.1
@@ -379,6 +383,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
     if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
         raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
+    if cfg.optim.cooldown_steps and cfg.optim.scheduler != "constant":
+        raise ValueError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
+    if cfg.optim.cooldown_steps < 0:
+        raise ValueError("optim.cooldown_steps must be >= 0")
     if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
         raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:

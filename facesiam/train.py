@@ -119,12 +119,16 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     floor = o.eta_min / o.lr if o.lr > 0 else 0.0
 
     def factor(step: int, start: int = 0) -> float:
-        """Linear warm-up from `start` (0 before it), then constant or cosine decay to eta_min over the whole run."""
+        """Linear warm-up from `start` (0 before it), then constant (with an optional linear cooldown to eta_min over
+        the last cooldown_steps) or cosine decay to eta_min over the whole run."""
         if step < start:
             return 0.0
         ramp = min(1.0, (step - start + 1) / warm) if warm else 1.0
         if o.scheduler == "constant":
-            return ramp
+            left = total_steps - step  # steps still to run, this one included
+            if left > o.cooldown_steps:
+                return ramp
+            return ramp * (floor + (1 - floor) * (left - 1) / o.cooldown_steps)
         progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
         return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 

@@ -199,6 +199,28 @@ def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
     np.testing.assert_allclose(trunk[14:], head[14:])
 
 
+def test_constant_schedule_cools_down_linearly_to_eta_min_over_its_last_steps():
+    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 4,
+                                                          "eta_min": 1e-5, "cooldown_steps": 10}}, num_classes=5)
+    scheduler, unit = train_mod.build_scheduler(cfg, optimizer, total_steps=30)
+    assert unit == "step"
+    lrs = []
+    for _ in range(30):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = ([1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3] * 16
+                + [1e-5 + (1e-3 - 1e-5) * (9 - k) / 10 for k in range(10)])  # 9/10 of the way ... eta_min
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
+
+
+def test_cooldown_belongs_to_the_constant_schedule():
+    from facesiam.config import config_from_dict
+
+    with pytest.raises(ValueError, match="cooldown_steps"):
+        config_from_dict({"optim": {"scheduler": "cosine", "cooldown_steps": 5}})
+
+
 def test_frozen_trunk_weights_do_not_move_until_unfrozen():
     torch.manual_seed(0)
     cfg, learner, optimizer = _learner_and_optimizer(
