@@ -129,6 +129,10 @@ class OptimConfig:
     """step/plateau: decay factor."""
     patience: int = 2
     """plateau: validations without improvement before decaying."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the embedding network's weights (timm's ModelEmaV3, with its decay
+    warm-up, so short runs average over a window that grows with the run) and validate and export it instead of the
+    live weights; e.g. 0.999. 0 disables."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping (the norm is still measured)."""
 
@@ -385,6 +389,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
     if cfg.optim.cooldown_steps and cfg.optim.scheduler != "constant":
         raise ValueError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ValueError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
     if cfg.optim.cooldown_steps < 0:
         raise ValueError("optim.cooldown_steps must be >= 0")
     if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:

@@ -125,8 +125,8 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
             return 0.0
         ramp = min(1.0, (step - start + 1) / warm) if warm else 1.0
         if o.scheduler == "constant":
-            left = total_steps - step  # steps still to run, this one included
-            if left > o.cooldown_steps:
+            left = max(1, total_steps - step)  # steps still to run, this one included
+            if not o.cooldown_steps or left > o.cooldown_steps:
                 return ramp
             return ramp * (floor + (1 - floor) * (left - 1) / o.cooldown_steps)
         progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
@@ -330,6 +330,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.register_for_checkpointing(state)
     if scheduler is not None:
         accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if cfg.optim.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # Every rank keeps the same average (DDP keeps the weights equal), so nothing is communicated; it is part of
+        # the checkpoint, so a resumed run continues the same average.
+        ema = ModelEmaV3(accelerator.unwrap_model(learner).model, decay=cfg.optim.ema_decay, use_warmup=True)
+        accelerator.register_for_checkpointing(ema)
 
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
@@ -363,15 +371,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from .embed import embed_dataset
         from .metrics import evaluate_embeddings
 
-        raw = accelerator.unwrap_model(learner).model
-        raw.eval()
+        live = accelerator.unwrap_model(learner).model
+        raw = ema.module if ema is not None else live
+        live.eval()
         if hasattr(optimizer, "eval"):
             optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
         t0 = time.time()
         with accelerator.autocast():
             emb, labels = embed_dataset(raw, val_ds, batch_size=cfg.val_batch_size, num_workers=cfg.num_workers,
                                         accelerator=accelerator, progress=False)
-        raw.train()
+        live.train()
         if hasattr(optimizer, "train"):
             optimizer.train()
         payload = [None]
@@ -479,6 +488,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         consecutive_bad = 0
+                        if ema is not None:
+                            ema.update(accelerator.unwrap_model(learner).model, step=state.step + 1)
                         if scheduler_unit == "step":
                             scheduler.step()
                     bad_in_window = False
@@ -531,7 +542,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main_proc:
         # final/ is the model the schedule ends on, chosen by nobody: the one to report when the val people are
         # also the test people (best/ is selected on them, so its numbers there are optimistic).
-        final = accelerator.unwrap_model(learner).model
+        final = ema.module if ema is not None else accelerator.unwrap_model(learner).model
         export_model(final, m, run / "final", extra={"step": state.step, "epoch": state.epoch})
         if val_ds is None:
             export_model(final, m, run / "best", extra={"step": state.step, "selected_by": "last (no validation split)"})

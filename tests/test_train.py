@@ -104,6 +104,33 @@ def test_resume_is_exact(synthetic_shards, tmp_path):
     assert any(not np.array_equal(start[k], c[k]) for k in c)
 
 
+def test_ema_exports_the_moving_average_of_the_weights_and_resumes_it(synthetic_shards, tmp_path):
+    common = ["--data", str(synthetic_shards), *TINY, "--lr", "1e-2", "--scheduler", "constant", "--epochs", "5",
+              "--val-split", "none", "--max-steps", "6", "--ema-decay", "0.6"]
+    main([*common, "--output", str(tmp_path / "a"), "--checkpoint-every-steps", "1", "--keep-checkpoints", "10"])
+    # The live weights after each step, from the checkpoints; the average computed here with timm's decay warm-up
+    # (step s: min(ema_decay, 1 - s^(-2/3)); the first step copies the weights).
+    live = [_weights(tmp_path / "a" / "checkpoints" / f"step-{s}") for s in range(1, 7)]
+    prefix = "model."
+    expected = {k[len(prefix):]: v.astype(np.float64) for k, v in live[0].items() if k.startswith(prefix)}
+    for s, w in enumerate(live[1:], start=2):
+        d = min(0.6, 1 - s ** (-2 / 3))
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * w[prefix + k]
+    final = _weights(tmp_path / "a" / "final")
+    floats = [k for k in expected if "num_batches_tracked" not in k]
+    assert set(floats) <= set(final)
+    for k in floats:
+        np.testing.assert_allclose(final[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert any(not np.allclose(final[k], live[-1][prefix + k]) for k in floats), "the average is not the live model"
+    # Resuming mid-run continues the same average: final/ equals the uninterrupted run's.
+    _reset_accelerate()
+    main([*common, "--output", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoints" / "step-3")])
+    resumed = _weights(tmp_path / "b" / "final")
+    for k in floats:
+        np.testing.assert_array_equal(resumed[k], final[k], err_msg=k)
+
+
 def test_non_finite_loss_is_skipped_then_stops(synthetic_shards, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = train_mod.Criterion.forward
