@@ -1,6 +1,9 @@
 """Print a markdown table comparing training runs on held-out people (docs/results.md is made with it).
 
-    python tools/results_table.py NAME=RUN_DIR:REPORT_DIR [NAME=RUN_DIR:REPORT_DIR ...]
+    python tools/results_table.py NAME=RUN_DIR:REPORT_DIR [NAME=RUN_DIR:REPORT_DIR ...] [--mean LABEL=NAME,NAME,...]
+
+--mean adds a row with the mean of the named runs (seeds of one recipe): single runs differ by more than most
+recipe changes at this size, so recipes are compared on means.
 
 Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml, summary.json of each run
 (images seen and images/s per process: the runs in docs/results.md are single-process).
@@ -8,14 +11,15 @@ Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import yaml
 
 
-def row(name: str, run: Path, report: Path) -> str:
+def run_metrics(run: Path, report: Path) -> dict:
+    """The table's numbers for one run: held-out metrics from the report, images and train time from the run."""
     m = json.loads((report / "metrics.json").read_text())
     v, i, p = m["verification"], m["identification"], m.get("pairs", {})
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -27,23 +31,54 @@ def row(name: str, run: Path, report: Path) -> str:
     for r in train:  # training wall time (validation excluded) from the logged throughput of each window
         seconds += (r["step"] - prev) * batch / max(r["images_per_s_per_process"], 1e-9)
         prev = r["step"]
-    images = summary["steps"] * batch
-    tar = v["tar_at_far"]["1e-03"]
-    tar_text = "-" if tar is None else f"{tar:.4f}"
-    acc = p.get("accuracy_mean")
-    acc_text = "-" if acc is None else f"{acc:.4f} ± {p['accuracy_std']:.4f}"
-    return (f"| {name} | {images:,} | {v['auc']:.4f} | {v['eer']:.4f} | {tar_text} | {i['rank1']:.4f} | {acc_text} | "
-            f"{seconds / 60:.1f} | {images / seconds:.1f} |")
+    return {"images": summary["steps"] * batch, "auc": v["auc"], "eer": v["eer"], "tar": v["tar_at_far"]["1e-03"],
+            "rank1": i["rank1"], "pairs": p.get("accuracy_mean"), "pairs_std": p.get("accuracy_std"),
+            "seconds": seconds}
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def row(name: str, r: dict) -> str:
+    pairs = "-" if r["pairs"] is None else (f"{r['pairs']:.4f}" if r["pairs_std"] is None
+                                            else f"{r['pairs']:.4f} ± {r['pairs_std']:.4f}")
+    return (f"| {name} | {round(r['images']):,} | {_num(r['auc'])} | {_num(r['eer'])} | {_num(r['tar'])} | "
+            f"{_num(r['rank1'])} | {pairs} | {r['seconds'] / 60:.1f} | {r['images'] / r['seconds']:.1f} |")
+
+
+def mean_row(label: str, runs: list[dict]) -> str:
+    def mean(key):
+        values = [r[key] for r in runs]
+        return None if any(x is None for x in values) else sum(values) / len(values)
+
+    keys = ("images", "auc", "eer", "tar", "rank1", "pairs", "seconds")
+    return row(f"*{label}, mean of {len(runs)}*", {**{k: mean(k) for k in keys}, "pairs_std": None})
 
 
 def main(argv=None) -> None:
-    args = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR:REPORT_DIR")
+    parser.add_argument("--mean", action="append", default=[], metavar="LABEL=NAME,NAME,...",
+                        help="add a row with the mean of these runs (repeatable)")
+    args = parser.parse_args(argv)
+    results: dict[str, dict] = {}
+    for spec in args.runs:
+        name, sep, dirs = spec.partition("=")
+        run, sep2, report = dirs.partition(":")
+        if not (sep and sep2):
+            parser.error(f"{spec!r}: write each run as NAME=RUN_DIR:REPORT_DIR")
+        results[name] = run_metrics(Path(run), Path(report))
     print("| run | images seen | AUC | EER | TAR@FAR=1e-3 | rank-1 | 10-fold pairs accuracy | train min | images/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for spec in args:
-        name, dirs = spec.rsplit("=", 1)
-        run, report = dirs.split(":", 1)
-        print(row(name, Path(run), Path(report)))
+    for name, r in results.items():
+        print(row(name, r))
+    for spec in args.mean:
+        label, _, names = spec.partition("=")
+        missing = [n for n in names.split(",") if n not in results]
+        if missing:
+            parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
+        print(mean_row(label, [results[n] for n in names.split(",")]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""tools/results_table.py: one row per run from its report and logs, and mean rows over seeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("results_table", REPO / "tools" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(root: Path, auc: float, tar: float, rank1: float, rate: float) -> tuple[Path, Path]:
+    run, report = root / "run", root / "report"
+    run.mkdir(parents=True)
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({
+        "verification": {"auc": auc, "eer": 1 - auc, "tar_at_far": {"1e-03": tar}},
+        "identification": {"rank1": rank1}, "pairs": {"accuracy_mean": auc - 0.05, "accuracy_std": 0.02}}))
+    # 20 steps of 8 images at `rate` images/s, logged every 10 steps, with a validation record in between.
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 10, "loss": 1.0, "images_per_s": rate, "images_per_s_per_process": rate},
+        {"step": 10, "val/auc": auc},
+        {"step": 20, "loss": 0.5, "images_per_s": rate, "images_per_s_per_process": rate}]))
+    (run / "summary.json").write_text(json.dumps({"steps": 20}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"batch_size": 8, "grad_accum_steps": 1}))
+    return run, report
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_rows_and_the_mean_of_seeds(tmp_path, capsys):
+    values = {"a": (0.90, 0.10, 0.25, 16.0), "b": (0.94, 0.06, 0.29, 8.0)}
+    specs = []
+    for name, v in values.items():
+        run, report = _fake_run(tmp_path / name, *v)
+        specs.append(f"{name}={run}:{report}")
+    _tool().main([*specs, "--mean", "recipe=a,b"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3
+    a, b, mean = (_cells(line) for line in lines[2:])
+    assert a[0] == "a" and a[1] == "160" and float(a[2]) == pytest.approx(0.90)
+    assert float(a[7]) == pytest.approx(160 / 16.0 / 60, abs=0.05) and float(a[8]) == pytest.approx(16.0)
+    assert mean[0] == "*recipe, mean of 2*"
+    for col, key in ((2, 0), (4, 1), (5, 2)):
+        assert float(mean[col]) == pytest.approx(np.mean([v[key] for v in values.values()]), abs=1e-4)
+    # Mean images/s is total images over total seconds (not the mean of the rates).
+    assert float(mean[8]) == pytest.approx(160 / np.mean([160 / 16.0, 160 / 8.0]), abs=0.05)
+
+
+def test_a_malformed_run_or_an_unknown_name_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _tool().main(["just-a-name"])
+    assert "NAME=RUN_DIR:REPORT_DIR" in capsys.readouterr().err
+    run, report = _fake_run(tmp_path, 0.9, 0.1, 0.2, 10.0)
+    with pytest.raises(SystemExit):
+        _tool().main([f"x={run}:{report}", "--mean", "m=x,y"])
+    assert "no run named y" in capsys.readouterr().err
