@@ -20,6 +20,10 @@ import yaml
 
 def run_metrics(run: Path, report: Path) -> dict:
     """The table's numbers for one run: held-out metrics from the report, images and train time from the run."""
+    for needed in (report / "metrics.json", run / "metrics.jsonl", run / "summary.json"):
+        if not needed.is_file():
+            raise SystemExit(f"{needed} not found: a finished run (launch/train.py) and its report "
+                             "(tools/evaluate.py --out REPORT) are both needed")
     m = json.loads((report / "metrics.json").read_text())
     v, i, p = m["verification"], m["identification"], m.get("pairs", {})
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
