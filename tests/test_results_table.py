@@ -47,13 +47,13 @@ def test_rows_and_the_mean_of_seeds(tmp_path, capsys):
     for name, v in values.items():
         run, report = _fake_run(tmp_path / name, *v)
         specs.append(f"{name}={run}:{report}")
-    _tool().main([*specs, "--mean", "recipe=a,b"])
+    _tool().main([*specs, "--mean", "recipe m=4=a,b"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 3
     a, b, mean = (_cells(line) for line in lines[2:])
     assert a[0] == "a" and a[1] == "160" and float(a[2]) == pytest.approx(0.90)
     assert float(a[7]) == pytest.approx(160 / 16.0 / 60, abs=0.05) and float(a[8]) == pytest.approx(16.0)
-    assert mean[0] == "*recipe, mean of 2*"
+    assert mean[0] == "*recipe m=4, mean of 2*"
     for col, key in ((2, 0), (4, 1), (5, 2)):
         assert float(mean[col]) == pytest.approx(np.mean([v[key] for v in values.values()]), abs=1e-4)
     # Mean images/s is total images over total seconds (not the mean of the rates).

@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         print(row(name, r))
     for spec in args.mean:
-        label, _, names = spec.partition("=")
+        label, _, names = spec.rpartition("=")  # a label may hold "=" (m=4), run names do not
         missing = [n for n in names.split(",") if n not in results]
         if missing:
             parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
