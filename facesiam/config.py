@@ -387,12 +387,12 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
     if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
         raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
+    if cfg.optim.cooldown_steps < 0:
+        raise ValueError("optim.cooldown_steps must be >= 0")
     if cfg.optim.cooldown_steps and cfg.optim.scheduler != "constant":
         raise ValueError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ValueError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
-    if cfg.optim.cooldown_steps < 0:
-        raise ValueError("optim.cooldown_steps must be >= 0")
     if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
         raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:

@@ -330,14 +330,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.register_for_checkpointing(state)
     if scheduler is not None:
         accelerator.register_for_checkpointing(scheduler)
+    network = accelerator.unwrap_model(learner).model  # the embedding network being trained
     ema = None
     if cfg.optim.ema_decay:
         from timm.utils import ModelEmaV3
 
         # Every rank keeps the same average (DDP keeps the weights equal), so nothing is communicated; it is part of
         # the checkpoint, so a resumed run continues the same average.
-        ema = ModelEmaV3(accelerator.unwrap_model(learner).model, decay=cfg.optim.ema_decay, use_warmup=True)
+        ema = ModelEmaV3(network, decay=cfg.optim.ema_decay, use_warmup=True)
         accelerator.register_for_checkpointing(ema)
+    evaluated = ema.module if ema is not None else network  # what validation scores and best/ and final/ hold
 
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
@@ -371,16 +373,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from .embed import embed_dataset
         from .metrics import evaluate_embeddings
 
-        live = accelerator.unwrap_model(learner).model
-        raw = ema.module if ema is not None else live
-        live.eval()
+        network.eval()
         if hasattr(optimizer, "eval"):
             optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
         t0 = time.time()
         with accelerator.autocast():
-            emb, labels = embed_dataset(raw, val_ds, batch_size=cfg.val_batch_size, num_workers=cfg.num_workers,
+            emb, labels = embed_dataset(evaluated, val_ds, batch_size=cfg.val_batch_size, num_workers=cfg.num_workers,
                                         accelerator=accelerator, progress=False)
-        live.train()
+        network.train()
         if hasattr(optimizer, "train"):
             optimizer.train()
         payload = [None]
@@ -393,9 +393,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             improved = state.best_value is None or value > state.best_value
             if improved:
                 state.best_value, state.best_step = value, state.step
-                export_model(raw, m, run / "best", extra={"step": state.step, "epoch": state.epoch,
-                                                           "selected_by": cfg.best_metric, "value": value,
-                                                           "metrics": metrics})
+                export_model(evaluated, m, run / "best", extra={"step": state.step, "epoch": state.epoch,
+                                                                 "selected_by": cfg.best_metric, "value": value,
+                                                                 "metrics": metrics})
             v, i = metrics["verification"], metrics["identification"]
             logger.log({"epoch": state.epoch, "val/auc": v["auc"], "val/eer": v["eer"],
                         "val/tar_at_far_1e-03": v["tar_at_far"]["1e-03"], "val/rank1": i["rank1"],
@@ -489,7 +489,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         optimizer.zero_grad(set_to_none=True)
                         consecutive_bad = 0
                         if ema is not None:
-                            ema.update(accelerator.unwrap_model(learner).model, step=state.step + 1)
+                            ema.update(network, step=state.step + 1)
                         if scheduler_unit == "step":
                             scheduler.step()
                     bad_in_window = False
@@ -542,10 +542,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main_proc:
         # final/ is the model the schedule ends on, chosen by nobody: the one to report when the val people are
         # also the test people (best/ is selected on them, so its numbers there are optimistic).
-        final = ema.module if ema is not None else accelerator.unwrap_model(learner).model
-        export_model(final, m, run / "final", extra={"step": state.step, "epoch": state.epoch})
+        export_model(evaluated, m, run / "final", extra={"step": state.step, "epoch": state.epoch})
         if val_ds is None:
-            export_model(final, m, run / "best", extra={"step": state.step, "selected_by": "last (no validation split)"})
+            export_model(evaluated, m, run / "best", extra={"step": state.step, "selected_by": "last (no validation split)"})
     if last_ckpt_step != state.step:
         save_checkpoint()
     summary = {"steps": state.step, "epochs_completed": state.epoch, "skipped_steps": state.skipped_steps,
