@@ -393,6 +393,11 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ValueError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
+    if cfg.optim.ema_decay and cfg.optim.optimizer == "schedulefree_adamw":
+        # Schedule-free already averages; in train mode its parameters are the gradient points, not the averaged
+        # weights it evaluates, so an EMA of them would average the wrong sequence.
+        raise ValueError("optim.ema_decay does not combine with schedulefree_adamw (it averages its own weights): "
+                         "set one of them")
     if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
         raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:

@@ -248,6 +248,14 @@ def test_cooldown_belongs_to_the_constant_schedule():
         config_from_dict({"optim": {"scheduler": "cosine", "cooldown_steps": 5}})
 
 
+def test_ema_is_refused_with_schedule_free_which_averages_its_own_weights():
+    from facesiam.config import config_from_dict
+
+    with pytest.raises(ValueError, match="ema_decay does not combine with schedulefree"):
+        config_from_dict({"optim": {"optimizer": "schedulefree_adamw", "ema_decay": 0.99}})
+    config_from_dict({"optim": {"optimizer": "adamw", "ema_decay": 0.99}})  # the plain optimizer keeps it
+
+
 def test_frozen_trunk_weights_do_not_move_until_unfrozen():
     torch.manual_seed(0)
     cfg, learner, optimizer = _learner_and_optimizer(
