@@ -544,7 +544,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # also the test people (best/ is selected on them, so its numbers there are optimistic).
         export_model(evaluated, m, run / "final", extra={"step": state.step, "epoch": state.epoch})
         if val_ds is None:
-            export_model(evaluated, m, run / "best", extra={"step": state.step, "selected_by": "last (no validation split)"})
+            export_model(evaluated, m, run / "best",
+                         extra={"step": state.step, "selected_by": "last (no validation split)"})
     if last_ckpt_step != state.step:
         save_checkpoint()
     summary = {"steps": state.step, "epochs_completed": state.epoch, "skipped_steps": state.skipped_steps,
