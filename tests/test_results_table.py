@@ -68,3 +68,43 @@ def test_a_malformed_run_or_an_unknown_name_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _tool().main([f"x={run}:{report}", "--mean", "m=x,y"])
     assert "no run named y" in capsys.readouterr().err
+
+
+def _welch(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t and two-sided p written out (Welch-Satterthwaite degrees of freedom), to check the tool's scipy call."""
+    from scipy.stats import t as student_t
+
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / np.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return abs(t), 2 * student_t.sf(abs(t), dof)
+
+
+def test_compare_two_recipes_with_welch_t(tmp_path, capsys):
+    aucs = {"a0": 0.93, "a1": 0.95, "a2": 0.94, "b0": 0.90, "b1": 0.93, "b2": 0.91, "b3": 0.915}
+    specs = []
+    for name, auc in aucs.items():
+        run, report = _fake_run(tmp_path / name, auc, 0.1 + auc / 10, auc / 3, 10.0)
+        specs.append(f"{name}={run}:{report}")
+    _tool().main([*specs, "--mean", "ours=a0,a1,a2", "--mean", "seed=b0,b1,b2,b3", "--compare", "ours vs seed"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = {c[0]: c for c in map(_cells, lines[lines.index("") + 3:])}
+    assert set(table) == {"AUC", "EER", "TAR@FAR=1e-3", "rank-1", "pairs accuracy"}
+    a = [v for k, v in aucs.items() if k[0] == "a"]
+    b = [v for k, v in aucs.items() if k[0] == "b"]
+    t, p = _welch(a, b)
+    assert float(table["AUC"][4]) == pytest.approx(t, abs=0.05) and float(table["AUC"][5]) == pytest.approx(p, abs=1e-3)
+    # Higher AUC is better, lower EER is better: both name the same recipe here (EER = 1 - AUC in the fake runs).
+    assert table["AUC"][3] == "ours" and table["EER"][3] == "ours"
+    assert float(table["EER"][4]) == pytest.approx(t, abs=0.05)
+
+
+def test_compare_needs_two_mean_groups_of_two(tmp_path, capsys):
+    run, report = _fake_run(tmp_path, 0.9, 0.1, 0.2, 10.0)
+    with pytest.raises(SystemExit):
+        _tool().main([f"x={run}:{report}", "--mean", "one=x", "--compare", "one vs two"])
+    assert "two labels given to --mean" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _tool().main([f"x={run}:{report}", f"y={run}:{report}", "--mean", "one=x", "--mean", "two=x,y",
+                      "--compare", "one vs two"])
+    assert "at least 2 runs" in capsys.readouterr().err

@@ -1,9 +1,12 @@
 """Print a markdown table comparing training runs on held-out people (docs/results.md is made with it).
 
     python tools/results_table.py NAME=RUN_DIR:REPORT_DIR [NAME=RUN_DIR:REPORT_DIR ...] [--mean LABEL=NAME,NAME,...]
+                                  [--compare "LABEL vs LABEL"]
 
 --mean adds a row with the mean of the named runs (seeds of one recipe): single runs differ by more than most
-recipe changes at this size, so recipes are compared on means.
+recipe changes at this size, so recipes are compared on means. --compare then prints, per metric, the difference
+of two such means in standard errors with Welch's t-test (scipy; unequal variances, since one recipe's seeds
+may spread more than the other's) and its two-sided p.
 
 Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml, summary.json of each run
 (images seen and images/s per process: the runs in docs/results.md are single-process).
@@ -16,6 +19,11 @@ import json
 from pathlib import Path
 
 import yaml
+from scipy import stats
+
+# (column, key, lower is better) of the metrics --compare tests.
+COMPARED = (("AUC", "auc", False), ("EER", "eer", True), ("TAR@FAR=1e-3", "tar", False), ("rank-1", "rank1", False),
+            ("pairs accuracy", "pairs", False))
 
 
 def run_metrics(run: Path, report: Path) -> dict:
@@ -60,11 +68,28 @@ def mean_row(label: str, runs: list[dict]) -> str:
     return row(f"*{label}, mean of {len(runs)}*", {**{k: mean(k) for k in keys}, "pairs_std": None})
 
 
+def compare_rows(label_a: str, runs_a: list[dict], label_b: str, runs_b: list[dict]) -> list[str]:
+    """Markdown table: each metric's two means, the difference in standard errors (Welch's t) and two-sided p."""
+    lines = [f"| metric | {label_a} (n={len(runs_a)}) | {label_b} (n={len(runs_b)}) | better | t (SE) | p |",
+             "|---|---:|---:|---|---:|---:|"]
+    for column, key, lower_is_better in COMPARED:
+        a, b = [r[key] for r in runs_a], [r[key] for r in runs_b]
+        if any(x is None for x in a + b):
+            continue
+        t, p = stats.ttest_ind(a, b, equal_var=False)
+        mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+        better = label_a if (mean_a < mean_b) == lower_is_better else label_b
+        lines.append(f"| {column} | {mean_a:.4f} | {mean_b:.4f} | {better} | {abs(t):.1f} | {p:.3f} |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR:REPORT_DIR")
     parser.add_argument("--mean", action="append", default=[], metavar="LABEL=NAME,NAME,...",
                         help="add a row with the mean of these runs (repeatable)")
+    parser.add_argument("--compare", action="append", default=[], metavar="LABEL vs LABEL",
+                        help="Welch's t-test between two --mean groups, per metric (repeatable)")
     args = parser.parse_args(argv)
     results: dict[str, dict] = {}
     for spec in args.runs:
@@ -77,12 +102,23 @@ def main(argv=None) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(row(name, r))
+    groups: dict[str, list[dict]] = {}
     for spec in args.mean:
         label, _, names = spec.rpartition("=")  # a label may hold "=" (m=4), run names do not
         missing = [n for n in names.split(",") if n not in results]
         if missing:
             parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
-        print(mean_row(label, [results[n] for n in names.split(",")]))
+        groups[label] = [results[n] for n in names.split(",")]
+        print(mean_row(label, groups[label]))
+    for spec in args.compare:
+        label_a, sep, label_b = spec.partition(" vs ")
+        if not sep or label_a not in groups or label_b not in groups:
+            parser.error(f"--compare {spec!r}: write \"LABEL vs LABEL\" with two labels given to --mean "
+                         f"(these are: {', '.join(groups) or 'none'})")
+        if min(len(groups[label_a]), len(groups[label_b])) < 2:
+            parser.error(f"--compare {spec!r}: each side needs at least 2 runs for a standard error")
+        print()
+        print("\n".join(compare_rows(label_a, groups[label_a], label_b, groups[label_b])))
 
 
 if __name__ == "__main__":
