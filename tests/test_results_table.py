@@ -60,6 +60,16 @@ def test_rows_and_the_mean_of_seeds(tmp_path, capsys):
     assert float(mean[8]) == pytest.approx(160 / np.mean([160 / 16.0, 160 / 8.0]), abs=0.05)
 
 
+def test_a_mean_row_follows_the_last_of_its_runs(tmp_path, capsys):
+    specs = []
+    for name, auc in (("a", 0.90), ("b", 0.94), ("c", 0.70)):
+        run, report = _fake_run(tmp_path / name, auc, 0.1, 0.2, 10.0)
+        specs.append(f"{name}={run}:{report}")
+    _tool().main([*specs, "--mean", "ab=b,a", "--mean", "all=a,b,c"])
+    names = [_cells(line)[0] for line in capsys.readouterr().out.strip().splitlines()[2:]]
+    assert names == ["a", "b", "*ab, mean of 2*", "c", "*all, mean of 3*"]
+
+
 def test_a_malformed_run_or_an_unknown_name_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _tool().main(["just-a-name"])

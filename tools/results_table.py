@@ -3,8 +3,8 @@
     python tools/results_table.py NAME=RUN_DIR:REPORT_DIR [NAME=RUN_DIR:REPORT_DIR ...] [--mean LABEL=NAME,NAME,...]
                                   [--compare "LABEL vs LABEL"]
 
---mean adds a row with the mean of the named runs (seeds of one recipe): single runs differ by more than most
-recipe changes at this size, so recipes are compared on means. --compare then prints, per metric, the difference
+--mean adds a row with the mean of the named runs (seeds of one recipe), right after the last of them: single
+runs differ by more than most recipe changes at this size, so recipes are compared on means. --compare then prints, per metric, the difference
 of two such means in standard errors with Welch's t-test (scipy; unequal variances, since one recipe's seeds
 may spread more than the other's) and its two-sided p.
 
@@ -98,18 +98,22 @@ def main(argv=None) -> None:
         if not (sep and sep2):
             parser.error(f"{spec!r}: write each run as NAME=RUN_DIR:REPORT_DIR")
         results[name] = run_metrics(Path(run), Path(report))
+    groups: dict[str, list[dict]] = {}
+    means_after: dict[str, list[str]] = {}  # a mean row goes right after the last of its runs in the table
+    for spec in args.mean:
+        label, _, names = spec.rpartition("=")  # a label may hold "=" (m=4), run names do not
+        members = names.split(",")
+        missing = [n for n in members if n not in results]
+        if missing:
+            parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
+        groups[label] = [results[n] for n in members]
+        means_after.setdefault(max(members, key=list(results).index), []).append(label)
     print("| run | images seen | AUC | EER | TAR@FAR=1e-3 | rank-1 | 10-fold pairs accuracy | train min | images/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         print(row(name, r))
-    groups: dict[str, list[dict]] = {}
-    for spec in args.mean:
-        label, _, names = spec.rpartition("=")  # a label may hold "=" (m=4), run names do not
-        missing = [n for n in names.split(",") if n not in results]
-        if missing:
-            parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
-        groups[label] = [results[n] for n in names.split(",")]
-        print(mean_row(label, groups[label]))
+        for label in means_after.get(name, []):
+            print(mean_row(label, groups[label]))
     for spec in args.compare:
         label_a, sep, label_b = spec.partition(" vs ")
         if not sep or label_a not in groups or label_b not in groups:
