@@ -4,9 +4,9 @@
                                   [--compare "LABEL vs LABEL"]
 
 --mean adds a row with the mean of the named runs (seeds of one recipe), right after the last of them: single
-runs differ by more than most recipe changes at this size, so recipes are compared on means. --compare then prints, per metric, the difference
-of two such means in standard errors with Welch's t-test (scipy; unequal variances, since one recipe's seeds
-may spread more than the other's) and its two-sided p.
+runs differ by more than most recipe changes at this size, so recipes are compared on means. --compare then
+prints, per metric, the difference of two such means in standard errors with Welch's t-test (scipy; unequal
+variances, since one recipe's seeds may spread more than the other's) and its two-sided p.
 
 Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml, summary.json of each run
 (images seen and images/s per process: the runs in docs/results.md are single-process).
@@ -59,13 +59,15 @@ def row(name: str, r: dict) -> str:
             f"{_num(r['rank1'])} | {pairs} | {r['seconds'] / 60:.1f} | {r['images'] / r['seconds']:.1f} |")
 
 
-def mean_row(label: str, runs: list[dict]) -> str:
-    def mean(key):
-        values = [r[key] for r in runs]
-        return None if any(x is None for x in values) else sum(values) / len(values)
+def _mean(runs: list[dict], key: str) -> float | None:
+    """Mean of one metric over runs; None when a run lacks it (e.g. no pairs file)."""
+    values = [r[key] for r in runs]
+    return None if any(x is None for x in values) else sum(values) / len(values)
 
+
+def mean_row(label: str, runs: list[dict]) -> str:
     keys = ("images", "auc", "eer", "tar", "rank1", "pairs", "seconds")
-    return row(f"*{label}, mean of {len(runs)}*", {**{k: mean(k) for k in keys}, "pairs_std": None})
+    return row(f"*{label}, mean of {len(runs)}*", {**{k: _mean(runs, k) for k in keys}, "pairs_std": None})
 
 
 def compare_rows(label_a: str, runs_a: list[dict], label_b: str, runs_b: list[dict]) -> list[str]:
@@ -73,11 +75,10 @@ def compare_rows(label_a: str, runs_a: list[dict], label_b: str, runs_b: list[di
     lines = [f"| metric | {label_a} (n={len(runs_a)}) | {label_b} (n={len(runs_b)}) | better | t (SE) | p |",
              "|---|---:|---:|---|---:|---:|"]
     for column, key, lower_is_better in COMPARED:
-        a, b = [r[key] for r in runs_a], [r[key] for r in runs_b]
-        if any(x is None for x in a + b):
+        mean_a, mean_b = _mean(runs_a, key), _mean(runs_b, key)
+        if mean_a is None or mean_b is None:
             continue
-        t, p = stats.ttest_ind(a, b, equal_var=False)
-        mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+        t, p = stats.ttest_ind([r[key] for r in runs_a], [r[key] for r in runs_b], equal_var=False)
         better = label_a if (mean_a < mean_b) == lower_is_better else label_b
         lines.append(f"| {column} | {mean_a:.4f} | {mean_b:.4f} | {better} | {abs(t):.1f} | {p:.3f} |")
     return lines
@@ -100,6 +101,7 @@ def main(argv=None) -> None:
         results[name] = run_metrics(Path(run), Path(report))
     groups: dict[str, list[dict]] = {}
     means_after: dict[str, list[str]] = {}  # a mean row goes right after the last of its runs in the table
+    position = {name: i for i, name in enumerate(results)}
     for spec in args.mean:
         label, _, names = spec.rpartition("=")  # a label may hold "=" (m=4), run names do not
         members = names.split(",")
@@ -107,13 +109,8 @@ def main(argv=None) -> None:
         if missing:
             parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
         groups[label] = [results[n] for n in members]
-        means_after.setdefault(max(members, key=list(results).index), []).append(label)
-    print("| run | images seen | AUC | EER | TAR@FAR=1e-3 | rank-1 | 10-fold pairs accuracy | train min | images/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        print(row(name, r))
-        for label in means_after.get(name, []):
-            print(mean_row(label, groups[label]))
+        means_after.setdefault(max(members, key=position.__getitem__), []).append(label)
+    comparisons = []  # checked before anything is printed, so a typo does not leave half a table
     for spec in args.compare:
         label_a, sep, label_b = spec.partition(" vs ")
         if not sep or label_a not in groups or label_b not in groups:
@@ -121,6 +118,14 @@ def main(argv=None) -> None:
                          f"(these are: {', '.join(groups) or 'none'})")
         if min(len(groups[label_a]), len(groups[label_b])) < 2:
             parser.error(f"--compare {spec!r}: each side needs at least 2 runs for a standard error")
+        comparisons.append((label_a, label_b))
+    print("| run | images seen | AUC | EER | TAR@FAR=1e-3 | rank-1 | 10-fold pairs accuracy | train min | images/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(row(name, r))
+        for label in means_after.get(name, []):
+            print(mean_row(label, groups[label]))
+    for label_a, label_b in comparisons:
         print()
         print("\n".join(compare_rows(label_a, groups[label_a], label_b, groups[label_b])))
 
