@@ -110,6 +110,47 @@ def test_compare_two_recipes_with_welch_t(tmp_path, capsys):
     assert float(table["EER"][4]) == pytest.approx(t, abs=0.05)
 
 
+def _mann_whitney_exact(a: list[float], b: list[float]) -> float:
+    """Two-sided p of U by enumerating every split of the pooled values (no ties), to check the tool's scipy call."""
+    from itertools import combinations
+
+    pooled = a + b
+
+    def u(x):
+        return sum(xi > yj for xi in x for yj in pooled if yj not in x)
+
+    centre = len(a) * len(b) / 2
+    observed = abs(u(a) - centre)
+    splits = [abs(u(list(x)) - centre) for x in combinations(pooled, len(a))]
+    return sum(d >= observed - 1e-12 for d in splits) / len(splits)
+
+
+def test_compare_covers_the_rest_of_the_roc_and_identification(tmp_path, capsys):
+    # Group a wins TAR@1e-1 in every run; TAR@1e-4 interleaves; rank-5 and MAP@R are present in every report.
+    tar1 = {"a0": 0.81, "a1": 0.83, "a2": 0.82, "b0": 0.75, "b1": 0.77, "b2": 0.74}
+    tar4 = {"a0": 0.021, "a1": 0.025, "a2": 0.018, "b0": 0.022, "b1": 0.019, "b2": 0.024}
+    specs = []
+    for name in tar1:
+        run, report = _fake_run(tmp_path / name, tar1[name] + 0.1, tar4[name] * 5, tar1[name] - 0.55, 10.0)
+        m = json.loads((report / "metrics.json").read_text())
+        m["verification"]["tar_at_far"].update({"1e-01": tar1[name], "1e-02": tar1[name] - 0.45, "1e-04": tar4[name]})
+        m["identification"].update({"rank5": tar1[name] - 0.2, "map_at_r": tar1[name] - 0.5})
+        (report / "metrics.json").write_text(json.dumps(m))
+        specs.append(f"{name}={run}:{report}")
+    _tool().main([*specs, "--mean", "a=a0,a1,a2", "--mean", "b=b0,b1,b2", "--compare", "a vs b"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = {c[0]: c for c in map(_cells, lines[lines.index("") + 3:])}
+    assert {"TAR@FAR=1e-1", "TAR@FAR=1e-2", "TAR@FAR=1e-4", "rank-5", "MAP@R"} <= set(table)
+    for column, values in (("TAR@FAR=1e-1", tar1), ("TAR@FAR=1e-4", tar4)):
+        a = [v for k, v in values.items() if k[0] == "a"]
+        b = [v for k, v in values.items() if k[0] == "b"]
+        assert float(table[column][1]) == pytest.approx(np.mean(a), abs=1e-4)
+        assert float(table[column][4]) == pytest.approx(_welch(a, b)[0], abs=0.05)
+        assert float(table[column][6]) == pytest.approx(_mann_whitney_exact(a, b), abs=1e-3)
+    assert float(table["TAR@FAR=1e-1"][6]) == pytest.approx(2 / 20, abs=1e-3)  # every a above every b: 2 of 20 splits
+    assert table["rank-5"][3] == "a" and table["MAP@R"][3] == "a"
+
+
 def test_compare_needs_two_mean_groups_of_two(tmp_path, capsys):
     run, report = _fake_run(tmp_path, 0.9, 0.1, 0.2, 10.0)
     with pytest.raises(SystemExit):

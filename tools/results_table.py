@@ -6,7 +6,9 @@
 --mean adds a row with the mean of the named runs (seeds of one recipe), right after the last of them: single
 runs differ by more than most recipe changes at this size, so recipes are compared on means. --compare then
 prints, per metric, the difference of two such means in standard errors with Welch's t-test (scipy; unequal
-variances, since one recipe's seeds may spread more than the other's) and its two-sided p.
+variances, since one recipe's seeds may spread more than the other's) and its two-sided p, with the rank-based
+Mann-Whitney U test's two-sided p beside it (no normality assumed). It compares the table's five metrics, then TAR
+at the other FARs, rank-5 and MAP@R where every report has them.
 
 Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml, summary.json of each run
 (images seen and images/s per process: the runs in docs/results.md are single-process).
@@ -21,9 +23,13 @@ from pathlib import Path
 import yaml
 from scipy import stats
 
-# (column, key, lower is better) of the metrics --compare tests.
+# (column, key, lower is better) of the metrics --compare tests: the table's five, then the ROC away from
+# FAR=1e-3 and the rest of the identification numbers.
+OTHER_FARS = ("1e-01", "1e-02", "1e-04")
 COMPARED = (("AUC", "auc", False), ("EER", "eer", True), ("TAR@FAR=1e-3", "tar", False), ("rank-1", "rank1", False),
-            ("pairs accuracy", "pairs", False))
+            ("pairs accuracy", "pairs", False),
+            *((f"TAR@FAR={far.replace('-0', '-')}", f"tar_{far}", False) for far in OTHER_FARS),
+            ("rank-5", "rank5", False), ("MAP@R", "map_at_r", False))
 
 
 def run_metrics(run: Path, report: Path) -> dict:
@@ -45,7 +51,8 @@ def run_metrics(run: Path, report: Path) -> dict:
         prev = r["step"]
     return {"images": summary["steps"] * batch, "auc": v["auc"], "eer": v["eer"], "tar": v["tar_at_far"]["1e-03"],
             "rank1": i["rank1"], "pairs": p.get("accuracy_mean"), "pairs_std": p.get("accuracy_std"),
-            "seconds": seconds}
+            "seconds": seconds, **{f"tar_{far}": v["tar_at_far"].get(far) for far in OTHER_FARS},
+            "rank5": i.get("rank5"), "map_at_r": i.get("map_at_r")}
 
 
 def _num(x, fmt: str = ".4f") -> str:
@@ -71,16 +78,19 @@ def mean_row(label: str, runs: list[dict]) -> str:
 
 
 def compare_rows(label_a: str, runs_a: list[dict], label_b: str, runs_b: list[dict]) -> list[str]:
-    """Markdown table: each metric's two means, the difference in standard errors (Welch's t) and two-sided p."""
-    lines = [f"| metric | {label_a} (n={len(runs_a)}) | {label_b} (n={len(runs_b)}) | better | t (SE) | p |",
-             "|---|---:|---:|---|---:|---:|"]
+    """Markdown table: each metric's two means, the difference in standard errors (Welch's t), its two-sided p and
+    the two-sided p of the Mann-Whitney U test."""
+    lines = [f"| metric | {label_a} (n={len(runs_a)}) | {label_b} (n={len(runs_b)}) | better | t (SE) | p "
+             "| p (Mann-Whitney) |", "|---|---:|---:|---|---:|---:|---:|"]
     for column, key, lower_is_better in COMPARED:
         mean_a, mean_b = _mean(runs_a, key), _mean(runs_b, key)
         if mean_a is None or mean_b is None:
             continue
-        t, p = stats.ttest_ind([r[key] for r in runs_a], [r[key] for r in runs_b], equal_var=False)
+        a, b = [r[key] for r in runs_a], [r[key] for r in runs_b]
+        t, p = stats.ttest_ind(a, b, equal_var=False)
+        p_rank = stats.mannwhitneyu(a, b, alternative="two-sided").pvalue
         better = label_a if (mean_a < mean_b) == lower_is_better else label_b
-        lines.append(f"| {column} | {mean_a:.4f} | {mean_b:.4f} | {better} | {abs(t):.1f} | {p:.3f} |")
+        lines.append(f"| {column} | {mean_a:.4f} | {mean_b:.4f} | {better} | {abs(t):.1f} | {p:.3f} | {p_rank:.3f} |")
     return lines
 
 
@@ -90,7 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mean", action="append", default=[], metavar="LABEL=NAME,NAME,...",
                         help="add a row with the mean of these runs (repeatable)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL vs LABEL",
-                        help="Welch's t-test between two --mean groups, per metric (repeatable)")
+                        help="Welch's t-test (and Mann-Whitney U) between two --mean groups, per metric (repeatable)")
     args = parser.parse_args(argv)
     results: dict[str, dict] = {}
     for spec in args.runs:
