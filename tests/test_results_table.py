@@ -162,3 +162,26 @@ def test_compare_needs_two_mean_groups_of_two(tmp_path, capsys):
         _tool().main([f"x={run}:{report}", f"y={run}:{report}", "--mean", "one=x", "--mean", "two=x,y",
                       "--compare", "one vs two"])
     assert "at least 2 runs" in capsys.readouterr().err
+
+
+def test_first_reach_finds_the_budget_at_which_a_run_matches_the_other_recipes_mean(tmp_path, capsys):
+    specs = []
+    for name, auc in (("b0", 0.90), ("b1", 0.92)):  # recipe B's finals: AUC mean 0.91, EER mean 1 - 0.91 = 0.09
+        run, report = _fake_run(tmp_path / name, auc, 0.3, 0.5, 10.0)
+        specs.append(f"{name}={run}:{report}")
+    run, report = _fake_run(tmp_path / "a0", 0.93, 0.1, 0.2, 10.0)
+    curve = [{"step": 10, "val/auc": 0.85, "val/eer": 0.08, "val/tar_at_far_1e-03": 0.1, "val/rank1": 0.2},
+             {"step": 20, "val/auc": 0.93, "val/eer": 0.07, "val/tar_at_far_1e-03": 0.2, "val/rank1": 0.5}]
+    train = [{"step": step, "loss": 1.0, "images_per_s": 10.0, "images_per_s_per_process": 10.0} for step in (10, 20)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in curve + train))
+    specs.append(f"a0={run}:{report}")
+    _tool().main([*specs, "--mean", "A=a0", "--mean", "B=b0,b1", "--first-reach", "A vs B"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, _, a0 = map(_cells, lines[lines.index("") + 1:])
+    assert header[1:] == ["AUC 0.9100", "EER 0.0900", "TAR@FAR=1e-3 0.3000", "rank-1 0.5000"]
+    # 8 images per step: AUC first >= 0.91 at step 20, EER first <= 0.09 at step 10, TAR never >= 0.3, rank-1 at 20.
+    assert a0 == ["a0", "160 (0.930)", "80 (0.080)", "not reached", "160 (0.500)"]
+    with pytest.raises(SystemExit):
+        _tool().main([*specs, "--mean", "A=a0", "--first-reach", "A vs nope"])
+    out, err = capsys.readouterr()
+    assert "--first-reach 'A vs nope'" in err and out == ""

@@ -8,7 +8,9 @@ runs differ by more than most recipe changes at this size, so recipes are compar
 prints, per metric, the difference of two such means in standard errors with Welch's t-test (scipy; unequal
 variances, since one recipe's seeds may spread more than the other's) and its two-sided p, with the rank-based
 Mann-Whitney U test's two-sided p beside it (no normality assumed). It compares the table's five metrics, then TAR
-at the other FARs, rank-5 and MAP@R where every report has them.
+at the other FARs, rank-5 and MAP@R where every report has them. --first-reach "A vs B" prints, for each run of
+group A, the images at which its validation curve (RUN/metrics.jsonl) first reaches group B's mean final value:
+how much budget recipe A needs to match recipe B.
 
 Reads REPORT/metrics.json (tools/evaluate.py) and RUN/metrics.jsonl, config.yaml, summary.json of each run
 (images seen and images/s per process: the runs in docs/results.md are single-process).
@@ -30,6 +32,9 @@ COMPARED = (("AUC", "auc", False), ("EER", "eer", True), ("TAR@FAR=1e-3", "tar",
             ("pairs accuracy", "pairs", False),
             *((f"TAR@FAR={far.replace('-0', '-')}", f"tar_{far}", False) for far in OTHER_FARS),
             ("rank-5", "rank5", False), ("MAP@R", "map_at_r", False))
+# (column, key, lower is better, key in the validation records of metrics.jsonl) of the metrics --first-reach follows.
+REACHED = (("AUC", "auc", False, "val/auc"), ("EER", "eer", True, "val/eer"),
+           ("TAR@FAR=1e-3", "tar", False, "val/tar_at_far_1e-03"), ("rank-1", "rank1", False, "val/rank1"))
 
 
 def run_metrics(run: Path, report: Path) -> dict:
@@ -52,7 +57,8 @@ def run_metrics(run: Path, report: Path) -> dict:
     return {"images": summary["steps"] * batch, "auc": v["auc"], "eer": v["eer"], "tar": v["tar_at_far"]["1e-03"],
             "rank1": i["rank1"], "pairs": p.get("accuracy_mean"), "pairs_std": p.get("accuracy_std"),
             "seconds": seconds, **{f"tar_{far}": v["tar_at_far"].get(far) for far in OTHER_FARS},
-            "rank5": i.get("rank5"), "map_at_r": i.get("map_at_r")}
+            "rank5": i.get("rank5"), "map_at_r": i.get("map_at_r"),
+            "curve": [(r["step"] * batch, r) for r in logs if "val/auc" in r]}
 
 
 def _num(x, fmt: str = ".4f") -> str:
@@ -94,6 +100,22 @@ def compare_rows(label_a: str, runs_a: list[dict], label_b: str, runs_b: list[di
     return lines
 
 
+def first_reach_rows(names_a: list[str], runs_a: list[dict], label_b: str, runs_b: list[dict]) -> list[str]:
+    """Markdown table: per run of A and metric, the first validation point at least as good as B's mean."""
+    targets = [(column, val_key, lower, _mean(runs_b, key)) for column, key, lower, val_key in REACHED]
+    lines = [f"| images at which the run first reaches {label_b}'s mean | "
+             + " | ".join(f"{column} {target:.4f}" for column, _, _, target in targets) + " |",
+             "|---|" + "---|" * len(targets)]
+    for name, run in zip(names_a, runs_a):
+        cells = []
+        for _, val_key, lower, target in targets:
+            hit = next(((images, r[val_key]) for images, r in run["curve"]
+                        if (r[val_key] <= target if lower else r[val_key] >= target)), None)
+            cells.append("not reached" if hit is None else f"{hit[0]:,} ({hit[1]:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR:REPORT_DIR")
@@ -101,6 +123,8 @@ def main(argv=None) -> None:
                         help="add a row with the mean of these runs (repeatable)")
     parser.add_argument("--compare", action="append", default=[], metavar="LABEL vs LABEL",
                         help="Welch's t-test (and Mann-Whitney U) between two --mean groups, per metric (repeatable)")
+    parser.add_argument("--first-reach", action="append", default=[], metavar="LABEL vs LABEL",
+                        help="where each run of the first --mean group first reaches the second's mean (repeatable)")
     args = parser.parse_args(argv)
     results: dict[str, dict] = {}
     for spec in args.runs:
@@ -110,6 +134,7 @@ def main(argv=None) -> None:
             parser.error(f"{spec!r}: write each run as NAME=RUN_DIR:REPORT_DIR")
         results[name] = run_metrics(Path(run), Path(report))
     groups: dict[str, list[dict]] = {}
+    members_of: dict[str, list[str]] = {}
     means_after: dict[str, list[str]] = {}  # a mean row goes right after the last of its runs in the table
     position = {name: i for i, name in enumerate(results)}
     for spec in args.mean:
@@ -118,17 +143,22 @@ def main(argv=None) -> None:
         missing = [n for n in members if n not in results]
         if missing:
             parser.error(f"--mean {spec!r}: no run named {', '.join(missing)} among the positional runs")
-        groups[label] = [results[n] for n in members]
+        groups[label], members_of[label] = [results[n] for n in members], members
         means_after.setdefault(max(members, key=position.__getitem__), []).append(label)
-    comparisons = []  # checked before anything is printed, so a typo does not leave half a table
-    for spec in args.compare:
+
+    def two_groups(option: str, spec: str) -> tuple[str, str]:
         label_a, sep, label_b = spec.partition(" vs ")
         if not sep or label_a not in groups or label_b not in groups:
-            parser.error(f"--compare {spec!r}: write \"LABEL vs LABEL\" with two labels given to --mean "
+            parser.error(f"{option} {spec!r}: write \"LABEL vs LABEL\" with two labels given to --mean "
                          f"(these are: {', '.join(groups) or 'none'})")
+        return label_a, label_b
+
+    # Checked before anything is printed, so a typo does not leave half a table.
+    comparisons = [two_groups("--compare", spec) for spec in args.compare]
+    for spec, (label_a, label_b) in zip(args.compare, comparisons):
         if min(len(groups[label_a]), len(groups[label_b])) < 2:
             parser.error(f"--compare {spec!r}: each side needs at least 2 runs for a standard error")
-        comparisons.append((label_a, label_b))
+    reaches = [two_groups("--first-reach", spec) for spec in args.first_reach]
     print("| run | images seen | AUC | EER | TAR@FAR=1e-3 | rank-1 | 10-fold pairs accuracy | train min | images/s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
@@ -138,6 +168,9 @@ def main(argv=None) -> None:
     for label_a, label_b in comparisons:
         print()
         print("\n".join(compare_rows(label_a, groups[label_a], label_b, groups[label_b])))
+    for label_a, label_b in reaches:
+        print()
+        print("\n".join(first_reach_rows(members_of[label_a], groups[label_a], label_b, groups[label_b])))
 
 
 if __name__ == "__main__":
