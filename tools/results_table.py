@@ -109,8 +109,8 @@ def first_reach_rows(names_a: list[str], runs_a: list[dict], label_b: str, runs_
     for name, run in zip(names_a, runs_a):
         cells = []
         for _, val_key, lower, target in targets:
-            hit = next(((images, r[val_key]) for images, r in run["curve"]
-                        if (r[val_key] <= target if lower else r[val_key] >= target)), None)
+            points = [(images, r[val_key]) for images, r in run["curve"] if r.get(val_key) is not None]
+            hit = next(((i, x) for i, x in points if (x <= target if lower else x >= target)), None)
             cells.append("not reached" if hit is None else f"{hit[0]:,} ({hit[1]:.3f})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
