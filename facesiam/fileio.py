@@ -1,17 +1,60 @@
-"""Crash-safe writes: a directory is built under a hidden temporary name and swapped in only when complete.
+"""Crash-safe writes: nothing a run writes ever leaves a partial result where a good one was.
 
-Nothing a run writes (shards, exported models, galleries, synthetic data sets) may ever leave a partial result
-where a good one was: readers see either the old complete directory or the new complete one.
+* ``atomic_write(path)``: one file (YAML, JSON, .npz, a pairs file, an index) is written to a temporary file
+  beside it, flushed to disk and renamed over ``path`` only when complete; ``write_text`` and ``write_json``
+  are the common cases.
+* ``staged_directory(dst)``: a directory (shards, exported models, galleries, synthetic data sets) is built under
+  a hidden temporary name and swapped in only when complete.
+
+Readers see either the old complete file or directory or the new complete one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import IO, Any, Iterator, Optional
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", *, encoding: Optional[str] = "utf-8",
+                 file_mode: int = 0o644) -> Iterator[IO]:
+    """``with atomic_write(p) as f: f.write(...)`` -- ``p`` is replaced only if the block succeeds.
+
+    ``mode`` is "w" (text) or "wb" (binary). The parent directory is created. The data is fsynced before the
+    rename, so a crash (even kill -9 or power loss) leaves the old file or the new one, never a mix.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if mode == "w" else None) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode)  # mkstemp makes 0600 files; results are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically (UTF-8)."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: Optional[int] = 2, **kwargs: Any) -> Path:
+    """Write JSON atomically, ending with a newline."""
+    return write_text(path, json.dumps(data, indent=indent, **kwargs) + "\n")
 
 
 def replace_directory(staging: Path, dst: Path, *, last: Optional[str] = None) -> None:

@@ -1,0 +1,16 @@
+"""Expected failures: exceptions whose message already says what is wrong and how to fix it.
+
+The library raises these for bad input (a file that is missing, truncated or does not match, a value out of
+range); every command turns them into one line on stderr and exit status 1 (facesiam/commands). Anything else
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FacesiamError(Exception):
+    """An expected failure; the message names the file or value and the fix."""
+
+
+class InputError(FacesiamError, ValueError):
+    """Bad input from the user: a file, a flag or a config value (a ValueError, for callers that catch those)."""
