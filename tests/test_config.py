@@ -1,20 +1,18 @@
 """Config: YAML + flags resolve in order, unknown keys are errors, every experiment file parses."""
 
-import argparse
 from pathlib import Path
 
 import pytest
 import yaml
 
-from facesiam.config import TrainConfig, add_config_arguments, config_from_args, config_from_dict, save_yaml, to_dict
+from facesiam.commands.train import config_from_args, parser
+from facesiam.config import TrainConfig, config_from_dict, save_yaml, to_dict
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch" / "configs"
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser()
-    add_config_arguments(p)
-    return config_from_args(p.parse_args(argv))
+    return config_from_args(parser().parse_args(argv))
 
 
 def test_flags_override_yaml(tmp_path):

@@ -8,12 +8,8 @@ import pytest
 import torch
 
 from facesiam.config import ModelConfig
-from facesiam.convert_weights import (
-    ConversionError,
-    convert_state_dict,
-    main,
-    map_efficientnet_pytorch_names,
-)
+from facesiam.commands.convert_weights import main
+from facesiam.convert_weights import ConversionError, convert_state_dict, map_efficientnet_pytorch_names
 from facesiam.model import build_model
 
 LITE0_STAGES = [(1, 1), (2, 6), (2, 6), (3, 6), (3, 6), (4, 6), (1, 6)]  # (repeats, expand ratio): EfficientNet-Lite0
@@ -122,7 +118,7 @@ def _error(tmp_path: Path, source: dict[str, torch.Tensor], out: Path | None = N
     with pytest.raises(SystemExit) as info:
         main(["efficientnet-lite0", str(out), "--source", str(_save(source, tmp_path / "bad.pth")), *extra])
     message = str(info.value)
-    assert message.startswith("convert_weights: error: ") and "\n" not in message
+    assert message.startswith("convert_weights: ") and "\n" not in message
     return message
 
 

@@ -6,7 +6,8 @@ import torch
 
 from facesiam.config import LossConfig
 from facesiam.losses import Criterion, build_pml_loss
-from tests.dist_utils import run_distributed
+
+from .conftest import run_distributed
 
 DIM, CLASSES, BATCH = 8, 6, 16
 

@@ -1,6 +1,6 @@
 """Compare two face images: cosine similarity of their embeddings and the same/different decision."""
 
-from facesiam.compare import main
+from facesiam.commands.compare import main
 
 if __name__ == "__main__":
     main()

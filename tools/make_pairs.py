@@ -1,6 +1,6 @@
 """LFW-format pairs files: read, resolve against a data set, evaluate with 10-fold accuracy, and make new ones."""
 
-from facesiam.pairs import main
+from facesiam.commands.make_pairs import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
 """Write an ImageFolder of procedurally drawn synthetic faces (see facesiam/data/synthetic.py)."""
 
-from facesiam.data.synthetic import main
+from facesiam.commands.make_synthetic_faces import main
 
 if __name__ == "__main__":
     main()

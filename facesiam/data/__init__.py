@@ -1,10 +1,10 @@
-"""Face data: shard writing (make_shards), random-access and streaming readers, transforms, sampler, synthetic faces."""
+"""Face data: the shard format, its writer and readers, transforms, the per-class sampler, synthetic faces."""
 
-from .datasets import ImageFolderDataset, ShardDataset, apply_seeded, build_stream, open_dataset
+from .readers import ImageFolderDataset, ShardDataset, apply_seeded, build_stream, open_dataset
 from .sampler import DistributedPerClassSampler
-from .shards import write_shards
 from .synthetic import make_synthetic_faces
 from .transforms import build_eval_transform, build_train_transform
+from .writer import write_shards
 
 __all__ = [
     "ShardDataset",

@@ -36,6 +36,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import InputError
+
 # -----------------------------------------------------------------------------
 # Stored as-is when 8-bit RGB/L: the formats every WebDataset consumer selects with "jpg;png;webp".
 PASS_THROUGH = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -46,7 +48,7 @@ EXIF_ORIENTATION = 0x0112
 # -----------------------------------------------------------------------------
 
 
-class BadImage(ValueError):
+class BadImage(InputError):
     """A file that cannot be used as a training image; ``str(exc)`` is the reason (one line)."""
 
 

@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..errors import InputError
+
 
 class DistributedPerClassSampler(Sampler[list[tuple[int, int]]]):
     """Batch sampler: each step yields this rank's ``batch_size`` (index, aug_seed) pairs."""
@@ -54,7 +56,7 @@ class DistributedPerClassSampler(Sampler[list[tuple[int, int]]]):
         uniq, starts, counts = np.unique(self.labels[order], return_index=True, return_counts=True)
         self._class_indices = [order[s:s + c] for s, c in zip(starts, counts)]
         if len(uniq) < self.classes_per_step:
-            raise ValueError(
+            raise InputError(
                 f"a step needs {self.classes_per_step} distinct identities ({num_replicas} process(es) x "
                 f"{batch_size}/{m_per_class}) but the data has {len(uniq)}; lower batch_size or raise m_per_class"
             )

@@ -14,14 +14,10 @@ This module needs only numpy, PIL, tqdm and facesiam.fileio (standard library), 
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import multiprocessing
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from ..fileio import replace_directory
+from ..errors import InputError
+from ..fileio import replace_directory, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (the README demo uses ~200 identities x 10 images at 112 px; tests use 20 x 8 at 64 px)
@@ -499,11 +496,11 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
     """
     out = Path(out)
     if identities < 1 or images_per_identity < 1:
-        raise ValueError(f"need identities >= 1 and images_per_identity >= 1, got {identities} and {images_per_identity}")
+        raise InputError(f"need identities >= 1 and images_per_identity >= 1, got {identities} and {images_per_identity}")
     if size < 16:
-        raise ValueError(f"size must be >= 16 pixels, got {size}")
+        raise InputError(f"size must be >= 16 pixels, got {size}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise InputError(f"seed must be >= 0, got {seed}")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -528,40 +525,8 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
         bar.close()
         meta = {"generator": "facesiam.data.synthetic", "version": GENERATOR_VERSION, "identities": identities,
                 "images_per_identity": images_per_identity, "size": size, "seed": seed}
-        (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(staging / METADATA_FILE, meta)
         replace_directory(staging, out, last=METADATA_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(
-        prog="make_synthetic_faces",
-        description="Write an ImageFolder (OUT/id_00000/0000.png ...) of procedurally drawn faces: stable traits per "
-                    "identity, varied pose/expression/lighting/background per image. Deterministic in --seed.")
-    parser.add_argument("out", type=Path, help="output folder (must be absent or empty unless --overwrite)")
-    parser.add_argument("--identities", type=int, required=True, help="number of identities (folders)")
-    parser.add_argument("--images-per-identity", type=int, required=True, help="images per identity")
-    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image side in pixels (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="dataset seed (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all usable CPUs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it is not empty")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        out = make_synthetic_faces(args.out, args.identities, args.images_per_identity, size=args.size,
-                                   seed=args.seed, workers=args.workers, overwrite=args.overwrite,
-                                   progress=not args.no_progress)
-    except (FileExistsError, ValueError) as e:
-        parser.exit(2, f"make_synthetic_faces: error: {e}\n")
-    seconds = time.perf_counter() - start
-    n = args.identities * args.images_per_identity
-    print(f"wrote {n} images ({args.identities} identities x {args.images_per_identity}, {args.size}px, seed {args.seed}) "
-          f"to {out} in {seconds:.1f}s ({n / seconds:.0f} images/s)", file=sys.stdout)
-    return out
-
-
-if __name__ == "__main__":
-    main()

@@ -16,6 +16,8 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from ..errors import InputError
+
 # -----------------------------------------------------------------------------
 # defaults: the seed article's recipe (ImageNet normalisation, as its pretrained trunk expects)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -33,7 +35,7 @@ class CenterCropFraction(torch.nn.Module):
     def __init__(self, fraction: float):
         super().__init__()
         if not 0 < fraction <= 1:
-            raise ValueError(f"center_crop must be a fraction in (0, 1], got {fraction}")
+            raise InputError(f"center_crop must be a fraction in (0, 1], got {fraction}")
         self.fraction = fraction
 
     def forward(self, img):
@@ -47,7 +49,7 @@ class CenterCropFraction(torch.nn.Module):
 
 def _check_size(image_size: int) -> None:
     if int(image_size) < 1:
-        raise ValueError(f"image_size must be >= 1 pixel, got {image_size}")
+        raise InputError(f"image_size must be >= 1 pixel, got {image_size}")
 
 
 def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[float]] = CROP_SCALE,
@@ -62,7 +64,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
     """
     _check_size(image_size)
     if rotation < 0 or color_jitter < 0 or not 0 <= hflip <= 1:
-        raise ValueError(f"need rotation >= 0, color_jitter >= 0 and 0 <= hflip <= 1; "
+        raise InputError(f"need rotation >= 0, color_jitter >= 0 and 0 <= hflip <= 1; "
                          f"got {rotation}, {color_jitter}, {hflip}")
     stages: list[Callable] = []
     if center_crop:
@@ -75,7 +77,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
     if crop_scale:
         low, high = crop_scale
         if not 0 < low <= high <= 1:
-            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+            raise InputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
         stages.append(T.RandomResizedCrop(image_size, scale=(low, high), antialias=True))
     else:
         stages.append(T.Resize((image_size, image_size), antialias=True))

@@ -1,0 +1,44 @@
+"""facesiam embed: embed an ImageFolder or a shard split with a trained model into an .npz.
+
+    python tools/embed.py --checkpoint RUN/best --data DATA [--split val] --out emb.npz [--flip]
+    accelerate launch tools/embed.py ...        # each process embeds its share; the main one writes the file
+
+The .npz holds ``embeddings`` (N x D float32, L2-normalised), ``labels`` (N int64), ``paths`` (N str, relative,
+as in the ImageFolder or the shard index), ``classes`` (identity names, indexed by label) and ``meta`` (JSON:
+model, data, split, flip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional, Sequence
+
+from . import command
+from .common import add_model_arguments, log_to_stderr
+
+log = logging.getLogger("facesiam.embed")
+
+
+@command("embed")
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="embed", description="Embed an ImageFolder or a shard split with a trained "
+                                "model; writes embeddings, labels, paths and classes to an .npz.")
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    args = p.parse_args(argv)
+    log_to_stderr()
+    from ..eval.embed import embed_path, launched_accelerator, save_embeddings
+
+    accelerator = launched_accelerator(cpu=args.cpu)
+    result = embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
+                        num_workers=args.num_workers, accelerator=accelerator,
+                        device="cpu" if args.cpu else None, progress=True)
+    if accelerator is None or accelerator.is_main_process:
+        save_embeddings(args.out, result["embeddings"], result["labels"], result["paths"], result["classes"],
+                        result["meta"])
+        log.info("wrote %s: %d x %d embeddings of %d identities", args.out, *result["embeddings"].shape,
+                 len(set(result["labels"].tolist())))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()

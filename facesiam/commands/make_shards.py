@@ -1,0 +1,67 @@
+"""facesiam make-shards: pack an ImageFolder into WebDataset shards (see facesiam/data/writer.py and format.py).
+
+    python tools/make_shards.py SRC DST [--val-identities N|F] [--resize PIXELS] [--center-crop FRACTION]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Union
+
+from ..data import writer
+from . import command
+
+
+def _count_or_fraction(text: str) -> Union[int, float]:
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not 0 < value < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a count (integer) or a fraction in (0, 1)")
+        return value
+
+
+def _size(text: str) -> int:
+    """Bytes with an optional k/M/G suffix (powers of 1024)."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip()
+    scale = units.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        return int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give bytes, e.g. 268435456, 256M or 1G") from None
+
+
+@command("make_shards")
+def main(argv: Optional[list[str]] = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="make_shards",
+        description="Pack an ImageFolder (SRC/<identity>/<image>) into WebDataset tar shards plus an offset index "
+                    "and DST/dataset.json. Broken images are skipped and listed, never fatal.")
+    parser.add_argument("src", type=Path, help="ImageFolder: one sub-folder per identity")
+    parser.add_argument("dst", type=Path, help="output folder (must be new or empty unless --overwrite)")
+    parser.add_argument("--val-identities", type=_count_or_fraction, default=None,
+                        help="hold out whole identities as a 'val' split: a count (e.g. 100) or a fraction "
+                             "(e.g. 0.1); default: none")
+    parser.add_argument("--max-samples-per-shard", type=int, default=writer.MAX_SAMPLES_PER_SHARD,
+                        help="start a new shard after this many samples (default %(default)s)")
+    parser.add_argument("--max-bytes-per-shard", type=_size, default=writer.MAX_BYTES_PER_SHARD,
+                        help="start a new shard before exceeding this size, e.g. 256M or 1G (default 256M)")
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all usable CPUs)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val identity choice (default %(default)s)")
+    parser.add_argument("--resize", type=int, default=None, metavar="PIXELS",
+                        help="shrink so the shorter side is at most PIXELS (smaller shards; off by default)")
+    parser.add_argument("--center-crop", type=float, default=None, metavar="FRACTION",
+                        help="keep the central square of FRACTION of the shorter side before --resize "
+                             "(LFW: 0.6); off by default")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at DST")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    args = parser.parse_args(argv)
+    return writer.write_shards(args.src, args.dst, val_identities=args.val_identities,
+                               max_samples_per_shard=args.max_samples_per_shard,
+                               max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
+                               resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite,
+                               progress=not args.no_progress)

@@ -1,0 +1,47 @@
+"""facesiam train (and launch/train.py): flags and the experiment YAML -> a TrainConfig -> training.Trainer.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml launch/train.py --data SHARDS --output RUN
+    python launch/train.py --data SHARDS --output RUN --config launch/configs/seed.yaml --max-steps 100
+
+Every config field is a flag (``embedding_dim`` -> ``--embedding-dim``); flags override the --config YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Optional, Sequence
+
+from ..config import FLAG_FIELDS, config_from_overrides, field_docs
+from . import command
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --config and one flag per config field (default None: only given flags override)."""
+    parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); flags override it")
+    docs = field_docs()
+    for name, (section, _) in FLAG_FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        doc = docs.get(name, "").replace("%", "%%")
+        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                            help=f"{section + '.' if section else ''}{name}{': ' + doc if doc else ''}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train", description="Train a face-embedding model on WebDataset shards (single process, or under "
+        "accelerate launch for DDP). Flags override the --config YAML; run with --help for all of them.")
+    add_config_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """Defaults <- --config YAML <- the flags that were given."""
+    overrides = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name, None) is not None}
+    return config_from_overrides(getattr(args, "config", None), overrides)
+
+
+@command("train")
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    from ..training import train
+
+    return train(config_from_args(parser().parse_args(argv)))

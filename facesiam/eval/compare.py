@@ -1,0 +1,68 @@
+"""Compare two face images: cosine similarity of their embeddings and the same/different decision.
+
+The seed article's siamese_inference.py, done right: the same preprocessing as evaluation (the exported model's
+eval transform, images read like the training data), unit-length embeddings, and a threshold that comes from an
+evaluation report of the same model (or is given), always printed with where it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import InputError
+from .embed import embed_images
+
+OPERATING_POINTS = ("best", "eer", "pairs", "far=1e-1", "far=1e-2", "far=1e-3", "far=1e-4", "far=1e-5", "far=1e-6")
+
+
+def threshold_from_report(report: str | os.PathLike, operating_point: str = "best") -> tuple[float, str]:
+    """(threshold, description) for an operating point of an evaluation report (REPORT or REPORT/metrics.json).
+
+    best: all-pairs threshold of best balanced accuracy; eer: the EER threshold; pairs: the mean 10-fold
+    threshold of the pairs-file protocol; far=1e-3 (etc.): the lowest threshold with FAR <= 1e-3 (all pairs).
+    """
+    path = Path(report)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation report {path} not found; make one with tools/evaluate.py --out REPORT")
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    v, pairs = metrics.get("verification") or {}, metrics.get("pairs") or {}
+    if operating_point == "best" and v.get("best_threshold") is None and pairs.get("threshold") is not None:
+        operating_point = "pairs"
+    if operating_point == "best":
+        value, what = v.get("best_threshold"), f"best balanced accuracy {v.get('best_accuracy')}"
+    elif operating_point == "eer":
+        value, what = v.get("eer_threshold"), f"EER {v.get('eer')}"
+    elif operating_point == "pairs":
+        value, what = pairs.get("threshold"), f"pairs 10-fold accuracy {pairs.get('accuracy_mean')}"
+    elif operating_point.startswith("far="):
+        key = f"{float(operating_point[4:]):.0e}"
+        value = (v.get("threshold_at_far") or {}).get(key)
+        what = f"FAR <= {key}, TAR {(v.get('tar_at_far') or {}).get(key)}"
+    else:
+        raise InputError(f"unknown operating point {operating_point!r}: use one of {OPERATING_POINTS}")
+    if value is None:
+        raise InputError(f"{path} has no threshold for operating point {operating_point!r} (too few pairs?)")
+    model = (metrics.get("source") or {}).get("checkpoint")
+    return float(value), f"{path}: {operating_point} ({what})" + (f", model {model}" if model else "")
+
+
+def compare(checkpoint: str | os.PathLike, image1: str, image2: str, *, threshold: Optional[float] = None,
+            report: Optional[str] = None, operating_point: str = "best", flip: bool = False,
+            device: Optional[str] = None) -> dict:
+    """{"similarity", "threshold", "threshold_source", "same"} (same is None without a threshold)."""
+    source = None
+    if threshold is not None:
+        source = "given (--threshold)"
+    elif report is not None:
+        threshold, source = threshold_from_report(report, operating_point)
+    emb = embed_images(checkpoint, [image1, image2], flip=flip, device=device)
+    similarity = float(np.dot(emb[0], emb[1]))
+    return {"image1": str(image1), "image2": str(image2), "similarity": similarity, "threshold": threshold,
+            "threshold_source": source, "same": None if threshold is None else bool(similarity >= threshold)}

@@ -1,0 +1,184 @@
+"""The one embedding loop: a data set or image files through a trained model, batched, on every process under
+accelerate (each embeds its share), optional flip averaging; and the embeddings .npz it writes and reads.
+
+The .npz holds ``embeddings`` (N x D float32, L2-normalised), ``labels`` (N int64), ``paths`` (N str, relative,
+as in the ImageFolder or the shard index), ``classes`` (identity names, indexed by label) and ``meta`` (JSON:
+model, data, split, flip).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from ..errors import InputError
+from ..fileio import atomic_write
+
+log = logging.getLogger("facesiam.embed")
+
+REQUIRED_KEYS = ("embeddings", "labels")  # classes are derived when absent; paths only --pairs needs
+
+
+def _embed(model: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
+    emb = model(images).float()
+    if flip:  # LFW convention: sum with the mirrored face's embedding, then re-normalise
+        emb = emb + model(torch.flip(images, dims=[3])).float()
+    return F.normalize(emb, dim=1)
+
+
+def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num_workers: int = 0,
+                  flip: bool = False, accelerator: Any = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32 N x D, labels int64 N) in dataset order.
+
+    ``dataset[i] -> (image tensor, label)``. With an accelerate ``Accelerator``, process r embeds the r-th
+    contiguous share and the shares are gathered, so every process returns all N rows. The model runs in eval
+    mode (its previous mode is restored) on the accelerator's device, else on the device of its parameters.
+    """
+    n = len(dataset)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    share = math.ceil(n / world) if n else 0
+    lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
+    loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+    show = progress and (accelerator is None or accelerator.is_main_process)
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    chunks, labels = [], []
+    t0 = time.time()
+    try:
+        with torch.inference_mode():
+            for images, batch_labels in tqdm(loader, desc="embed", unit="batch", disable=not show, leave=False):
+                chunks.append(_embed(model, images.to(device, non_blocking=True), flip))
+                labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
+            if not chunks:  # a process without a share still needs D for the gather
+                dim = _embed(model, dataset[0][0].unsqueeze(0).to(device), flip).shape[1] if n else 0
+                chunks.append(torch.zeros(0, dim, device=device))
+                labels.append(torch.zeros(0, dtype=torch.int64))
+    finally:
+        model.train(was_training)
+    local = torch.cat(chunks)
+    local_labels = torch.cat(labels).to(device)
+    if world > 1:
+        pad = share - local.shape[0]
+        local = F.pad(local, (0, 0, 0, pad))
+        local_labels = F.pad(local_labels, (0, pad))
+        everything = accelerator.gather(local).view(world, share, -1)
+        every_label = accelerator.gather(local_labels).view(world, share)
+        counts = [max(0, min(n, (r + 1) * share) - r * share) for r in range(world)]
+        local = torch.cat([everything[r, :c] for r, c in enumerate(counts)])
+        local_labels = torch.cat([every_label[r, :c] for r, c in enumerate(counts)])
+    seconds = time.time() - t0
+    if show:
+        log.info("embedded %d images in %.1fs (%.1f img/s per process, %d process(es)%s)", n, seconds,
+                 (hi - lo) / max(seconds, 1e-9), world, ", flip" if flip else "")
+    return local.float().cpu().numpy(), local_labels.cpu().numpy().astype(np.int64)
+
+
+def save_embeddings(path: str | os.PathLike, embeddings: np.ndarray, labels: np.ndarray, paths: Sequence[str],
+                    classes: Sequence[str], meta: Optional[dict] = None) -> Path:
+    """Write the embeddings .npz atomically (temporary file, then rename)."""
+    with atomic_write(path, "wb") as f:
+        np.savez(f, embeddings=np.asarray(embeddings, np.float32), labels=np.asarray(labels, np.int64),
+                 paths=np.asarray(list(paths), dtype=str), classes=np.asarray(list(classes), dtype=str),
+                 meta=np.asarray(json.dumps(meta or {})))
+    return Path(path)
+
+
+def load_embeddings(path: str | os.PathLike) -> dict:
+    """Read an embeddings .npz: embeddings, labels, paths (list, or None when absent), classes (list), meta (dict).
+
+    Only ``embeddings`` and ``labels`` are required: without ``classes`` the identity names are the label numbers;
+    without ``paths`` everything but a pairs file can be evaluated (``paths`` is then None).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"embeddings file {path} not found; make it with tools/embed.py --out {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: not a readable .npz file ({err}); make it with tools/embed.py --out {path}") from None
+    with z:
+        missing = [k for k in REQUIRED_KEYS if k not in z]
+        if missing:
+            raise InputError(f"{path}: no {' or '.join(repr(k) for k in missing)} array; an embeddings file holds "
+                             "'embeddings' (N x D) and 'labels' (N), optionally 'paths' and 'classes' "
+                             "(tools/embed.py writes all four)")
+        embeddings, labels = z["embeddings"].astype(np.float32, copy=False), z["labels"].astype(np.int64)
+        paths = z["paths"].tolist() if "paths" in z else None
+        classes = (z["classes"].tolist() if "classes" in z
+                   else [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)])
+        meta = {**(json.loads(str(z["meta"])) if "meta" in z else {}), "file": str(path)}
+    if embeddings.ndim != 2 or len(embeddings) != len(labels) or (paths is not None and len(paths) != len(labels)):
+        raise InputError(f"{path}: embeddings {embeddings.shape}, labels ({len(labels)}) and paths "
+                         f"({'absent' if paths is None else len(paths)}) do not describe the same N images")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise InputError(f"{path}: labels run from {labels.min()} to {labels.max()} but 'classes' names {len(classes)} "
+                         "identities")
+    return {"embeddings": embeddings, "labels": labels, "paths": paths, "classes": classes, "meta": meta}
+
+
+def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", flip: bool = False,
+               batch_size: int = 128, num_workers: int = 0, accelerator: Any = None, device: Optional[str] = None,
+               progress: bool = True) -> dict:
+    """Load an exported model, open DATA (ImageFolder or shards) with its eval transform and embed it.
+
+    Returns the dict of ``load_embeddings`` (meta: checkpoint, data, split, flip, backbone, image size).
+    """
+    from ..data import open_dataset
+    from ..model import eval_transform_for, load_exported
+
+    dev = accelerator.device if accelerator is not None else (device or ("cuda" if torch.cuda.is_available()
+                                                                          else "cpu"))
+    model, cfg = load_exported(checkpoint, device=dev)
+    dataset = open_dataset(data, split=split, transform=eval_transform_for(cfg))
+    emb, labels = embed_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers, flip=flip,
+                                accelerator=accelerator, progress=progress)
+    meta = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "flip": flip,
+            "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size}
+    return {"embeddings": emb, "labels": labels, "paths": list(dataset.paths), "classes": list(dataset.classes),
+            "meta": meta}
+
+
+def launched_accelerator(cpu: bool = False) -> Any:
+    """An accelerate Accelerator when started by `accelerate launch`/torchrun with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    # Without CUDA, ranks talk over gloo: Accelerator(cpu=True) (a MULTI_GPU launch config still starts them).
+    return Accelerator(cpu=cpu or not torch.cuda.is_available())
+
+
+def embed_images(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, flip: bool = False,
+                 device: Optional[str] = None, batch_size: int = 64) -> np.ndarray:
+    """Unit embeddings (len(images) x D float32) of image files, read like the training data, with an exported model."""
+    from ..data.images import load_rgb
+    from ..model import eval_transform_for, load_exported
+
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"image {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                                   else ""))
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_exported(checkpoint, device=dev)
+    transform = eval_transform_for(cfg)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(load_rgb(p)) for p in images[start:start + batch_size]])
+            out.append(_embed(model, batch.to(dev), flip).cpu())
+    return torch.cat(out).numpy()

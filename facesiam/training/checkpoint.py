@@ -1,0 +1,119 @@
+"""Resumable checkpoints and the run directory's model exports.
+
+    RUN/checkpoints/step-N/   accelerator.save_state (model, optimizer, scheduler, scaler, RNG, EMA) + TrainState
+    RUN/best/, RUN/final/     exported models (model.safetensors + config.json) for inference
+
+A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a crash (kill -9 included) at any
+moment leaves only complete ``step-N`` directories; ``--resume latest`` takes the newest. Exports go through
+fileio's staged directories. Exact resume needs the same world size; on another one the epoch position is mapped
+to the new batch plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import InputError
+from ..fileio import replace_directory
+from ..model import export_model
+
+log = logging.getLogger("facesiam.train")
+
+ACCELERATE_STATE_FILE = "custom_checkpoint_0.pkl"  # TrainState, the first object registered for checkpointing
+
+
+@dataclass
+class TrainState:
+    """The loop's own position, saved with every checkpoint (Accelerate saves model/optimizer/scheduler/RNG)."""
+
+    step: int = 0                 # optimizer steps taken
+    epoch: int = 0                # current epoch (0-based)
+    batches_in_epoch: int = 0     # sampler batches already consumed in this epoch (the sampler position)
+    world_size: int = 1           # processes that wrote this state (to map the position onto another world size)
+    batch_size: int = 0           # per-process batch size that wrote this state
+    skipped_steps: int = 0        # optimizer steps skipped for a non-finite loss/gradient, in total
+    best_value: Optional[float] = None  # best validation value of cfg.best_metric so far
+    best_step: Optional[int] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (half-written ``.tmp-step-N`` directories are not listed)."""
+    ckpts = [p for p in (Path(run) / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(ckpts, key=lambda p: int(p.name[5:]))
+
+
+class Checkpointer:
+    """Saves, keeps the newest K of, finds and restores checkpoints; exports best/ and final/ (main process)."""
+
+    def __init__(self, accelerator, run: Path, keep: int):
+        self.accelerator = accelerator
+        self.run = Path(run)
+        self.keep = max(1, keep)
+
+    def save(self, step: int) -> Path:
+        """accelerator.save_state into a temporary directory, renamed when complete; keep the newest K."""
+        acc = self.accelerator
+        ckdir = self.run / "checkpoints"
+        final, tmp = ckdir / f"step-{step}", ckdir / f".tmp-step-{step}"
+        if acc.is_main_process:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            replace_directory(tmp, final)
+            for old in list_checkpoints(self.run)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    def latest(self) -> Optional[Path]:
+        ckpts = list_checkpoints(self.run)
+        return ckpts[-1] if ckpts else None
+
+    def resolve(self, resume: Optional[str]) -> Optional[Path]:
+        """--resume latest|PATH -> a checkpoint directory (None: start fresh)."""
+        if not resume:
+            return None
+        if resume == "latest":
+            found = self.latest()
+            if found is None:
+                log.warning("--resume latest: no checkpoint in %s; starting from scratch", self.run / "checkpoints")
+            return found
+        path = Path(resume)
+        if not (path / ACCELERATE_STATE_FILE).is_file():
+            raise InputError(f"--resume {path}: not a complete facesiam checkpoint (no {ACCELERATE_STATE_FILE}); "
+                             f"pass a RUN/checkpoints/step-N directory or --resume latest")
+        return path
+
+    def restore(self, path: Path, state: TrainState, batch_size: int) -> None:
+        """Load everything registered with the accelerator; map the epoch position onto another world size."""
+        acc = self.accelerator
+        acc.load_state(str(path))
+        if (state.world_size, state.batch_size) != (acc.num_processes, batch_size) and state.batches_in_epoch:
+            seen = state.batches_in_epoch * state.world_size * state.batch_size
+            new_pos = seen // (acc.num_processes * batch_size)
+            log.warning("resuming a %d-process checkpoint on %d processes mid-epoch: the epoch continues at batch %d "
+                        "of a re-planned epoch (exact resume needs the same world size)",
+                        state.world_size, acc.num_processes, new_pos)
+            state.batches_in_epoch = int(new_pos)
+        state.world_size, state.batch_size = acc.num_processes, batch_size
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch,
+                 state.batches_in_epoch)
+
+    def export(self, model, model_cfg, name: str, extra: dict) -> Path:
+        """RUN/<name>/ (best or final): an inference export, swapped in complete (main process only)."""
+        return export_model(model, model_cfg, self.run / name, extra=extra)

@@ -1,0 +1,243 @@
+"""The training loop: Accelerate (DDP, mixed precision), per-class sampling, accumulation, exact resume, validation.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml launch/train.py --data SHARDS --output RUN
+    python launch/train.py --data SHARDS --output RUN --config launch/configs/seed.yaml --max-steps 100
+
+``Trainer.train`` reads top to bottom: for each accumulation window of the epoch, one ``train_step`` (forward ->
+loss in fp32 -> backward -> clip -> step, or a skip when anything was non-finite), then the cadence decides whether
+to validate (training/validation.py) and checkpoint (training/checkpoint.py). Everything is built by
+training/setup.py; what is logged lives in training/tracking.py. Everything needed to resume is explicit: the
+model, optimizer, scheduler (and scaler, EMA) states that Accelerate saves, plus ``TrainState``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig, save_yaml
+from ..errors import FacesiamError
+from . import setup
+from .cadence import Cadence
+from .checkpoint import Checkpointer, TrainState
+from .tracking import RunLogger, StepWindow
+from .validation import Validator
+
+log = logging.getLogger("facesiam.train")
+
+
+class TrainingDiverged(FacesiamError, RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """One training run: ``Trainer(cfg).train()`` -> summary (steps, best metric, paths)."""
+
+    def __init__(self, cfg: TrainConfig):
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.accelerator = acc = setup.build_accelerator(cfg)
+        self.main = acc.is_main_process
+        logging.basicConfig(level=logging.INFO if self.main else logging.WARNING,
+                            format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the run's log
+        self.run = Path(cfg.output)
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+            save_yaml(cfg, self.run / "config.yaml")
+        acc.wait_for_everyone()
+        set_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+
+        self.data = setup.build_data(cfg, acc)
+        learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes))
+        optimizer = setup.build_optimizer(cfg, learner)
+        self.total_steps = setup.total_steps(cfg, self.data.steps_per_epoch)
+        self.scheduler, self.scheduler_unit = setup.build_scheduler(cfg, optimizer, self.total_steps)
+        # The scheduler is not prepared: AcceleratedScheduler would step it once per process.
+        self.learner, self.optimizer = acc.prepare(learner, optimizer)
+        self.state = TrainState(world_size=acc.num_processes, batch_size=cfg.batch_size)
+        acc.register_for_checkpointing(self.state)
+        if self.scheduler is not None:
+            acc.register_for_checkpointing(self.scheduler)
+        self.network = acc.unwrap_model(self.learner).model  # the embedding network being trained
+        self.ema = None
+        if cfg.optim.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            # Every rank keeps the same average (DDP keeps the weights equal), so nothing is communicated; it is
+            # part of the checkpoint, so a resumed run continues the same average.
+            self.ema = ModelEmaV3(self.network, decay=cfg.optim.ema_decay, use_warmup=True)
+            acc.register_for_checkpointing(self.ema)
+        self.evaluated = self.ema.module if self.ema is not None else self.network  # what best/ and final/ hold
+
+        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints)
+        resume_from = self.checkpointer.resolve(cfg.resume)
+        if resume_from is not None:
+            self.checkpointer.restore(resume_from, self.state, cfg.batch_size)
+        elif cfg.loss.init_centres == "imprint":
+            setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data.loader, self.data.sampler, cfg)
+        self.logger = RunLogger(acc, cfg, self.run, resumed_step=self.state.step if resume_from else None)
+        self.validator = (Validator(acc, cfg, self.data.val, self.checkpointer, self.logger)
+                          if self.data.val is not None else None)
+        self.cadence = Cadence(cfg.val_every_steps, cfg.checkpoint_every_steps, validation=self.validator is not None)
+        if resume_from is not None:
+            self.cadence.resumed_at(self.state.step)
+        self.params = [p for p in self.learner.parameters() if p.requires_grad]
+        self.window = StepWindow(acc.device)
+        self.consecutive_bad = 0
+        self.final_exported = False
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        """Run to total_steps (or the last epoch), validating and checkpointing on the cadence; returns a summary."""
+        from tqdm.auto import tqdm
+
+        s, cfg = self.state, self.cfg
+        self._log_plan()
+        while s.step < self.total_steps and s.epoch < cfg.epochs:
+            bar = tqdm(total=self.data.steps_per_epoch, initial=s.batches_in_epoch // cfg.grad_accum_steps,
+                       desc=f"epoch {s.epoch}", disable=not self.main, dynamic_ncols=True)
+            for window in self.window.timed(self.data.windows(s.epoch, s.batches_in_epoch)):
+                grad_norm = self.train_step(window)
+                s.batches_in_epoch += len(window)
+                epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
+                if epoch_end:
+                    s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+                    if self.scheduler_unit == "epoch":
+                        self.scheduler.step()
+                bar.update(1)
+                if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
+                    self._log_step(grad_norm, bar)
+                last = s.step >= self.total_steps or s.epoch >= cfg.epochs
+                self.after_step(boundary=epoch_end or last, last=last)
+                if last:
+                    break
+            bar.close()
+        self.after_step(boundary=True, last=True)  # a run resumed at its end still exports and checkpoints
+        return self._finish()
+
+    def train_step(self, window: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One optimizer step over the window's micro-batches; returns the gradient norm (a device tensor)."""
+        acc, cfg, s = self.accelerator, self.cfg, self.state
+        nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)  # kept on the device: no sync per batch
+        for i, (images, labels) in enumerate(window):
+            images = images.to(acc.device, non_blocking=True)
+            labels = labels.to(acc.device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # DDP all-reduces the gradients once per window: on its last micro-batch.
+            sync = acc.no_sync(self.learner) if i < len(window) - 1 else contextlib.nullcontext()
+            with sync:
+                with acc.autocast():
+                    loss, value = self.learner(images, labels)
+                acc.backward(loss / len(window))
+            finite = torch.isfinite(value)
+            nonfinite |= ~finite
+            self.window.loss += torch.where(finite, value.detach(), 0.0) / len(window)
+        grad_norm = acc.clip_grad_norm_(self.params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf"))
+        # The one host sync of a step: every rank must take the same decision (DDP), so a non-finite loss on any
+        # rank, or a non-finite gradient norm, skips the step everywhere.
+        flag = (nonfinite | ~torch.isfinite(grad_norm)).float()
+        if acc.reduce(flag, "sum").item() > 0:
+            self._skip_step()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.consecutive_bad = 0
+            if self.ema is not None:
+                self.ema.update(self.network, step=s.step + 1)
+            if self.scheduler_unit == "step":
+                self.scheduler.step()
+        s.step += 1
+        self.window.steps += 1
+        return grad_norm
+
+    def after_step(self, *, boundary: bool, last: bool) -> None:
+        """Validate and checkpoint when the cadence says so; at the last step also export final/."""
+        validate, checkpoint = self.cadence.due(self.state.step, boundary=boundary)
+        if validate:
+            self._validate()
+        if last and not self.final_exported:
+            self._export_final()
+        if checkpoint:
+            self.checkpointer.save(self.state.step)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _skip_step(self) -> None:
+        s = self.state
+        self.optimizer.zero_grad(set_to_none=True)
+        s.skipped_steps += 1
+        self.consecutive_bad += 1
+        log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", s.step, self.consecutive_bad)
+        if self.consecutive_bad >= self.cfg.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{self.consecutive_bad} consecutive steps with a non-finite loss or gradient: training diverged; "
+                f"lower --lr, set --clip-grad, or use --mixed-precision no/bf16 "
+                f"(last checkpoint: {self.checkpointer.latest() or 'none'})")
+
+    def _validate(self) -> None:
+        # Schedule-free optimizers evaluate at their averaged weights, which optimizer.eval() swaps in.
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+        result = self.validator.run(self.evaluated, self.state)
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()
+        if self.scheduler_unit == "validation":
+            self.scheduler.step(result["value"])
+
+    def _export_final(self) -> None:
+        s = self.state
+        if self.main:
+            # final/ is the model the schedule ends on, chosen by nobody: the one to report when the val people
+            # are also the test people (best/ is selected on them, so its numbers there are optimistic).
+            self.checkpointer.export(self.evaluated, self.cfg.model, "final", {"step": s.step, "epoch": s.epoch})
+            if self.validator is None:
+                self.checkpointer.export(self.evaluated, self.cfg.model, "best",
+                                         {"step": s.step, "selected_by": "last (no validation split)"})
+        self.final_exported = True
+
+    def _log_step(self, grad_norm: torch.Tensor, bar) -> None:
+        """The log step: the only place device values (loss, gradient norm) are read on the host."""
+        cfg, acc = self.cfg, self.accelerator
+        stats = {"epoch": self.state.epoch,
+                 **self.window.stats(cfg.batch_size * cfg.grad_accum_steps, acc.num_processes),
+                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                 "skipped_steps": self.state.skipped_steps}
+        self.logger.log(stats, step=self.state.step)
+        bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
+        self.window.reset()
+
+    def _log_plan(self) -> None:
+        cfg, acc, data = self.cfg, self.accelerator, self.data
+        n_params = sum(p.numel() for p in acc.unwrap_model(self.learner).parameters())
+        log.info("training %s (%.2fM parameters, loss %s) on %d images of %d identities; %d process(es) x batch %d "
+                 "x accumulation %d; %d steps/epoch, %d steps in all; device %s, precision %s", cfg.model.backbone,
+                 n_params / 1e6, cfg.loss.loss, len(data.train), len(set(data.train.labels.tolist())),
+                 acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, data.steps_per_epoch, self.total_steps,
+                 acc.device, cfg.mixed_precision)
+
+    def _finish(self) -> dict[str, Any]:
+        s, run = self.state, self.run
+        summary = {"steps": s.step, "epochs_completed": s.epoch, "skipped_steps": s.skipped_steps,
+                   "best_metric": self.cfg.best_metric, "best_value": s.best_value, "best_step": s.best_step,
+                   "best_dir": str(run / "best"), "final_dir": str(run / "final"), "run_dir": str(run)}
+        self.logger.summary(summary, run)
+        log.info("done: %d steps; best %s = %s at step %s; model in %s", s.step, self.cfg.best_metric,
+                 s.best_value, s.best_step, run / "best")
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # closes the trackers and (in accelerate>=1.x) the process group: call it last
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run training as configured; returns a summary (steps, best metric, paths)."""
+    if not cfg.data or not cfg.output:
+        from ..errors import InputError
+
+        raise InputError("--data SHARDS and --output RUN are required")
+    return Trainer(cfg).train()

@@ -1,0 +1,234 @@
+"""Everything the loop needs, built from a TrainConfig: the accelerator, data (datasets, sampler, loader), the
+learner (embedding model + criterion), optimizer, learning-rate schedule, and the imprinted class centres.
+
+The loop (training/loop.py) only wires these together; nothing here runs a training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from ..config import TrainConfig
+from ..data import DistributedPerClassSampler, ShardDataset, build_eval_transform, build_train_transform
+from ..data.format import METADATA_FILE, read_metadata
+from ..errors import InputError
+from ..losses import Criterion
+from ..model import EmbeddingModel, batch_statistics, build_model
+
+log = logging.getLogger("facesiam.train")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class MetricLearner(nn.Module):
+    """The module handed to DDP: embedding model + criterion, so class centres are synchronised like weights."""
+
+    def __init__(self, model: EmbeddingModel, criterion: Criterion):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = self.model(images)
+        # Losses in fp32: margins of 0.1 in cosine and logit scales of 64 do not survive bf16/fp16.
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self.criterion(embeddings.float(), labels)
+
+
+def build_accelerator(cfg: TrainConfig):
+    """Accelerate on CUDA when there is one, else CPU (gloo between processes); accumulation is the loop's own."""
+    from accelerate import Accelerator
+
+    use_cuda = torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and not use_cuda:
+        raise InputError("mixed_precision fp16 needs CUDA (fp16 autocast does nothing on CPU); use bf16 or no")
+    return Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision)
+
+
+@dataclass
+class TrainData:
+    """The train split with its sampler and loader, and the (optional) validation split."""
+
+    train: ShardDataset
+    val: Optional[ShardDataset]
+    sampler: DistributedPerClassSampler
+    loader: DataLoader
+    accumulation: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches of an epoch that make whole accumulation windows (a partial last window is dropped)."""
+        return self.sampler.steps_per_epoch() // self.accumulation * self.accumulation
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batches_per_epoch // self.accumulation
+
+    def windows(self, epoch: int, start_batch: int = 0) -> Iterator[list[Batch]]:
+        """The epoch's accumulation windows (lists of `accumulation` micro-batches), from micro-batch ``start_batch``.
+
+        The sampler decides the batches from (seed, epoch, position) alone, so a resumed epoch continues exactly.
+        """
+        self.sampler.set_epoch(epoch, start_step=start_batch)
+        window: list[Batch] = []
+        left = self.batches_per_epoch - start_batch
+        for batch in self.loader:
+            if left <= 0:
+                break  # the partial window at the epoch's end: never trained on
+            window.append(batch)
+            left -= 1
+            if len(window) == self.accumulation:
+                yield window
+                window = []
+
+
+def build_data(cfg: TrainConfig, accelerator) -> TrainData:
+    """Shards -> datasets (seeded augmentation), the distributed per-class sampler and the loader."""
+    if not (Path(cfg.data) / METADATA_FILE).is_file():
+        raise InputError(f"{Path(cfg.data) / METADATA_FILE} not found; make shards first: "
+                         f"python tools/make_shards.py FACES/ {cfg.data}")
+    m, a = cfg.model, cfg.augment
+    train_tf = build_train_transform(m.image_size, crop_scale=a.crop_scale, rotation=a.rotation, hflip=a.hflip,
+                                     color_jitter=a.color_jitter, center_crop=m.center_crop, mean=m.mean, std=m.std)
+    train = ShardDataset(cfg.data, cfg.train_split, transform=train_tf)
+    val = None
+    if cfg.val_split in read_metadata(cfg.data).get("splits", {}):
+        val = ShardDataset(cfg.data, cfg.val_split, transform=build_eval_transform(
+            m.image_size, center_crop=m.center_crop, mean=m.mean, std=m.std))
+    elif cfg.val_split.lower() != "none":
+        log.warning("no '%s' split in %s: no validation; best/ will hold the final model "
+                    "(make shards with --val-identities to validate on held-out people)", cfg.val_split, cfg.data)
+    sampler = DistributedPerClassSampler(train.labels, cfg.batch_size, cfg.m_per_class,
+                                         num_replicas=accelerator.num_processes, rank=accelerator.process_index,
+                                         seed=cfg.seed)
+    # The loader is not prepared by Accelerate: the sampler already shards batches across ranks and keeps its own
+    # position. Its own generator: creating a loader iterator must not draw from the global RNG, or a resumed run
+    # diverges.
+    loader = DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=accelerator.device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
+                        prefetch_factor=4 if cfg.num_workers else None)
+    data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps)
+    if data.steps_per_epoch == 0:
+        raise InputError(f"an epoch of {sampler.steps_per_epoch()} batches holds no whole accumulation window of "
+                         f"{cfg.grad_accum_steps}; lower --grad-accum-steps or --batch-size")
+    return data
+
+
+def build_learner(cfg: TrainConfig, num_classes: int) -> MetricLearner:
+    """The embedding model (random, hub or local weights; channels-last, compiled as asked) and its criterion."""
+    model = build_model(cfg.model)  # fails here, before any training, when pretrained weights are unreachable
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    return MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
+
+
+def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the run: epochs x steps per epoch, or max_steps when that comes first."""
+    steps = steps_per_epoch * cfg.epochs
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def build_optimizer(cfg: TrainConfig, learner: MetricLearner) -> torch.optim.Optimizer:
+    """AdamW / SGD / schedule-free AdamW over trunk, head and class centres (trunk and centres with lr multipliers)."""
+    o = cfg.optim
+
+    def trainable(module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    # The head's group comes first: it runs at the base lr, which is what the logs report as "lr".
+    # Each group is named so the scheduler can find the trunk's without relying on this order.
+    groups = [{"name": "head", "params": trainable(learner.model.head), "lr": o.lr},
+              {"name": "trunk", "params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
+    centres = trainable(learner.criterion)
+    if centres:
+        groups.append({"name": "centres", "params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    try:
+        import schedulefree
+    except ImportError:
+        raise InputError("optimizer schedulefree_adamw needs the schedulefree package: pip install schedulefree") from None
+    return schedulefree.AdamWScheduleFree(groups, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
+                                          warmup_steps=o.warmup_steps)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """Return (scheduler or None, when it steps: 'step' | 'epoch' | 'validation')."""
+    o = cfg.optim
+    if cfg.optim.optimizer == "schedulefree_adamw":
+        return None, "none"
+    if o.scheduler == "cosine_epoch":  # the seed article's CosineAnnealingLR, stepped once per epoch
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=o.t_max, eta_min=o.eta_min), "epoch"
+    if o.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma), "epoch"
+    if o.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=o.gamma,
+                                                          patience=o.patience), "validation"
+    warm = max(0, o.warmup_steps)
+    floor = o.eta_min / o.lr if o.lr > 0 else 0.0
+
+    def factor(step: int, start: int = 0) -> float:
+        """Linear warm-up from `start` (0 before it), then constant (with an optional linear cooldown to eta_min over
+        the last cooldown_steps) or cosine decay to eta_min over the whole run."""
+        if step < start:
+            return 0.0
+        ramp = min(1.0, (step - start + 1) / warm) if warm else 1.0
+        if o.scheduler == "constant":
+            left = max(1, total_steps - step)  # steps still to run, this one included
+            if not o.cooldown_steps or left > o.cooldown_steps:
+                return ramp
+            return ramp * (floor + (1 - floor) * (left - 1) / o.cooldown_steps)
+        progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
+        return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    # One factor per optimizer group. A frozen trunk gets lr 0 rather than requires_grad=False: DDP's set of
+    # parameters with gradients must not change mid-run, and AdamW with lr 0 leaves the weights exactly as they are
+    # (its decay is lr * weight_decay).
+    def trunk_factor(step: int) -> float:
+        return factor(step, o.trunk_frozen_steps)
+
+    factors = [trunk_factor if g.get("name") == "trunk" else factor for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), "step"
+
+
+def imprint_centres(accelerator, learner: MetricLearner, loader: DataLoader, sampler: DistributedPerClassSampler,
+                    cfg: TrainConfig) -> None:
+    """Start each class centre at its class's mean embedding over one epoch of the training batches.
+
+    The embeddings are the ones the loss would see at step 0: the same sampler (epoch 0), augmentation and batch
+    size, BatchNorm on batch statistics; batch statistics over a batch of P identities differ from running ones,
+    which matters most for the face head's BatchNorm, still at its initial running averages here.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    chunks, labels = [], []
+    sampler.set_epoch(0)
+    with batch_statistics(learner.model), torch.inference_mode(), accelerator.autocast():
+        for images, batch_labels in tqdm(loader, desc="imprint centres", disable=not accelerator.is_main_process,
+                                         leave=False):
+            images = images.to(accelerator.device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            chunks.append(learner.model(images).float())
+            labels.append(batch_labels.to(accelerator.device))
+    # Every rank has the same number of batches of the same size (the sampler guarantees it), so a plain gather.
+    embeddings, labels = accelerator.gather(torch.cat(chunks)), accelerator.gather(torch.cat(labels))
+    count = learner.criterion.imprint_centres(embeddings, labels)
+    seconds = time.time() - t0
+    log.info("imprinted the centres of %d classes from %d training images in %.1fs (%.1f img/s)", count,
+             len(labels), seconds, len(labels) / max(seconds, 1e-9))
