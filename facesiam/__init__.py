@@ -1,7 +1,8 @@
 """facesiam: train and evaluate open-set face recognition (metric learning) models.
 
-Data (facesiam.data) -> training (facesiam.train) -> exported model (facesiam.model) -> embeddings
-(facesiam.embed) -> 1:1 and 1:N metrics (facesiam.metrics), galleries (facesiam.gallery), reports (facesiam.evaluate).
+Floors, imports only downward: commands/ (argparse, printing, the one error path) -> training/ (the loop and its
+components) and eval/ (embedding, metrics, galleries, reports, the evaluate pipeline) -> data/, model, losses,
+config -> fileio, errors. See docs/architecture.md.
 """
 
 __version__ = "0.1.0"

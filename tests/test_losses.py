@@ -43,7 +43,14 @@ def _single(loss_name: str, miner: str):
     x, labels = _problem()
     loss, value = _forward(module, x, labels)
     loss.backward()
-    return float(value), {k: p.grad.clone() for k, p in module.named_parameters()}
+    grads = {k: p.grad.clone() for k, p in module.named_parameters()}
+    return float(value), grads, _after_sgd_step(module)
+
+
+def _after_sgd_step(module) -> dict:
+    """Every parameter after one plain SGD step on the gradients just computed."""
+    torch.optim.SGD(module.parameters(), lr=0.5).step()
+    return {k: p.detach().clone().numpy() for k, p in module.named_parameters()}
 
 
 def _ddp_worker(rank, world, loss_name, miner):
@@ -63,27 +70,33 @@ def _ddp_worker(rank, world, loss_name, miner):
     loss, value = wrapped(x[part], labels[part])
     loss.backward()
     grads = {k.removeprefix("m."): p.grad.clone() for k, p in wrapped.module.named_parameters()}
-    return float(value), {k: v.numpy() for k, v in grads.items()}
+    return float(value), {k: v.numpy() for k, v in grads.items()}, _after_sgd_step(module)
 
 
 @pytest.mark.parametrize("loss_name,miner", [("triplet", "none"), ("multisimilarity", "multisimilarity"),
                                              ("contrastive", "none"), ("arcface", "none"),
                                              ("subcenter_arcface+multisimilarity", "multisimilarity")])
 def test_two_process_gradient_equals_global_batch_gradient(loss_name, miner):
-    single_value, single_grads = _single(loss_name, miner)
+    single_value, single_grads, single_after = _single(loss_name, miner)
     results = run_distributed(_ddp_worker, 2, loss_name, miner)
-    for value, grads in results:
+    for value, grads, _ in results:
         if "arcface" not in loss_name:  # pair losses see the global batch: the logged value is the global loss
             assert value == pytest.approx(single_value, rel=1e-5, abs=1e-6)
         for name, g in single_grads.items():
             np.testing.assert_allclose(grads[name], g.numpy(), rtol=1e-4, atol=1e-6, err_msg=f"{loss_name}: {name}")
-    # Class centres (arcface) are identical on both ranks after the all-reduce.
-    np.testing.assert_array_equal(results[0][1][next(iter(results[0][1]))], results[1][1][next(iter(results[1][1]))])
+    # The class centres (margin losses), trained on each rank's local batch, are identical on both ranks after a step
+    # on the all-reduced gradient, and equal to the single process's.
+    centres = [k for k in single_after if k.startswith("crit.") and "W" in k.split(".")[-1]]
+    assert bool(centres) == ("arcface" in loss_name)
+    for key in centres:
+        np.testing.assert_array_equal(results[0][2][key], results[1][2][key], err_msg=key)
+        np.testing.assert_allclose(results[0][2][key], single_after[key], rtol=1e-4, atol=1e-6, err_msg=key)
+        assert not np.allclose(single_after[key], _make(loss_name, miner).state_dict()[key].numpy()), "centres moved"
 
 
 def test_arcface_value_is_mean_of_rank_values():
-    single_value, _ = _single("arcface", "none")
-    values = [v for v, _ in run_distributed(_ddp_worker, 2, "arcface", "none")]
+    single_value, _, _ = _single("arcface", "none")
+    values = [v for v, _, _ in run_distributed(_ddp_worker, 2, "arcface", "none")]
     assert np.mean(values) == pytest.approx(single_value, rel=1e-5)
 
 

@@ -1,6 +1,6 @@
 """Benchmark the evaluator against baselines measured in the same run; prints ratios (results: docs/benchmarks.md).
 
-(a) all-pairs 1:1 verification (facesiam.metrics.verification_metrics) over N x 512 embeddings against the bare
+(a) all-pairs 1:1 verification (facesiam.eval.metrics.verification_metrics) over N x 512 embeddings against the bare
     blocked matmul of the same blocks, the FLOP floor no exact method can beat (the faster of: one multi-threaded
     matmul per block, or our one-thread-per-worker layout). Goal <= 1.5x (hoped: 1.3x) and peak memory <= 2 GB;
     each contender runs in its own process so its peak RSS (data and interpreter included) is its own.
@@ -115,7 +115,7 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------- (a) verification
 
 def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
-    """The same block matmuls as facesiam.metrics.pair_histograms, and nothing else."""
+    """The same block matmuls as facesiam.eval.metrics.pair_histograms, and nothing else."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = emb.shape[0]
@@ -146,7 +146,7 @@ def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
 
 def child_verification(kind: str, n: int, dim: int, repeats: int) -> dict:
     """Runs in its own process: time one contender of (a) and report its peak RSS."""
-    from facesiam.metrics import verification_block, verification_metrics
+    from facesiam.eval.metrics import verification_block, verification_metrics
 
     emb, labels = clustered(n, dim)
     block = verification_block(n, torch.device("cpu"), torch.get_num_threads())
@@ -205,7 +205,7 @@ def seed_pair_loop(embeddings: torch.Tensor, labels: np.ndarray):
 def bench_seed(n: int, subset: int, dim: int) -> dict:
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from facesiam.metrics import verification_metrics
+    from facesiam.eval.metrics import verification_metrics
 
     print(f"(b) the seed's pair loop vs ours, {n:,} x {dim}", flush=True)
     emb, labels = clustered(n, dim, seed=3)
@@ -239,7 +239,7 @@ def bench_seed(n: int, subset: int, dim: int) -> dict:
 # ------------------------------------------------------------------------------------------- (c) 1:N search
 
 def numpy_topk(q: np.ndarray, g: np.ndarray, k: int, qb: int, rb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Baseline exact search: NumPy matmul + argpartition, the same blocking as facesiam.metrics.topk_cosine."""
+    """Baseline exact search: NumPy matmul + argpartition, the same blocking as facesiam.eval.metrics.topk_cosine."""
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
     for q0 in range(0, len(q), qb):
@@ -286,7 +286,7 @@ def pick(rows: list[dict], exact_wall: float) -> dict:
 def bench_search(n: int, n_probes: int, n_hnsw: int, dim: int) -> dict:
     import faiss
 
-    from facesiam.metrics import topk_cosine
+    from facesiam.eval.metrics import topk_cosine
 
     print(f"(c) 1:N search, {n_probes:,} probes x {n:,}-entry gallery, top-{TOPK}", flush=True)
     gallery, labels = clustered(n, dim)

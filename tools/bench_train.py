@@ -5,7 +5,7 @@
 Same model (tf_efficientnetv2_b0 + Linear 512), batch (32, m=4), input size, loss and data on the same machine.
 The baseline is the article's loop, reproduced faithfully: torchvision ImageFolder + its transforms,
 PML MPerClassSampler, DataLoader(num_workers=2), fp32, contiguous (NCHW) tensors, one process.
-facesiam runs through facesiam.train.main (shards, seeded per-sample augmentation, the configured memory
+facesiam runs through facesiam.commands.train.main (shards, seeded per-sample augmentation, the configured memory
 format and precision). Each side is timed over the same number of steps after warm-up; prints the ratio.
 """
 
@@ -66,8 +66,8 @@ def seed_article_loop(faces: Path, size: int, steps: int, warmup: int) -> float:
 
 
 def facesiam_loop(shards: Path, size: int, steps: int, warmup: int, extra: list[str]) -> float:
-    """facesiam.train on the same data; steady-state images/s from its own step log."""
-    from facesiam.train import main
+    """facesiam training on the same data; steady-state images/s from its own step log."""
+    from facesiam.commands.train import main
 
     with tempfile.TemporaryDirectory() as tmp:
         main(["--data", str(shards), "--output", tmp, "--config", str(Path(__file__).parents[1] / "launch/configs/seed.yaml"),

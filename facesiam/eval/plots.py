@@ -1,6 +1,6 @@
 """Evaluation figures (matplotlib, Agg): ROC, DET, genuine/impostor score histograms, CMC, per-fold accuracy.
 
-Every function takes the metrics dict of facesiam.metrics / metrics.json (the curves it needs are stored there)
+Every function takes the metrics dict of facesiam.eval.metrics / metrics.json (the curves it needs are stored there)
 and returns a Figure, so the same figure goes to a PNG, W&B or TensorBoard.
 """
 

@@ -105,14 +105,14 @@ class Trainer:
             for window in self.window.timed(self.data.windows(s.epoch, s.batches_in_epoch)):
                 grad_norm = self.train_step(window)
                 s.batches_in_epoch += len(window)
+                bar.update(1)
+                if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
+                    self._log_step(grad_norm, bar)
                 epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
                 if epoch_end:
                     s.epoch, s.batches_in_epoch = s.epoch + 1, 0
                     if self.scheduler_unit == "epoch":
                         self.scheduler.step()
-                bar.update(1)
-                if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
-                    self._log_step(grad_norm, bar)
                 last = s.step >= self.total_steps or s.epoch >= cfg.epochs
                 self.after_step(boundary=epoch_end or last, last=last)
                 if last:

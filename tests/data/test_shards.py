@@ -1,4 +1,4 @@
-"""Tests for shard writing and reading: facesiam.data.shards, facesiam.data.datasets, tools/make_shards.py."""
+"""Tests for shard writing and reading: facesiam.data.writer, format and readers, tools/make_shards.py."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 
 from facesiam.data import (ImageFolderDataset, ShardDataset, build_eval_transform, build_stream,
                            build_train_transform, open_dataset, write_shards)
-from facesiam.data import writer as shards_module
+from facesiam.data import writer as writer_module
 from facesiam.data.images import load_rgb
 from facesiam.commands.make_shards import main
 from facesiam.data.writer import ustar_header
@@ -286,7 +286,7 @@ def test_file_changed_during_packing_is_packed_again(tmp_path, monkeypatch):
     src = make_folder(tmp_path / "src", 3, 2)
     write_shards(src, tmp_path / "a", workers=2, progress=False)
     # the writer re-reads kept-as-is files; if one no longer matches what a worker decoded, it is re-packed
-    monkeypatch.setattr(shards_module, "_original_bytes", lambda path, signature: None)
+    monkeypatch.setattr(writer_module, "_original_bytes", lambda path, signature: None)
     write_shards(src, tmp_path / "b", workers=2, progress=False)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
 
@@ -339,7 +339,7 @@ def test_interrupted_run_leaves_nothing_partial(tmp_path, small, monkeypatch, ex
         write_shards(src, dst, val_identities=1, workers=1, progress=False)
     before = _tree(dst) if existing else None
     calls = {"n": 0}
-    original = shards_module.ustar_header
+    original = writer_module.ustar_header
 
     def crash_mid_shard(name, size):
         calls["n"] += 1
@@ -347,7 +347,7 @@ def test_interrupted_run_leaves_nothing_partial(tmp_path, small, monkeypatch, ex
             raise KeyboardInterrupt
         return original(name, size)
 
-    monkeypatch.setattr(shards_module, "ustar_header", crash_mid_shard)
+    monkeypatch.setattr(writer_module, "ustar_header", crash_mid_shard)
     with pytest.raises(KeyboardInterrupt):
         write_shards(src, dst, max_samples_per_shard=7, workers=2, overwrite=True, progress=False)
     assert calls["n"] == 40

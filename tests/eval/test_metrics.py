@@ -1,4 +1,4 @@
-"""facesiam.metrics against independent references: scikit-learn's exact ROC, pytorch-metric-learning's MAP@R,
+"""facesiam.eval.metrics against independent references: scikit-learn's exact ROC, pytorch-metric-learning's MAP@R,
 brute-force NumPy for 1:N search, and the protocol definitions written out by hand."""
 
 from __future__ import annotations

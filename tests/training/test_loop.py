@@ -67,14 +67,30 @@ def test_two_processes_train_validate_and_export(ddp_run):
     assert (ddp_run / "checkpoints").is_dir() and list((ddp_run / "tensorboard").rglob("events.*"))
 
 
-def test_two_process_checkpoint_resumes_on_one_process(ddp_run, synthetic_shards, tmp_path):
-    ckpts = sorted((ddp_run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
-    last = int(ckpts[-1].name[5:])
-    summary = main(["--data", str(synthetic_shards), "--output", str(tmp_path / "one"), *TINY, "--epochs", "3",
-                    "--lr", "1e-3", "--scheduler", "cosine", "--resume", str(ckpts[-1])])
-    # The 2-process run finished 2 epochs; one more epoch on one process takes twice the steps per epoch.
-    assert summary["epochs_completed"] == 3
-    assert summary["steps"] > last
+def _train_state(ckpt: Path) -> dict:
+    """The TrainState a checkpoint holds (Accelerate pickles registered objects' state_dict with torch.save)."""
+    return torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+
+
+def test_two_process_checkpoint_resumes_mid_epoch_on_one_process(ddp_run, synthetic_shards, tmp_path, caplog):
+    from facesiam.data import DistributedPerClassSampler, ShardDataset
+
+    mid = [c for c in sorted((ddp_run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+           if _train_state(c)["batches_in_epoch"] > 0]
+    assert mid, "the 2-process run saved a checkpoint in the middle of an epoch"
+    state = _train_state(mid[0])
+    assert (state["world_size"], state["batch_size"]) == (2, 16)
+    with caplog.at_level("WARNING", logger="facesiam.train"):
+        summary = main(["--data", str(synthetic_shards), "--output", str(tmp_path / "one"), *TINY, "--epochs", "2",
+                        "--lr", "1e-3", "--scheduler", "cosine", "--resume", str(mid[0])])
+    assert "mid-epoch" in caplog.text
+    # The images seen so far (batches x 2 processes x 16) are the position in the re-planned one-process epoch: the
+    # rest of that epoch, then one whole epoch.
+    labels = ShardDataset(synthetic_shards, "train").labels
+    per_epoch = DistributedPerClassSampler(labels, 16, 4, num_replicas=1, rank=0).steps_per_epoch()
+    position = state["batches_in_epoch"] * 2 * 16 // 16
+    assert summary["epochs_completed"] == 2
+    assert summary["steps"] == state["step"] + (per_epoch - position) + per_epoch * (1 - state["epoch"])
 
 
 def test_resume_is_exact(synthetic_shards, tmp_path):
