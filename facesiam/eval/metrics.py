@@ -257,6 +257,59 @@ def pair_histograms(embeddings: Array, labels: Array, *, bins: int = DEFAULT_BIN
         torch.set_num_threads(workers)
 
 
+def _genuine_cells(seg_of_row: np.ndarray, starts: np.ndarray, ends: np.ndarray, r0: int, r1: int, c0: int, c1: int,
+                   diagonal: bool, dev: torch.device):
+    """Index ranges (as slices) and flat indices of same-identity cells in block rows [r0,r1) x cols [c0,c1)."""
+    if r1 <= r0 or c1 <= c0:
+        return [], None
+    if diagonal:
+        segs = np.arange(seg_of_row[r0], seg_of_row[r1 - 1] + 1)
+    else:  # only an identity that runs from this row block into the column block
+        s = seg_of_row[r1 - 1]
+        if ends[s] <= c0:
+            return [], None
+        segs = np.array([s])
+    a = np.maximum(starts[segs], r0) - r0
+    b = np.minimum(ends[segs], r1) - r0
+    ca = np.maximum(starts[segs], c0) - c0
+    cb = np.minimum(ends[segs], c1) - c0
+    h, w = b - a, cb - ca
+    big = h * w > 65536  # large identities: bincount a slice instead of gathering millions of indices
+    rects = [(int(a[k]), int(b[k]), int(ca[k]), int(cb[k])) for k in np.flatnonzero(big)]
+    small = ~big & (h > 0) & (w > 0)
+    flat = None
+    if small.any():
+        a, h, ca, w = a[small], h[small], ca[small], w[small]
+        cells = h * w
+        rect = np.repeat(np.arange(len(cells)), cells)
+        pos = np.arange(cells.sum()) - np.repeat(np.cumsum(cells) - cells, cells)
+        rows = a[rect] + pos // w[rect]
+        cols = ca[rect] + pos % w[rect]
+        flat = torch.as_tensor(rows * (c1 - c0) + cols, device=dev)
+    return rects, flat
+
+
+def _run_tasks(tasks: list, work, workers: int) -> None:
+    """work(task iterator) on ``workers`` threads pulling from one shared queue of tasks (or inline for one)."""
+    if workers <= 1 or len(tasks) <= 1:
+        work(iter(tasks))
+        return
+    shared = iter(tasks)
+    lock = threading.Lock()
+
+    def next_task():
+        while True:
+            with lock:
+                task = next(shared, None)
+            if task is None:
+                return
+            yield task
+
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(work, next_task()) for _ in range(workers)]:
+            f.result()
+
+
 def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.device, block_size: Optional[int],
                      progress: bool, cpu_workers: int) -> ScoreHistograms:
     labels = np.asarray(labels).astype(np.int64, copy=False)
@@ -279,36 +332,6 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
     nb = (n + block - 1) // block
     tasks = [(i, j) for i in range(nb) for j in range(i, nb)]
     seg_of_row = np.repeat(np.arange(len(starts)), sizes)
-
-    def genuine_cells(r0: int, r1: int, c0: int, c1: int, diagonal: bool):
-        """Index ranges (as slices) and flat indices of same-identity cells in block rows [r0,r1) x cols [c0,c1)."""
-        if r1 <= r0 or c1 <= c0:
-            return [], None
-        if diagonal:
-            segs = np.arange(seg_of_row[r0], seg_of_row[r1 - 1] + 1)
-        else:  # only an identity that runs from this row block into the column block
-            s = seg_of_row[r1 - 1]
-            if ends[s] <= c0:
-                return [], None
-            segs = np.array([s])
-        a = np.maximum(starts[segs], r0) - r0
-        b = np.minimum(ends[segs], r1) - r0
-        ca = np.maximum(starts[segs], c0) - c0
-        cb = np.minimum(ends[segs], c1) - c0
-        h, w = b - a, cb - ca
-        big = h * w > 65536  # large identities: bincount a slice instead of gathering millions of indices
-        rects = [(int(a[k]), int(b[k]), int(ca[k]), int(cb[k])) for k in np.flatnonzero(big)]
-        small = ~big & (h > 0) & (w > 0)
-        flat = None
-        if small.any():
-            a, h, ca, w = a[small], h[small], ca[small], w[small]
-            cells = h * w
-            rect = np.repeat(np.arange(len(cells)), cells)
-            pos = np.arange(cells.sum()) - np.repeat(np.cumsum(cells) - cells, cells)
-            rows = a[rect] + pos // w[rect]
-            cols = ca[rect] + pos % w[rect]
-            flat = torch.as_tensor(rows * (c1 - c0) + cols, device=dev)
-        return rects, flat
 
     acc_lock = threading.Lock()
     totals = {key: torch.zeros(length, dtype=torch.int64, device=dev)
@@ -337,7 +360,7 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
             r0, r1, c0, c1 = i * block, min(n, (i + 1) * block), j * block, min(n, (j + 1) * block)
             h, w = r1 - r0, c1 - c0
             diagonal = i == j
-            rects, flat = genuine_cells(r0, r1, c0, c1, diagonal)
+            rects, flat = _genuine_cells(seg_of_row, starts, ends, r0, r1, c0, c1, diagonal, dev)
             slow = diagonal or bool(rects) or flat is not None
             if slow and ibuf is None:
                 ibuf = torch.empty(block * block, dtype=torch.int32, device=dev)
@@ -381,23 +404,7 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
                 totals[key] += value
 
     with _progress(n * (n - 1) // 2, "verification pairs", progress, unit="pair") as bar:
-        if cpu_workers > 1 and len(tasks) > 1:
-            shared = iter(tasks)
-            lock = threading.Lock()
-
-            def next_task():
-                while True:
-                    with lock:
-                        task = next(shared, None)
-                    if task is None:
-                        return
-                    yield task
-
-            with ThreadPoolExecutor(cpu_workers) as pool:
-                for f in [pool.submit(work, next_task(), bar) for _ in range(cpu_workers)]:
-                    f.result()
-        else:
-            work(iter(tasks), bar)
+        _run_tasks(tasks, lambda task_iter: work(task_iter, bar), cpu_workers)
 
     gen = (totals["gen_diag"] + 2 * totals["gen_off"]).double().cpu().numpy() / 2.0
     imp = (totals["imp_diag"] + 2 * totals["imp_off"]).double().cpu().numpy() / 2.0
