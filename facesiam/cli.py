@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional, Sequence
 COMMANDS = {
     "demo": ("facesiam.demo", "the whole path on generated faces: data -> shards -> train -> evaluate"),
     "make-synthetic-faces": ("facesiam.data.synthetic", "write an ImageFolder of procedurally drawn faces"),
+    "align-faces": ("facesiam.commands.align_faces",
+                    "detect faces and align them to 112x112 crops (5-point similarity transform)"),
     "make-shards": ("facesiam.data.shards", "pack an ImageFolder into WebDataset shards"),
     "train": ("facesiam.train", "train a model (use `accelerate launch launch/train.py` for several processes)"),
     "embed": ("facesiam.embed", "embed an ImageFolder or shard split with a trained model"),
