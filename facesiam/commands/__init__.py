@@ -23,6 +23,7 @@ EXPECTED_ERRORS = (FacesiamError, FileNotFoundError, FileExistsError, NotADirect
 COMMANDS = {
     "demo": ("demo", "the whole path on generated faces: data -> shards -> train -> evaluate"),
     "make-synthetic-faces": ("make_synthetic_faces", "write an ImageFolder of procedurally drawn faces"),
+    "align-faces": ("align_faces", "detect faces and align them to 112x112 crops (5-point similarity transform)"),
     "make-shards": ("make_shards", "pack an ImageFolder into WebDataset shards"),
     "train": ("train", "train a model (use `accelerate launch launch/train.py` for several processes)"),
     "embed": ("embed", "embed an ImageFolder or shard split with a trained model"),
