@@ -107,3 +107,11 @@ def face_folder(tmp_path_factory) -> Path:
 
     return make_synthetic_faces(tmp_path_factory.mktemp("faces") / "faces", 10, 4, size=48, seed=1, workers=1,
                                 progress=False)
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide singletons, so the next Accelerator in this process starts clean."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()

@@ -31,7 +31,7 @@ from skimage.transform import SimilarityTransform
 
 from ..errors import InputError
 from ..fileio import staged_directory, write_text
-from .folder import list_image_folder, printable_name
+from .folder import available_cpus, check_destination, list_image_folder, printable_name
 from .images import BadImage, load_rgb
 
 # -----------------------------------------------------------------------------
@@ -404,29 +404,6 @@ def _worker_align(chunk: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     return _worker_job.align(chunk)
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if src_r == dst_r or src_r in dst_r.parents:
-        raise InputError(f"destination {dst} is inside the source ImageFolder {src}; it would become an "
-                         f"identity folder: choose a destination outside {src}")
-    if dst_r in src_r.parents:
-        raise InputError(f"the source {src} is inside the destination {dst}; choose another destination")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"destination {dst} exists and is not a folder; choose a new folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"destination {dst} is not empty; choose a new or empty folder, or pass "
-                                  f"--overwrite to replace the aligned faces there")
-        if not (dst / ALIGNMENT_FILE).is_file():
-            raise FileExistsError(f"destination {dst} is not empty and holds no {ALIGNMENT_FILE}, so it is not an "
-                                  f"aligned folder; refusing to replace it even with --overwrite")
 
 
 def _counts(records: Sequence[dict[str, Any]]) -> dict[str, int]:
@@ -468,7 +445,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source {src} is not a folder; expected an ImageFolder (one sub-folder per identity)")
-    _check_destination(src, dst, overwrite)
+    check_destination(src, dst, overwrite, marker=ALIGNMENT_FILE, what="an aligned folder")
     options = {"size": size, "device": device, "min_face_size": min_face_size, "multi": multi,
                "on_no_face": on_no_face, "batch_size": batch_size}
     probe = FaceAligner(**options)  # checks the options and the install before any work
@@ -479,7 +456,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     rels = [rel for rel, _ in listing.samples]
     files = list(zip(rels, output_paths(rels)))
     chunks = [files[i:i + probe.batch_size] for i in range(0, len(files), probe.batch_size)]
-    workers = _default_workers() if workers is None else max(1, workers)
+    workers = available_cpus() if workers is None else max(1, workers)
     on_gpu = device.startswith("cuda")
     records: list[dict[str, Any]] = [{"path": printable_name(p), "output": None, "status": "skipped",
                                       "reason": "file name is not valid UTF-8; rename the file", "box": None,

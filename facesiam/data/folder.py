@@ -16,6 +16,8 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS  # (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ...)
 
+from ..errors import InputError
+
 
 @dataclass
 class FolderListing:
@@ -70,3 +72,34 @@ def list_image_folder(root: str | os.PathLike) -> FolderListing:
                 else:
                     listing.bad_names.append(printable_name(rel))
     return listing
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a Slurm or container limit), the default worker count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool, *, marker: str, what: str) -> None:
+    """Refuse a destination folder that would corrupt the source or replace something that is not ours.
+
+    ``marker`` is the file that every folder this writer makes holds (dataset.json, alignment.json): with
+    ``overwrite`` only such a folder is replaced; ``what`` names it in the messages ("a shard folder").
+    """
+    src_r, dst_r = Path(src).resolve(), Path(dst).resolve()
+    if src_r == dst_r or src_r in dst_r.parents:
+        raise InputError(f"destination {dst} is inside the source ImageFolder {src}; "
+                         f"it would become an identity folder: choose a destination outside {src}")
+    if dst_r in src_r.parents:
+        raise InputError(f"the source {src} is inside the destination {dst}; choose another destination")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"destination {dst} exists and is not a folder; choose a new folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"destination {dst} is not empty; choose a new or empty folder, "
+                                  f"or pass --overwrite to replace the {what}")
+        if not (dst / marker).is_file():
+            raise FileExistsError(f"destination {dst} is not empty and holds no {marker}, so it is not {what}; "
+                                  f"refusing to replace it even with --overwrite")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..fileio import replace_directory, write_json
+from ..fileio import staged_directory, write_json
+from .folder import available_cpus
 
 # -----------------------------------------------------------------------------
 # defaults (the README demo uses ~200 identities x 10 images at 112 px; tests use 20 x 8 at 64 px)
@@ -479,12 +479,6 @@ def _write_identity(job: tuple[Path, int, int, int, int, int]) -> int:
     return images_per_identity
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
 
 def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_identity: int, *,
                          size: int = DEFAULT_SIZE, seed: int = DEFAULT_SEED, workers: int | None = None,
@@ -505,13 +499,9 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
         raise FileExistsError(f"{out} exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose a new folder or pass --overwrite to replace it")
-    workers = min(_default_workers() if workers is None else max(1, workers), identities)
+    workers = min(available_cpus() if workers is None else max(1, workers), identities)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_directory(out, last=METADATA_FILE) as staging:
         jobs = [(staging, i, identities, images_per_identity, size, seed) for i in range(identities)]
         bar = tqdm(total=identities * images_per_identity, unit="img", desc="synthetic faces", disable=not progress)
         if workers == 1:
@@ -526,7 +516,4 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
         meta = {"generator": "facesiam.data.synthetic", "version": GENERATOR_VERSION, "identities": identities,
                 "images_per_identity": images_per_identity, "size": size, "seed": seed}
         write_json(staging / METADATA_FILE, meta)
-        replace_directory(staging, out, last=METADATA_FILE)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

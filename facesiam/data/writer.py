@@ -19,7 +19,6 @@ import json
 import multiprocessing
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..fileio import replace_directory, write_json
-from .folder import FolderListing, list_image_folder, printable_name
+from ..fileio import staged_directory, write_json
+from .folder import FolderListing, available_cpus, check_destination, list_image_folder, printable_name
 from .format import FORMAT, FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
 from .images import BadImage, pack_image
 
@@ -41,12 +40,6 @@ TAR_MODE = 0o444
 WRITE_BUFFER = 4 * 2**20  # few large writes rather than three small ones per member
 SKIPPED_SHOWN = 20  # skipped files printed on stderr (all of them are in dataset.json)
 
-
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # Tar members are written by hand: tarfile builds each header through generic Python code (~25 us a member,
@@ -189,23 +182,6 @@ def _choose_val_identities(candidates: list[int], val_identities: Union[int, flo
     return sorted(random.Random(seed).sample(candidates, count))
 
 
-def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if src_r == dst_r or src_r in dst_r.parents:
-        raise InputError(f"destination {dst} is inside the source ImageFolder {src}; "
-                         f"it would become an identity folder: choose a destination outside {src}")
-    if dst_r in src_r.parents:
-        raise InputError(f"the source {src} is inside the destination {dst}; choose another destination")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"destination {dst} exists and is not a folder; choose a new folder")
-    if dst.is_dir() and any(dst.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"destination {dst} is not empty; choose a new or empty folder, "
-                                  f"or pass --overwrite to replace the shards there")
-        if not (dst / METADATA_FILE).is_file():
-            raise FileExistsError(f"destination {dst} is not empty and holds no {METADATA_FILE}, so it is not a "
-                                  f"shard folder; refusing to replace it even with --overwrite")
-
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
@@ -240,8 +216,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         raise InputError(f"center_crop must be a fraction in (0, 1], got {center_crop}")
     if not src.is_dir():
         raise FileNotFoundError(f"source {src} is not a folder; expected an ImageFolder (one sub-folder per identity)")
-    _check_destination(src, dst, overwrite)
-    workers = _default_workers() if workers is None else workers
+    check_destination(src, dst, overwrite, marker=METADATA_FILE, what="a shard folder")
+    workers = available_cpus() if workers is None else workers
 
     listing = list_image_folder(src)
     if not listing.classes:
@@ -252,27 +228,22 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     jobs = _plan_jobs(listing, split_of, len(split_names))
 
     target = dst.resolve()  # a name to build beside, even for "." or "out/"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"  # same file system: rename is atomic
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    writers = {name: _SplitWriter(staging, name, max_samples_per_shard, max_bytes_per_shard) for name in split_names}
-    try:
-        packed = _pack_all(src, jobs, writers, split_names, split_of, classes, resize=resize,
-                           center_crop=center_crop, workers=workers, progress=progress)
+    with staged_directory(target, last=METADATA_FILE) as staging:
+        writers = {name: _SplitWriter(staging, name, max_samples_per_shard, max_bytes_per_shard)
+                   for name in split_names}
+        try:
+            packed = _pack_all(src, jobs, writers, split_names, split_of, classes, resize=resize,
+                               center_crop=center_crop, workers=workers, progress=progress)
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
         skipped = [{"path": p, "reason": "file name is not valid UTF-8; rename the file"} for p in listing.bad_names]
         skipped += packed["skipped"]
         options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples_per_shard,
                    "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop}
         meta = _finish(staging, src, writers, classes, val_labels, packed["kept_per_label"], listing, options,
                        packed["converted"], skipped)
-        replace_directory(staging, target, last=METADATA_FILE)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     _report(meta, dst, time.perf_counter() - start, len(jobs), progress)
     return meta

@@ -319,11 +319,15 @@ def test_align_folder_writes_a_complete_imagefolder(mtcnn, raw_folder, tmp_path)
     assert correlation(Image.open(dst / "astronaut/a.png.png"), a) > 0.85  # rotated 20 deg, scale 1.5x
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]  # no staging folder left beside it
 
-    # in one process, the same records (the pool keeps the order) and the same pixels
+    # in one process, the same records (the pool keeps the order) and the same pixels up to float round-off:
+    # MTCNN with 1 torch thread (pool workers) and with all threads (here) sums in another order, which moves the
+    # landmarks by ~1e-5 px (below the records' rounding) and can flip a pixel's rounding to the next level
     again = align_folder(raw_folder, tmp_path / "again", workers=1)
     assert again["images"] == meta["images"]
     for out in _outputs(dst):
-        assert np.array_equal(np.asarray(Image.open(dst / out)), np.asarray(Image.open(tmp_path / "again" / out)))
+        pool_pixels = np.asarray(Image.open(dst / out), dtype=np.int16)
+        here_pixels = np.asarray(Image.open(tmp_path / "again" / out), dtype=np.int16)
+        assert np.abs(pool_pixels - here_pixels).max() <= 2 and (pool_pixels != here_pixels).mean() < 0.01, out
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         align_folder(raw_folder, dst)

@@ -17,25 +17,11 @@ from safetensors.torch import load_file
 
 from facesiam.commands.train import main
 
-from ..conftest import REPO, SUBPROCESS_TIMEOUT
+from ..conftest import REPO, SUBPROCESS_TIMEOUT, reset_accelerate
 
 TINY = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--batch-size", "16",
         "--m-per-class", "4", "--num-workers", "0", "--wandb", "off", "--tensorboard", "false", "--lr", "1e-3",
         "--scheduler", "cosine", "--head", "face", "--dropout", "0.2"]
-
-
-def _reset():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset()
-    yield
-    _reset()
 
 
 def _weights(path: Path, prefix: str = "") -> dict[str, np.ndarray]:
@@ -101,7 +87,7 @@ def test_resume_latest_after_kill_9_finishes_like_an_uninterrupted_run(synthetic
     common = ["--data", str(synthetic_shards), *TINY, "--max-steps", "14", "--epochs", "5", "--val-every-steps", "4",
               "--checkpoint-every-steps", "1", "--keep-checkpoints", "2"]
     straight = main([*common, "--output", str(tmp_path / "straight")])
-    _reset()
+    reset_accelerate()
     run = tmp_path / "killed"
     ready = _saving(run) if moment == "during_checkpoint_save" else _after_checkpoint_then_random_delay(
         run, random.Random(1234))

@@ -16,27 +16,13 @@ from facesiam.losses import Criterion
 from facesiam.model import build_model
 from facesiam.training import setup
 
-from ..conftest import REPO, accelerate_launch
+from ..conftest import REPO, accelerate_launch, reset_accelerate
 TINY = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--batch-size", "16",
         "--m-per-class", "4", "--num-workers", "0", "--wandb", "off", "--log-every-steps", "1"]
 
 
 def _weights(ckpt: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    _reset_accelerate()
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +83,12 @@ def test_resume_is_exact(synthetic_shards, tmp_path):
     common = ["--data", str(synthetic_shards), *TINY, "--lr", "1e-3", "--scheduler", "cosine", "--epochs", "5",
               "--num-workers", "2", "--dropout", "0.2", "--head", "face", "--val-split", "none"]
     straight = main([*common, "--output", str(tmp_path / "a"), "--max-steps", "8"])
-    _reset_accelerate()
+    reset_accelerate()
     main([*common, "--output", str(tmp_path / "b"), "--max-steps", "8", "--checkpoint-every-steps", "3"])
     # Throw away the end of run b and continue from its step-3 checkpoint (mid-epoch: an epoch is 4-5 steps).
     ckpt = tmp_path / "b" / "checkpoints" / "step-3"
     assert ckpt.is_dir()
-    _reset_accelerate()
+    reset_accelerate()
     resumed = main([*common, "--output", str(tmp_path / "c"), "--max-steps", "8", "--resume", str(ckpt)])
     assert straight["steps"] == resumed["steps"] == 8
     a = _weights(tmp_path / "a" / "checkpoints" / "step-8")
@@ -135,7 +121,7 @@ def test_ema_exports_the_moving_average_of_the_weights_and_resumes_it(synthetic_
         np.testing.assert_allclose(final[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
     assert any(not np.allclose(final[k], live[-1][prefix + k]) for k in floats), "the average is not the live model"
     # Resuming mid-run continues the same average: final/ equals the uninterrupted run's.
-    _reset_accelerate()
+    reset_accelerate()
     main([*common, "--output", str(tmp_path / "b"), "--resume", str(tmp_path / "a" / "checkpoints" / "step-3")])
     resumed = _weights(tmp_path / "b" / "final")
     for k in floats:
@@ -165,7 +151,7 @@ def test_non_finite_loss_is_skipped_then_stops(synthetic_shards, tmp_path, monke
         return loss * float("nan"), value * float("nan")
 
     monkeypatch.setattr(Criterion, "forward", always_nan)
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(SystemExit, match="^train: 3 consecutive steps"):
         main([*args, "--output", str(tmp_path / "nan"), "--max-nonfinite-steps", "3"])
 
@@ -299,7 +285,7 @@ def test_frozen_trunk_needs_a_per_step_schedule():
 def test_imprinted_centres_start_training_at_a_lower_loss(synthetic_shards, tmp_path):
     first_loss = {}
     for init in ("random", "imprint"):
-        _reset_accelerate()
+        reset_accelerate()
         run = tmp_path / init
         main(["--data", str(synthetic_shards), "--output", str(run), *TINY, "--max-steps", "1", "--val-split", "none",
               "--loss", "subcenter_arcface", "--margin", "20", "--scale", "16", "--head", "face",
@@ -318,7 +304,7 @@ def test_two_processes_imprint_the_centres_of_the_global_batch(synthetic_shards,
     # One process, batch 32 = 2 x 16: the sampler plans the same steps, so the same images are embedded (BatchNorm
     # statistics then come from 32 images instead of 16, hence "close", not "equal").
     main([*flags, "--output", str(tmp_path / "one"), "--batch-size", "32"])
-    _reset_accelerate()
+    reset_accelerate()
     main([*flags, "--output", str(tmp_path / "rand"), "--batch-size", "32", "--init-centres", "random"])
 
     def centres(run):
