@@ -21,13 +21,10 @@ import io
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -39,28 +36,10 @@ from facesiam.data import align  # noqa: E402
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import load_rgb  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-LFW = REPO.parent / "shared" / "data" / "lfw-devtrain"
+from benchdoc import LFW, race, write_section  # tools/ is on sys.path when a tool runs as a script
+
 HEADING = "## Data: align_faces (MTCNN detection + 5-point alignment)"
 DATE = "2026-12-02"
-
-
-def _cpu_seconds() -> float:
-    """User + system time of this process and of its finished (joined) children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def race(repeats: int, contenders: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
-    """Run the contenders interleaved `repeats` times; best (wall seconds, CPU seconds) of each."""
-    best = {name: (float("inf"), float("inf")) for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            wall, cpu = time.perf_counter(), _cpu_seconds()
-            fn()
-            wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
 
 
 # ----------------------------------------------------------------------------- data
@@ -140,7 +119,7 @@ def report(what: str, n: int, dims: str, result: dict, counts: dict, per_image: 
            png_kb: float, jpg_kb: float, args) -> str:
     floor_wall, floor_cpu = result["floor"]
     lines = [HEADING, "",
-             f"{DATE}, `python tools/bench_align.py` ({args.workers} worker processes with one torch thread each, "
+             f"{DATE}, `python tools/bench_align.py --write-doc` ({args.workers} worker processes with one torch thread each, "
              f"batches of {align.CPU_BATCH}, contenders interleaved, best of {args.repeats}) on "
              f"{platform.machine()} with {os.cpu_count()} cores shared with other jobs, torch "
              f"{torch.__version__.split('+')[0]}, facenet-pytorch {align._package_version('facenet-pytorch')}, "
@@ -175,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=4, help="best of this many interleaved runs")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64],
                         help="MTCNN batch sizes to time in one process (on the first 64 images)")
+    parser.add_argument("--write-doc", action="store_true", help="replace this section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -213,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     text = report(what, len(files), dims, result, meta["counts"], per_image, png_kb, float(np.mean(jpg)) / 1e3, args)
     print(text)
+    if args.write_doc:
+        write_section(HEADING, text)
     (floor_wall, floor_cpu), (wall, cpu) = result["floor"], result["align"]
     print(f"ratio align_folder / detector floor: wall {wall / floor_wall:.2f}x, CPU {cpu / floor_cpu:.2f}x "
           f"(goal <= 1.3x)", file=sys.stderr)
