@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import timm
 import torch
@@ -141,8 +141,13 @@ def build_model(cfg: ModelConfig) -> EmbeddingModel:
     return EmbeddingModel(trunk, head)
 
 
-def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write out_dir/model.safetensors + out_dir/config.json; a complete export replaces the old one at once."""
+def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None,
+                 alignment: dict | None = None) -> Path:
+    """Write out_dir/model.safetensors + out_dir/config.json; a complete export replaces the old one at once.
+
+    alignment: how the training faces were aligned (data/align.alignment_info, from the shards' dataset.json);
+    stored as config.json's "alignment" so that inference detects and aligns raw images the same way.
+    """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -154,6 +159,8 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
         meta["mean"], meta["std"] = list(cfg.mean), list(cfg.std)
         if extra:
             meta["export_info"] = extra
+        if alignment:
+            meta["alignment"] = alignment
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return out_dir
 
@@ -171,6 +178,15 @@ def read_exported_config(path: str | Path) -> ModelConfig:
         if key in kwargs:
             kwargs[key] = tuple(kwargs[key])
     return ModelConfig(**kwargs)
+
+
+def exported_alignment(path: str | Path) -> Optional[dict]:
+    """How the model's training faces were aligned (config.json's "alignment"), or None: trained on unaligned images."""
+    path = _export_dir(path)
+    try:
+        return json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("alignment") or None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path / CONFIG_FILE}: not valid JSON ({err}); re-export the model or copy it again") from None
 
 
 def _export_dir(path: str | Path) -> Path:

@@ -16,6 +16,57 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (LFW convention)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
+    add_align_argument(p)
+
+
+def add_align_argument(p: argparse.ArgumentParser) -> None:
+    """--no-align: for a model trained on aligned faces, feed the images as they are (already aligned crops)."""
+    p.add_argument("--no-align", dest="align", action="store_false",
+                   help="the images are already aligned face crops: do not detect and align them (a model "
+                        "trained on aligned faces otherwise aligns raw images the way it was trained)")
+
+
+def add_alignment_options(p: argparse.ArgumentParser, size_flag: str = "--size") -> None:
+    """How faces are detected and aligned: align_faces and make_shards --align."""
+    from ..data import align
+
+    p.add_argument(size_flag, dest="align_size", type=int, default=align.TEMPLATE_SIZE,
+                   help="aligned crop side in pixels; the template is scaled by size/112 (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="detector device: cpu or cuda (default %(default)s)")
+    p.add_argument("--on-no-face", choices=align.NO_FACE_CHOICES, default="skip",
+                   help="an image without a face is skipped, or its centre is cropped (default %(default)s)")
+    p.add_argument("--multi", choices=align.MULTI_CHOICES, default="largest",
+                   help="with several faces keep the largest, or the one nearest the image centre "
+                        "(LFW-style crops: central) (default %(default)s)")
+    p.add_argument("--min-face-size", type=int, default=20,
+                   help="smallest face searched for and kept, in source pixels (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per detector call (default {align.CPU_BATCH} on CPU, {align.GPU_BATCH} on GPU)")
+
+
+def alignment_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of align_folder / align_shards from add_alignment_options' flags."""
+    return {"size": args.align_size, "device": args.device, "on_no_face": args.on_no_face, "multi": args.multi,
+            "min_face_size": args.min_face_size, "batch_size": args.batch_size}
+
+
+class ProgressBar:
+    """A tqdm bar made on the first report (an error before any work prints only its one line); a callable
+    ``(done, total)`` for align_folder's ``progress``."""
+
+    def __init__(self, desc: str, disable: bool = False):
+        self.desc, self.disable, self.bar = desc, disable, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=self.desc, disable=self.disable, smoothing=0.1)
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def log_to_stderr() -> None:

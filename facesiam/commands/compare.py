@@ -11,6 +11,7 @@ import json
 from typing import Optional, Sequence
 
 from . import command
+from .common import add_align_argument
 
 
 @command("compare")
@@ -30,9 +31,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (if evaluated so)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_align_argument(p)
     args = p.parse_args(argv)
     result = compare(args.checkpoint, args.image1, args.image2, threshold=args.threshold, report=args.report,
-                     operating_point=args.operating_point, flip=args.flip, device=args.device)
+                     operating_point=args.operating_point, flip=args.flip, device=args.device, align=args.align)
     if args.json:
         print(json.dumps(result, indent=2))
         return result

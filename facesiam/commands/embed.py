@@ -34,7 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     accelerator = launched_accelerator(cpu=args.cpu)
     result = embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
                         num_workers=args.num_workers, accelerator=accelerator,
-                        device="cpu" if args.cpu else None, progress=True)
+                        device="cpu" if args.cpu else None, progress=True, align=args.align)
     if accelerator is None or accelerator.is_main_process:
         save_embeddings(args.out, result["embeddings"], result["labels"], result["paths"], result["classes"],
                         result["meta"])

@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         accelerator = launched_accelerator(cpu=args.device == "cpu")
         metrics = evaluate_model(args.checkpoint, args.data, split=args.split, flip=args.flip,
                                  batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
-                                 device=args.device, **options)
+                                 device=args.device, align=args.align, **options)
         if metrics is None:  # not the main process: it embedded its share
             return None
     metrics["source"]["command"] = " ".join(shlex.quote(a) for a in ["tools/evaluate.py",

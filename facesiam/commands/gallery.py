@@ -34,7 +34,7 @@ def _inputs(args) -> dict:
     if not (args.checkpoint and args.data):
         raise InputError(f"gallery {args.command}: pass --embeddings NPZ, or --checkpoint RUN/best with --data DIR")
     return embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
-                      num_workers=args.num_workers, device=args.device)
+                      num_workers=args.num_workers, device=args.device, align=args.align)
 
 
 def _entry_identities(data: dict) -> list[str]:
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it, or use 'gallery add'")
         data = _inputs(args)
         meta = {"source": args.embeddings or args.data, **{k: v for k, v in data.get("meta", {}).items()
-                                                            if k in ("checkpoint", "backbone", "flip")}}
+                                                            if k in ("checkpoint", "backbone", "flip", "alignment")}}
         gallery = Gallery.build(data["embeddings"], _entry_identities(data), data["paths"], kind=args.kind,
                                 nlist=args.nlist, nprobe=args.nprobe, hnsw_m=args.hnsw_m,
                                 ef_construction=args.ef_construction, ef_search=args.ef_search,
@@ -129,7 +129,7 @@ def _search(gallery, args) -> None:
             raise InputError("gallery search --image needs --checkpoint (the model the gallery was built with)")
         from ..eval.embed import embed_images
 
-        queries = embed_images(args.checkpoint, args.image, flip=args.flip, device=args.device)
+        queries = embed_images(args.checkpoint, args.image, flip=args.flip, device=args.device, align=args.align)
         names = list(args.image)
     elif args.embeddings:
         from ..eval.embed import load_embeddings

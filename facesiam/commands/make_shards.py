@@ -1,6 +1,7 @@
 """facesiam make-shards: pack an ImageFolder into WebDataset shards (see facesiam/data/writer.py and format.py).
 
     python tools/make_shards.py SRC DST [--val-identities N|F] [--resize PIXELS] [--center-crop FRACTION]
+    python tools/make_shards.py PHOTOS DST --align [--multi central] ...   # detect + align raw photos first
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ import argparse
 from pathlib import Path
 from typing import Optional, Union
 
+import sys
+
 from ..data import writer
 from . import command
+from .common import ProgressBar, add_alignment_options, alignment_options
 
 
 def _count_or_fraction(text: str) -> Union[int, float]:
@@ -59,9 +63,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "(LFW: 0.6); off by default")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+    face = parser.add_argument_group("face alignment (--align)")
+    face.add_argument("--align", action="store_true",
+                      help="SRC holds raw photos: detect each face (MTCNN), align it onto the ArcFace template and "
+                           "pack the crops; dataset.json records the alignment and every image's result (as "
+                           "tools/align_faces.py SRC FACES && tools/make_shards.py FACES DST would)")
+    add_alignment_options(face, size_flag="--align-size")
     args = parser.parse_args(argv)
-    return writer.write_shards(args.src, args.dst, val_identities=args.val_identities,
-                               max_samples_per_shard=args.max_samples_per_shard,
-                               max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
-                               resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite,
-                               progress=not args.no_progress)
+    options = dict(val_identities=args.val_identities, max_samples_per_shard=args.max_samples_per_shard,
+                   max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
+                   resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite,
+                   progress=not args.no_progress)
+    if not args.align:
+        return writer.write_shards(args.src, args.dst, **options)
+    from ..data import align
+    from .align_faces import report_skipped
+
+    bar = ProgressBar("align", disable=args.no_progress)
+    try:
+        meta = align.align_shards(args.src, args.dst, align_progress=bar, **options, **alignment_options(args))
+    finally:
+        bar.close()
+    report_skipped(meta["alignment"], "make_shards", args.dst / writer.METADATA_FILE)
+    c = meta["alignment"]["counts"]
+    print(f"make_shards: aligned {c['aligned']:,} of {c['images']:,} photos ({c['skipped']:,} skipped, "
+          f"{c['multi_face']:,} with several faces, {c['center']:,} centre-cropped); alignment and every image's "
+          f"result in {args.dst / writer.METADATA_FILE}", file=sys.stderr)
+    return meta

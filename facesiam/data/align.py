@@ -18,8 +18,10 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.metadata
 import json
+import logging
 import multiprocessing
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +35,9 @@ from ..errors import InputError
 from ..fileio import staged_directory, write_text
 from .folder import available_cpus, check_destination, list_image_folder, printable_name
 from .images import BadImage, load_rgb
+from .readers import _FaceDataset
+
+log = logging.getLogger("facesiam.align")
 
 # -----------------------------------------------------------------------------
 # The ArcFace / insightface template (112x112 output): left eye, right eye, nose tip, left and right mouth
@@ -500,3 +505,119 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
         }
         write_text(tmp / ALIGNMENT_FILE, _json_text(meta))
     return meta
+
+
+def read_alignment(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """``folder/alignment.json`` of a folder align_folder made, or None when there is none."""
+    path = Path(folder) / ALIGNMENT_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); align the photos again with tools/align_faces.py") from None
+    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+        raise InputError(f"{path}: not an alignment record this facesiam reads (format {meta.get('format')!r} "
+                         f"version {meta.get('version')!r}); align the photos again with tools/align_faces.py")
+    return meta
+
+
+def align_shards(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = TEMPLATE_SIZE,
+                 workers: Optional[int] = None, device: str = "cpu", on_no_face: str = "skip",
+                 multi: str = "largest", min_face_size: int = 20, batch_size: Optional[int] = None,
+                 overwrite: bool = False, align_progress: Optional[Callable[[int, int], None]] = None,
+                 **shard_options: Any) -> dict[str, Any]:
+    """``make_shards --align``: align the raw ImageFolder ``src`` and pack the crops into shards at ``dst``.
+
+    The crops go to a hidden folder beside ``dst`` (deleted afterwards) and are packed by write_shards, whose
+    dataset.json then records the alignment (detector, template, size) and every image's result. Returns the
+    dataset.json contents. ``shard_options`` are write_shards' (val_identities, seed, resize, progress, ...);
+    ``align_progress`` is align_folder's ``progress``.
+    """
+    from .format import METADATA_FILE
+    from .writer import write_shards
+
+    src, dst = Path(src), Path(dst)
+    if shard_options.get("center_crop"):
+        raise InputError("--center-crop cannot go with --align: aligned crops are already centred on the face")
+    if not src.is_dir():
+        raise FileNotFoundError(f"source {src} is not a folder; expected an ImageFolder (one sub-folder per identity)")
+    check_destination(src, dst, overwrite, marker=METADATA_FILE, what="a shard folder")  # before the long part
+    parent = dst.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{dst.resolve().name}.aligning-", dir=parent) as tmp:
+        faces = Path(tmp) / "faces"
+        align_folder(src, faces, size=size, workers=workers, device=device, on_no_face=on_no_face, multi=multi,
+                     min_face_size=min_face_size, batch_size=batch_size, progress=align_progress)
+        return write_shards(faces, dst, workers=workers, overwrite=overwrite, source=str(src.resolve()),
+                            **shard_options)
+
+
+# ----------------------------------------------------------------------------- inference: align like training
+
+def recorded_alignment(data: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The alignment ``data`` (a shard folder or an ImageFolder) already went through, or None: raw images."""
+    from .format import METADATA_FILE, read_metadata
+
+    data = Path(data)
+    if (data / METADATA_FILE).is_file():
+        return (read_metadata(data).get("alignment") or {}).get("info")
+    meta = read_alignment(data)
+    return meta["alignment"] if meta else None
+
+
+def aligner_for(info: dict[str, Any], device: str = "cpu", on_no_face: str = "skip") -> FaceAligner:
+    """A FaceAligner that aligns as ``info`` (alignment_info, from dataset.json or a model's config.json) says."""
+    detector, template = (info.get("detector") or {}).get("name"), (info.get("template") or {}).get("name")
+    if detector != "MTCNN" or template != "arcface":
+        raise InputError(f"alignment by detector {detector!r} onto template {template!r}: this facesiam aligns with "
+                         "MTCNN onto the ArcFace template only; align the images yourself and pass --no-align")
+    return FaceAligner(size=int(info.get("size", TEMPLATE_SIZE)), device=device,
+                       min_face_size=int(info.get("min_face_size", 20)), multi=info.get("multi", "largest"),
+                       on_no_face=on_no_face)
+
+
+def describe_alignment(info: dict[str, Any]) -> str:
+    """One phrase for logs: how images are aligned."""
+    return f"MTCNN + 5 landmarks onto the ArcFace {info.get('size', TEMPLATE_SIZE)}x{info.get('size', TEMPLATE_SIZE)} "\
+           f"template ({info.get('multi', 'largest')} face)"
+
+
+def align_images(images: Sequence[Image.Image], names: Sequence[str], aligner: FaceAligner) -> list[Image.Image]:
+    """The aligned face of each image; an image without a usable face is a one-line error naming it."""
+    crops = []
+    for name, result in zip(names, aligner.align_batch(images)):
+        if result.image is None or result.status != "aligned":
+            raise InputError(f"{name}: {result.reason}, but the model was trained on aligned faces; use a photo in "
+                             f"which one face of at least {aligner.min_face_size} px is fully visible, or pass "
+                             "--no-align if the image is already an aligned face crop")
+        crops.append(result.image)
+    return crops
+
+
+class AlignedView(_FaceDataset):
+    """A data set of raw photos seen through the face aligner: ``view[i]`` = (transform(aligned face i), label).
+
+    For evaluating an aligned model on raw images. An image without a usable face is centre-cropped with a
+    warning naming it (evaluation keeps every image, so that N and the labels stay those of the data). The
+    detector is built lazily in each process (DataLoader workers), never pickled.
+    """
+
+    def __init__(self, base: Any, info: dict[str, Any], transform: Optional[Callable] = None, device: str = "cpu"):
+        self.base, self.info, self.transform, self.device = base, info, transform, device
+        self.labels, self.classes, self.paths = base.labels, base.classes, base.paths
+        self._aligner: Optional[FaceAligner] = None
+        aligner_for(info, device)  # checks the detector, the template and the install before any work
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_aligner": None}
+
+    def _image(self, index: int) -> Image.Image:
+        if self._aligner is None:
+            self._aligner = aligner_for(self.info, self.device)
+        image = self.base._image(index)
+        result = self._aligner.align(image)
+        if result.image is None:
+            log.warning("%s: %s; using a centre crop", self.paths[index], result.reason)
+            return center_crop(image, self._aligner.size)
+        return result.image

@@ -194,8 +194,13 @@ def _human_bytes(n: float) -> str:
 def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identities: Union[int, float, None] = None,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
-                 center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True) -> dict:
+                 center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
+                 source: Optional[str] = None) -> dict:
     """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
+
+    An ``src`` made by align_faces (it holds alignment.json) has its alignment recorded in dataset.json under
+    "alignment": "info" (detector, template, size: what training exports for inference), "source" (the raw
+    photos), "counts" and "images" (every source image: kept or skipped with the reason, box, landmarks).
 
     val_identities: hold out this many (int) or this fraction (float in (0, 1)) of the identities as a ``val``
         split (chosen with ``seed``); None or 0: no val split.
@@ -205,6 +210,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     center_crop: keep the central square of this fraction of the shorter side (before resize); None keeps all.
     overwrite: replace a non-empty dst that holds a previous shard set (never anything else).
     progress: show a progress bar and a summary on stderr (skipped files are always reported).
+    source: what dataset.json names as the source (default: ``src``), e.g. the raw photos behind a temporary
+        aligned folder.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -242,8 +249,10 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         skipped += packed["skipped"]
         options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples_per_shard,
                    "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop}
-        meta = _finish(staging, src, writers, classes, val_labels, packed["kept_per_label"], listing, options,
-                       packed["converted"], skipped)
+        from .align import read_alignment
+
+        meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, packed["kept_per_label"],
+                       listing, options, packed["converted"], skipped, read_alignment(src))
 
     _report(meta, dst, time.perf_counter() - start, len(jobs), progress)
     return meta
@@ -322,9 +331,9 @@ def _pack_all(src: Path, jobs: list[tuple[str, str, int]], writers: dict, split_
     return {"skipped": skipped, "converted": converted, "kept_per_label": kept_per_label}
 
 
-def _finish(staging: Path, src: Path, writers: dict, classes: list[str], val_labels: list[int],
+def _finish(staging: Path, source: str, writers: dict, classes: list[str], val_labels: list[int],
             kept_per_label: np.ndarray, listing: FolderListing, options: dict, converted: dict,
-            skipped: list[dict]) -> dict:
+            skipped: list[dict], alignment: Optional[dict]) -> dict:
     """Close the shards, write the indexes and dataset.json (last: its presence marks a complete folder)."""
     (staging / INDEX_DIR).mkdir()
     splits = {}
@@ -340,7 +349,7 @@ def _finish(staging: Path, src: Path, writers: dict, classes: list[str], val_lab
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "source": str(src.resolve()),
+        "source": source,
         "options": options,
         "num_classes": len(classes),
         "num_samples": int(kept_per_label.sum()),
@@ -354,6 +363,9 @@ def _finish(staging: Path, src: Path, writers: dict, classes: list[str], val_lab
         "loose_images": listing.loose_images,
         "skipped": skipped,
     }
+    if alignment is not None:
+        meta["alignment"] = {"info": alignment["alignment"], "source": alignment["source"],
+                             "counts": alignment["counts"], "images": alignment["images"]}
     write_json(staging / METADATA_FILE, meta, indent=1, ensure_ascii=False)
     return meta
 

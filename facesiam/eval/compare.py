@@ -55,14 +55,14 @@ def threshold_from_report(report: str | os.PathLike, operating_point: str = "bes
 
 def compare(checkpoint: str | os.PathLike, image1: str, image2: str, *, threshold: Optional[float] = None,
             report: Optional[str] = None, operating_point: str = "best", flip: bool = False,
-            device: Optional[str] = None) -> dict:
+            device: Optional[str] = None, align: bool = True) -> dict:
     """{"similarity", "threshold", "threshold_source", "same"} (same is None without a threshold)."""
     source = None
     if threshold is not None:
         source = "given (--threshold)"
     elif report is not None:
         threshold, source = threshold_from_report(report, operating_point)
-    emb = embed_images(checkpoint, [image1, image2], flip=flip, device=device)
+    emb = embed_images(checkpoint, [image1, image2], flip=flip, device=device, align=align)
     similarity = float(np.dot(emb[0], emb[1]))
     return {"image1": str(image1), "image2": str(image2), "similarity": similarity, "threshold": threshold,
             "threshold_source": source, "same": None if threshold is None else bool(similarity >= threshold)}

@@ -133,22 +133,38 @@ def load_embeddings(path: str | os.PathLike) -> dict:
 
 def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", flip: bool = False,
                batch_size: int = 128, num_workers: int = 0, accelerator: Any = None, device: Optional[str] = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, align: bool = True) -> dict:
     """Load an exported model, open DATA (ImageFolder or shards) with its eval transform and embed it.
 
-    Returns the dict of ``load_embeddings`` (meta: checkpoint, data, split, flip, backbone, image size).
+    A model trained on aligned faces (its config.json records the alignment) sees DATA aligned the same way:
+    data that records that it is aligned (dataset.json / alignment.json) is read as it is, raw images are
+    detected and aligned on the fly (``align=False``: never, the images are already aligned crops).
+    Returns the dict of ``load_embeddings`` (meta: checkpoint, data, split, flip, backbone, image size, alignment).
     """
     from ..data import open_dataset
-    from ..model import eval_transform_for, load_exported
+    from ..data.align import AlignedView, describe_alignment, recorded_alignment
+    from ..model import eval_transform_for, exported_alignment, load_exported
 
     dev = accelerator.device if accelerator is not None else (device or ("cuda" if torch.cuda.is_available()
                                                                           else "cpu"))
     model, cfg = load_exported(checkpoint, device=dev)
-    dataset = open_dataset(data, split=split, transform=eval_transform_for(cfg))
+    transform = eval_transform_for(cfg)
+    wanted = exported_alignment(checkpoint) if align else None
+    aligned = "off" if not align else "none (the model was trained on unaligned images)"
+    if wanted is not None and recorded_alignment(data) is not None:
+        dataset, aligned = open_dataset(data, split=split, transform=transform), "recorded in the data"
+    elif wanted is not None:
+        dataset = AlignedView(open_dataset(data, split=split), wanted, transform)
+        aligned = "on the fly: " + describe_alignment(wanted)
+    else:
+        dataset = open_dataset(data, split=split, transform=transform)
+    if progress and (accelerator is None or accelerator.is_main_process):
+        log.info("alignment: %s%s", aligned, " (--no-align reads the images as they are)" if wanted else "")
     emb, labels = embed_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers, flip=flip,
                                 accelerator=accelerator, progress=progress)
     meta = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "flip": flip,
-            "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size}
+            "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size,
+            "alignment": aligned}
     return {"embeddings": emb, "labels": labels, "paths": list(dataset.paths), "classes": list(dataset.classes),
             "meta": meta}
 
@@ -164,10 +180,15 @@ def launched_accelerator(cpu: bool = False) -> Any:
 
 
 def embed_images(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, flip: bool = False,
-                 device: Optional[str] = None, batch_size: int = 64) -> np.ndarray:
-    """Unit embeddings (len(images) x D float32) of image files, read like the training data, with an exported model."""
+                 device: Optional[str] = None, batch_size: int = 64, align: bool = True) -> np.ndarray:
+    """Unit embeddings (len(images) x D float32) of image files, read like the training data, with an exported model.
+
+    A model trained on aligned faces gets each image's face detected and aligned the same way first (an image
+    without a usable face is a one-line error naming it); ``align=False`` feeds the images as they are.
+    """
+    from ..data.align import align_images, aligner_for, describe_alignment
     from ..data.images import load_rgb
-    from ..model import eval_transform_for, load_exported
+    from ..model import eval_transform_for, exported_alignment, load_exported
 
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
@@ -176,9 +197,18 @@ def embed_images(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLi
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_exported(checkpoint, device=dev)
     transform = eval_transform_for(cfg)
+    wanted = exported_alignment(checkpoint) if align else None
+    aligner = aligner_for(wanted, dev) if wanted else None
+    if aligner is not None:
+        log.info("aligning %d image(s): %s, as the model was trained (--no-align for aligned crops)", len(images),
+                 describe_alignment(wanted))
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(load_rgb(p)) for p in images[start:start + batch_size]])
+            names = [str(p) for p in images[start:start + batch_size]]
+            pictures = [load_rgb(p) for p in names]
+            if aligner is not None:
+                pictures = align_images(pictures, names, aligner)
+            batch = torch.stack([transform(p) for p in pictures])
             out.append(_embed(model, batch.to(dev), flip).cpu())
     return torch.cat(out).numpy()

@@ -77,12 +77,13 @@ def evaluate(data: dict, *, protocols: Optional[Sequence[str]] = None, pairs_fil
 
 
 def describe_source(data: dict) -> dict[str, Any]:
-    """What a report says was evaluated: model, data, split, flip, backbone, size, the data set's credit."""
+    """What a report says was evaluated: model, data, split, flip, backbone, alignment, size, the data's credit."""
     meta = data.get("meta") or {}
     emb = data["embeddings"]
     source = {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "embeddings": meta.get("file"), "checkpoint": meta.get("checkpoint"), "data": meta.get("data"),
               "split": meta.get("split"), "flip": meta.get("flip", False), "backbone": meta.get("backbone"),
+              "alignment": meta.get("alignment"),
               "embedding_dim": int(emb.shape[1]) if getattr(emb, "ndim", 0) == 2 else None}
     source["data_credit"] = data_credit(source["data"])
     return source
@@ -90,14 +91,14 @@ def describe_source(data: dict) -> dict[str, Any]:
 
 def evaluate_model(checkpoint: str, data: str, *, split: str = "val", flip: bool = False, batch_size: int = 128,
                    num_workers: int = 0, accelerator: Any = None, device: Optional[str] = None,
-                   **options: Any) -> Optional[dict]:
+                   align: bool = True, **options: Any) -> Optional[dict]:
     """Embed DATA with the exported model (on every process under accelerate) and evaluate it (main process);
     other processes return None. ``options`` go to ``evaluate``."""
     from .embed import embed_path
 
     t0 = time.time()
     embedded = embed_path(checkpoint, data, split=split, flip=flip, batch_size=batch_size, num_workers=num_workers,
-                          accelerator=accelerator, device=device)
+                          accelerator=accelerator, device=device, align=align)
     if accelerator is not None and not accelerator.is_main_process:
         return None
     embedded["meta"]["timing"] = {"embed": time.time() - t0}

@@ -56,10 +56,11 @@ def list_checkpoints(run: Path) -> list[Path]:
 class Checkpointer:
     """Saves, keeps the newest K of, finds and restores checkpoints; exports best/ and final/ (main process)."""
 
-    def __init__(self, accelerator, run: Path, keep: int):
+    def __init__(self, accelerator, run: Path, keep: int, alignment: Optional[dict] = None):
         self.accelerator = accelerator
         self.run = Path(run)
         self.keep = max(1, keep)
+        self.alignment = alignment  # the training data's face alignment: recorded in every export's config.json
 
     def save(self, step: int) -> Path:
         """accelerator.save_state into a temporary directory, renamed when complete; keep the newest K."""
@@ -116,4 +117,4 @@ class Checkpointer:
 
     def export(self, model, model_cfg, name: str, extra: dict) -> Path:
         """RUN/<name>/ (best or final): an inference export, swapped in complete (main process only)."""
-        return export_model(model, model_cfg, self.run / name, extra=extra)
+        return export_model(model, model_cfg, self.run / name, extra=extra, alignment=self.alignment)

@@ -75,7 +75,7 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         self.evaluated = self.ema.module if self.ema is not None else self.network  # what best/ and final/ hold
 
-        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints)
+        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints, alignment=self.data.alignment)
         resume_from = self.checkpointer.resolve(cfg.resume)
         if resume_from is not None:
             self.checkpointer.restore(resume_from, self.state, cfg.batch_size)

@@ -63,6 +63,7 @@ class TrainData:
     sampler: DistributedPerClassSampler
     loader: DataLoader
     accumulation: int
+    alignment: Optional[dict] = None  # dataset.json's face alignment (detector, template, size), None: unaligned
 
     @property
     def batches_per_epoch(self) -> int:
@@ -97,11 +98,16 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
         raise InputError(f"{Path(cfg.data) / METADATA_FILE} not found; make shards first: "
                          f"python tools/make_shards.py FACES/ {cfg.data}")
     m, a = cfg.model, cfg.augment
+    meta = read_metadata(cfg.data)
+    alignment = (meta.get("alignment") or {}).get("info")
+    if alignment and m.center_crop:
+        log.warning("center_crop %.2f on faces aligned onto the template (%s/dataset.json) cuts into the face; "
+                    "aligned data wants center_crop: null", m.center_crop, cfg.data)
     train_tf = build_train_transform(m.image_size, crop_scale=a.crop_scale, rotation=a.rotation, hflip=a.hflip,
                                      color_jitter=a.color_jitter, center_crop=m.center_crop, mean=m.mean, std=m.std)
     train = ShardDataset(cfg.data, cfg.train_split, transform=train_tf)
     val = None
-    if cfg.val_split in read_metadata(cfg.data).get("splits", {}):
+    if cfg.val_split in meta.get("splits", {}):
         val = ShardDataset(cfg.data, cfg.val_split, transform=build_eval_transform(
             m.image_size, center_crop=m.center_crop, mean=m.mean, std=m.std))
     elif cfg.val_split.lower() != "none":
@@ -117,7 +123,7 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
                         pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
                         prefetch_factor=4 if cfg.num_workers else None)
-    data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps)
+    data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps, alignment)
     if data.steps_per_epoch == 0:
         raise InputError(f"an epoch of {sampler.steps_per_epoch()} batches holds no whole accumulation window of "
                          f"{cfg.grad_accum_steps}; lower --grad-accum-steps or --batch-size")
