@@ -125,6 +125,19 @@ def test_map_at_r_matches_pytorch_metric_learning():
     assert mean_average_precision_at_r(emb, labels) == pytest.approx(expected, abs=1e-9)
 
 
+def test_map_at_r_with_a_large_identity_matches_pytorch_metric_learning():
+    # One identity of 400 images among small ones: queries are chunked by R, each chunk with its own top-k.
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    sizes = np.r_[400, np.random.default_rng(8).integers(1, 8, 150)]
+    emb, labels = clustered(len(sizes), sizes, 16, noise=1.4, seed=8)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r",), k="max_bin_count", device=torch.device("cpu"))
+    expected = calc.get_accuracy(emb, labels)["mean_average_precision_at_r"]
+    # 1e-6, not 1e-9: PML ranks by faiss's float32 L2 distances, we by cosine; a near-tie among 160,000 ordered
+    # pairs may order differently (a ~1e-8 difference, the same before queries were chunked by R).
+    assert mean_average_precision_at_r(emb, labels) == pytest.approx(expected, abs=1e-6)
+
+
 def test_topk_cosine_matches_brute_force_across_blocks():
     rng = np.random.default_rng(4)
     q, ref = unit(rng.normal(size=(70, 12))), unit(rng.normal(size=(300, 12)))
