@@ -105,6 +105,21 @@ def tar_at_far(far: np.ndarray, tar: np.ndarray, thresholds: np.ndarray, n_impos
     return tars, thrs
 
 
+def average_precision(far: np.ndarray, tar: np.ndarray, n_genuine: int, n_impostor: int) -> float:
+    """Average precision of 1:1 verification (genuine = positive) from ROC points by decreasing threshold.
+
+    AP = sum over points of (recall_k - recall_{k-1}) * precision_k, the step rule of scikit-learn's
+    ``average_precision_score``; precision follows from the ROC because TP = TAR * n_genuine and
+    FP = FAR * n_impostor. On sklearn's full ROC it is sklearn's AP; on the histogram ROC it is AP sampled at the
+    bin edges (ties inside a bin count as one threshold).
+    """
+    far, tar = np.asarray(far, dtype=np.float64), np.asarray(tar, dtype=np.float64)
+    tp, fp = tar * n_genuine, far * n_impostor
+    accepted = tp + fp
+    precision = np.divide(tp, accepted, out=np.ones_like(tp), where=accepted > 0)
+    return float(np.sum(np.diff(tar, prepend=0.0) * precision))
+
+
 def summarize_roc(far: np.ndarray, tar: np.ndarray, thresholds: np.ndarray, *, auc: float, n_genuine: int,
                   n_impostor: int) -> dict:
     """The verification summary shared by the all-pairs and the pairs-file protocols.
@@ -122,6 +137,7 @@ def summarize_roc(far: np.ndarray, tar: np.ndarray, thresholds: np.ndarray, *, a
         "n_genuine": int(n_genuine),
         "n_impostor": int(n_impostor),
         "auc": float(auc),
+        "average_precision": average_precision(far, tar, n_genuine, n_impostor),
         "eer": eer,
         "eer_threshold": eer_thr,
         "best_accuracy": float(balanced[best]),
@@ -146,7 +162,8 @@ def _curve_for_plots(far: np.ndarray, tar: np.ndarray, thresholds: np.ndarray) -
 
 
 def _empty_verification(n_genuine: int, n_impostor: int) -> dict:
-    return {"n_genuine": int(n_genuine), "n_impostor": int(n_impostor), "auc": None, "eer": None,
+    return {"n_genuine": int(n_genuine), "n_impostor": int(n_impostor), "auc": None, "average_precision": None,
+            "eer": None,
             "eer_threshold": None, "best_accuracy": None, "best_threshold": None,
             "tar_at_far": {far_key(t): None for t in FAR_TARGETS},
             "threshold_at_far": {far_key(t): None for t in FAR_TARGETS}, "roc": None, "score_histogram": None}
@@ -482,12 +499,15 @@ def mean_average_precision_at_r(embeddings: Array, labels: Array, *, device: Uni
     queries = np.flatnonzero(r >= 1)
     if len(queries) == 0:
         return None
-    k = int(r.max())
+    # Queries in order of R: each chunk's top-k is sized by its own largest R, so one large identity (R ~ 2000)
+    # no longer makes every query select thousands of neighbours.
+    queries = queries[np.argsort(r[queries], kind="stable")]
     total = 0.0
     step = 8192
     with _progress(len(queries), "MAP@R", progress, unit="query") as bar:
         for q0 in range(0, len(queries), step):
             qi = queries[q0:q0 + step]
+            k = int(r[qi].max())
             _, idx = topk_cosine(emb[torch.as_tensor(qi, device=dev)], emb, k, exclude=qi, device=dev,
                                  normalized=True)
             rel = labels[idx] == labels[qi][:, None]

@@ -1,4 +1,4 @@
-"""Evaluation figures (matplotlib, Agg): ROC, DET, genuine/impostor score histograms, CMC, per-fold accuracy.
+"""Evaluation figures (matplotlib, Agg): ROC, DET, precision-recall, genuine/impostor score histograms, CMC, per-fold accuracy.
 
 Every function takes the metrics dict of facesiam.eval.metrics / metrics.json (the curves it needs are stored there)
 and returns a Figure, so the same figure goes to a PNG, W&B or TensorBoard.
@@ -61,6 +61,31 @@ def roc_figure(metrics: dict) -> Figure:
     ax.grid(True, which="both", alpha=0.3)
     if sets:
         ax.legend(loc="lower right")
+    return fig
+
+
+def pr_figure(metrics: dict) -> Figure:
+    """Precision against recall (genuine = positive), from the stored ROC points and the pair counts."""
+    fig, ax = plt.subplots(figsize=(6, 4.5), layout="constrained")
+    sets = _verification_sets(metrics)
+    for label, v in sets:
+        far, tar = np.asarray(v["roc"]["far"]), np.asarray(v["roc"]["tar"])
+        # TP = TAR * genuine pairs, FP = FAR * impostor pairs: the ROC fixes the PR curve.
+        tp, fp = tar * v["n_genuine"], far * v["n_impostor"]
+        keep = tp + fp > 0
+        ap = v.get("average_precision")
+        ax.plot(tar[keep], tp[keep] / (tp[keep] + fp[keep]),
+                label=f"{label} (AP {ap:.4f})" if ap is not None else label)
+    if not sets:
+        _no_data(ax, "no genuine/impostor pairs")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("recall (TAR)")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall (1:1 verification)")
+    ax.grid(True, alpha=0.3)
+    if sets:
+        ax.legend(loc="lower left")
     return fig
 
 
@@ -170,8 +195,8 @@ def folds_figure(metrics: dict) -> Figure:
     return fig
 
 
-FIGURES = {"roc": roc_figure, "det": det_figure, "score_hist": score_hist_figure, "cmc": cmc_figure,
-           "pairs_folds": folds_figure}
+FIGURES = {"roc": roc_figure, "det": det_figure, "pr": pr_figure, "score_hist": score_hist_figure,
+           "cmc": cmc_figure, "pairs_folds": folds_figure}
 
 
 def save_figures(metrics: dict, out_dir: str | Path, names: Optional[list[str]] = None) -> dict[str, Path]:
@@ -189,7 +214,7 @@ def save_figures(metrics: dict, out_dir: str | Path, names: Optional[list[str]] 
             continue
         if name == "cmc" and not (metrics.get("identification") or {}).get("cmc"):
             continue
-        if name in ("roc", "det", "score_hist") and not _verification_sets(metrics):
+        if name in ("roc", "det", "pr", "score_hist") and not _verification_sets(metrics):
             continue
         path = out_dir / f"{name}.png"
         try:

@@ -1,6 +1,6 @@
 """An evaluation report directory: metrics.json (first: nothing computed is lost), figures, report.md; W&B.
 
-    write_report_dir(metrics, "REPORT")   # REPORT/metrics.json, roc.png, det.png, score_hist.png, cmc.png, report.md
+    write_report_dir(metrics, "REPORT")   # REPORT/metrics.json, roc.png, det.png, pr.png, score_hist.png, cmc.png, report.md
 """
 
 from __future__ import annotations
@@ -64,9 +64,10 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, figures: dict[str, P
         lines += ["## 1:1 verification (all pairs)", "",
                   "Every unordered pair of two different images: genuine = same identity, impostor = different "
                   "identities; score = cosine similarity.", "",
-                  "| genuine pairs | impostor pairs | AUC | EER | EER threshold | best balanced accuracy | "
-                  "threshold |", "|---|---|---|---|---|---|---|",
-                  f"| {fmt(v['n_genuine'])} | {fmt(v['n_impostor'])} | {fmt(v['auc'], 5)} | {fmt(v['eer'])} | "
+                  "| genuine pairs | impostor pairs | AUC | AP | EER | EER threshold | best balanced accuracy | "
+                  "threshold |", "|---|---|---|---|---|---|---|---|",
+                  f"| {fmt(v['n_genuine'])} | {fmt(v['n_impostor'])} | {fmt(v['auc'], 5)} | "
+                  f"{fmt(v.get('average_precision'), 5)} | {fmt(v['eer'])} | "
                   f"{fmt(v['eer_threshold'])} | {fmt(v['best_accuracy'])} | {fmt(v['best_threshold'])} |", "",
                   "| FAR | TAR | threshold |", "|---|---|---|"]
         for t in FAR_TARGETS:
@@ -75,7 +76,8 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, figures: dict[str, P
         lines += ["", "TAR@FAR is n/a when there are fewer than 1/FAR impostor pairs. "
                   f"Scores are counted in {v.get('bins', DEFAULT_BINS):,} bins over [-1, 1]; the metrics are exact "
                   "at the bin edges.", ""]
-        for name, title in (("roc", "ROC"), ("det", "DET"), ("score_hist", "score distributions")):
+        for name, title in (("roc", "ROC"), ("det", "DET"), ("pr", "precision-recall"),
+                            ("score_hist", "score distributions")):
             if name in figures:
                 lines.append(f"![{title}]({figures[name].name})")
         lines.append("")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from facesiam.eval.metrics import (FAR_TARGETS, equal_error_rate, evaluate_embeddings, far_key, identification_metrics,
+from facesiam.eval.metrics import (FAR_TARGETS, equal_error_rate, score_metrics, evaluate_embeddings, far_key, identification_metrics,
                               identification_split, mean_average_precision_at_r, pair_histograms, tar_at_far,
                               topk_cosine, verification_metrics)
 
@@ -49,6 +49,7 @@ def assert_matches_sklearn(metrics, scores, same, tol=1e-3):
             assert ours == pytest.approx(tar[far <= target].max(), abs=tol), target
     balanced = ((tar + 1 - far) / 2).max()
     assert metrics["best_accuracy"] == pytest.approx(balanced, abs=tol)
+    assert metrics["average_precision"] == pytest.approx(average_precision_score(same, scores), abs=tol)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -124,6 +125,19 @@ def test_map_at_r_matches_pytorch_metric_learning():
     assert mean_average_precision_at_r(emb, labels) == pytest.approx(expected, abs=1e-9)
 
 
+def test_map_at_r_with_a_large_identity_matches_pytorch_metric_learning():
+    # One identity of 400 images among small ones: queries are chunked by R, each chunk with its own top-k.
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    sizes = np.r_[400, np.random.default_rng(8).integers(1, 8, 150)]
+    emb, labels = clustered(len(sizes), sizes, 16, noise=1.4, seed=8)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r",), k="max_bin_count", device=torch.device("cpu"))
+    expected = calc.get_accuracy(emb, labels)["mean_average_precision_at_r"]
+    # 1e-6, not 1e-9: PML ranks by faiss's float32 L2 distances, we by cosine; a near-tie among 160,000 ordered
+    # pairs may order differently (a ~1e-8 difference, the same before queries were chunked by R).
+    assert mean_average_precision_at_r(emb, labels) == pytest.approx(expected, abs=1e-6)
+
+
 def test_topk_cosine_matches_brute_force_across_blocks():
     rng = np.random.default_rng(4)
     q, ref = unit(rng.normal(size=(70, 12))), unit(rng.normal(size=(300, 12)))
@@ -196,3 +210,14 @@ def test_evaluate_embeddings_keys():
     assert len(i["cmc"]) == 20 and "fnir_at_fpir" not in i
     assert list(evaluate_embeddings(emb, labels, unenrolled=3)["identification"]["fnir_at_fpir"]) == \
         ["1e-01", "1e-02", "1e-03"]
+
+
+def test_average_precision_matches_sklearn_all_pairs_and_in_memory_scores():
+    # Well-spread clustered scores: AP from the 2**16-bin histogram within 1e-3 of sklearn's exact AP; the
+    # in-memory (pairs-file) path uses sklearn's full ROC and must agree to round-off.
+    emb, labels = clustered(60, np.random.default_rng(7).integers(2, 12, 60), 16, noise=1.2, seed=7)
+    scores, same = exact_pairs(emb, labels)
+    expected = average_precision_score(same, scores)
+    assert 0.05 < expected < 0.99  # not a degenerate case
+    assert verification_metrics(emb, labels)["average_precision"] == pytest.approx(expected, abs=1e-3)
+    assert score_metrics(scores, same)["average_precision"] == pytest.approx(expected, abs=1e-9)

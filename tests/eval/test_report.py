@@ -26,7 +26,8 @@ def test_perfectly_separable_embeddings_get_their_report(tmp_path):
     assert v["auc"] == 1.0 and v["eer"] == 0.0 and metrics["identification"]["rank1"] == 1.0
     saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert saved["verification"]["auc"] == 1.0
-    for name in ("roc", "det", "score_hist", "cmc"):
+    assert saved["verification"]["average_precision"] == pytest.approx(1.0)
+    for name in ("roc", "det", "pr", "score_hist", "cmc"):
         assert (tmp_path / "r" / f"{name}.png").stat().st_size > 0, name
     assert "![DET](det.png)" in (tmp_path / "r" / "report.md").read_text()
 
