@@ -22,7 +22,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                 "same/different decision at a threshold (given, or from an evaluation report).")
     p.add_argument("image1")
     p.add_argument("image2")
-    p.add_argument("--checkpoint", required=True, help="exported model: RUN/best (or a RUN directory)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory)")
+    model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, help="decide 'same' when similarity >= THRESHOLD")
     group.add_argument("--report", help="take the threshold from REPORT/metrics.json (tools/evaluate.py)")
@@ -34,7 +36,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     add_align_argument(p)
     args = p.parse_args(argv)
     result = compare(args.checkpoint, args.image1, args.image2, threshold=args.threshold, report=args.report,
-                     operating_point=args.operating_point, flip=args.flip, device=args.device, align=args.align)
+                     operating_point=args.operating_point, flip=args.flip, device=args.device, align=args.align, onnx=args.onnx)
     if args.json:
         print(json.dumps(result, indent=2))
         return result

@@ -1,20 +1,31 @@
-"""Face data: the shard format, its writer and readers, transforms, the per-class sampler, synthetic faces."""
+"""Face data: the shard format, its writer and readers, transforms, the per-class sampler, synthetic faces.
 
-from .readers import ImageFolderDataset, ShardDataset, apply_seeded, build_stream, open_dataset
-from .sampler import DistributedPerClassSampler
-from .synthetic import make_synthetic_faces
-from .transforms import build_eval_transform, build_train_transform
-from .writer import write_shards
+The names below are imported on first use (PEP 562), so that `facesiam.data.images` (PIL and numpy only) can be
+used without importing torch: the onnxruntime inference path (facesiam/onnx_runtime.py) depends on it.
+"""
 
-__all__ = [
-    "ShardDataset",
-    "ImageFolderDataset",
-    "open_dataset",
-    "build_stream",
-    "apply_seeded",
-    "write_shards",
-    "build_train_transform",
-    "build_eval_transform",
-    "make_synthetic_faces",
-    "DistributedPerClassSampler",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "ShardDataset": "readers",
+    "ImageFolderDataset": "readers",
+    "open_dataset": "readers",
+    "build_stream": "readers",
+    "apply_seeded": "readers",
+    "write_shards": "writer",
+    "build_train_transform": "transforms",
+    "build_eval_transform": "transforms",
+    "make_synthetic_faces": "synthetic",
+    "DistributedPerClassSampler": "sampler",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

@@ -15,7 +15,6 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InputError
-from .embed import embed_images
 
 OPERATING_POINTS = ("best", "eer", "pairs", "far=1e-1", "far=1e-2", "far=1e-3", "far=1e-4", "far=1e-5", "far=1e-6")
 
@@ -55,14 +54,24 @@ def threshold_from_report(report: str | os.PathLike, operating_point: str = "bes
 
 def compare(checkpoint: str | os.PathLike, image1: str, image2: str, *, threshold: Optional[float] = None,
             report: Optional[str] = None, operating_point: str = "best", flip: bool = False,
-            device: Optional[str] = None, align: bool = True) -> dict:
-    """{"similarity", "threshold", "threshold_source", "same"} (same is None without a threshold)."""
+            device: Optional[str] = None, align: bool = True, onnx: Optional[str | os.PathLike] = None) -> dict:
+    """{"similarity", "threshold", "threshold_source", "same"} (same is None without a threshold).
+
+    onnx: an ONNX export (facesiam export --onnx) to run on onnxruntime instead of the torch checkpoint.
+    """
     source = None
     if threshold is not None:
         source = "given (--threshold)"
     elif report is not None:
         threshold, source = threshold_from_report(report, operating_point)
-    emb = embed_images(checkpoint, [image1, image2], flip=flip, device=device, align=align)
+    if onnx is not None:
+        from ..onnx_runtime import OnnxEmbedder  # no torch on this path (unless the faces must be aligned)
+
+        emb = OnnxEmbedder(onnx).embed([image1, image2], flip=flip, align=align)
+    else:
+        from .embed import embed_images
+
+        emb = embed_images(checkpoint, [image1, image2], flip=flip, device=device, align=align)
     similarity = float(np.dot(emb[0], emb[1]))
     return {"image1": str(image1), "image2": str(image2), "similarity": similarity, "threshold": threshold,
             "threshold_source": source, "same": None if threshold is None else bool(similarity >= threshold)}
