@@ -77,6 +77,31 @@ def replace_directory(staging: Path, dst: Path, *, last: Optional[str] = None) -
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_directory(dst: str | os.PathLike, *, marker: str, clean_staging: bool = False) -> bool:
+    """Undo a replace_directory cut short between its two renames (kill -9, power loss): ``dst`` is missing but
+    the old copy moved aside still holds ``marker`` (its completeness file) -> move it back. Returns True if it did.
+
+    Either the old or the new copy is complete at any instant; this restores the old one (the write is lost, the
+    directory is never). Old copies left beside a complete ``dst`` are removed; ``clean_staging`` also removes
+    unfinished staging directories (``.NAME.tmp-*``): only for a caller that is the directory's one writer.
+    """
+    dst = Path(dst)
+    recovered = False
+    if not dst.exists():
+        olds = sorted((p for p in dst.parent.glob(f".{dst.name}.old-*") if (p / marker).is_file()),
+                      key=lambda p: p.stat().st_mtime)
+        if olds:
+            os.replace(olds[-1], dst)
+            recovered = True
+    if dst.exists():
+        for leftover in dst.parent.glob(f".{dst.name}.old-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if clean_staging:
+        for leftover in dst.parent.glob(f".{dst.name}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return recovered
+
+
 @contextmanager
 def staged_directory(dst: str | os.PathLike, *, last: Optional[str] = None) -> Iterator[Path]:
     """``with staged_directory(out) as tmp: write into tmp`` -- out is replaced only if the block succeeds."""

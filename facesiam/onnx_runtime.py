@@ -2,14 +2,13 @@
 
 The preprocessing is the exported model's eval transform (facesiam.model.eval_transform_for: [centre crop],
 bilinear resize, /255, mean/std), written here in PIL + numpy so that a deployment needs neither torch nor
-torchvision; tests/test_onnx.py checks both give the same embeddings. A model trained on aligned faces still
+torchvision; tests/test_export.py checks both give the same embeddings. A model trained on aligned faces still
 needs the MTCNN detector (a torch model) to align raw photos: that step imports torch, `align=False` does not.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,14 +16,13 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .embedder import FaceEmbedder
 from .errors import InputError
-
-log = logging.getLogger("facesiam.onnx")
 
 METADATA_KEY = "facesiam"  # the key facesiam/export.py writes (kept apart so this module never imports torch)
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(FaceEmbedder):
     """``OnnxEmbedder("model.onnx").embed(["a.jpg", "b.jpg"])`` -> unit embeddings (N x D float32)."""
 
     def __init__(self, path: str | os.PathLike, *, threads: Optional[int] = None,
@@ -53,13 +51,10 @@ class OnnxEmbedder:
         self.path = path
         self.meta = json.loads(props[METADATA_KEY])
         self.image_size = int(self.meta["image_size"])
+        self.embedding_dim = int(self.meta["embedding_dim"])
+        self.alignment = self.meta.get("alignment") or None
         self._mean = np.asarray(self.meta["mean"], np.float32).reshape(3, 1, 1)
         self._std = np.asarray(self.meta["std"], np.float32).reshape(3, 1, 1)
-
-    @property
-    def alignment(self) -> Optional[dict]:
-        """How the training faces were aligned (None: trained on unaligned images)."""
-        return self.meta.get("alignment") or None
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """PIL RGB image -> 3 x S x S float32, exactly as facesiam.model.eval_transform_for (torchvision on PIL)."""
@@ -81,34 +76,8 @@ class OnnxEmbedder:
             emb = emb + run(batch[..., ::-1])
         return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
-    def embed(self, images: Sequence[str | os.PathLike | Image.Image], *, flip: bool = False, align: bool = True,
-              batch_size: int = 64) -> np.ndarray:
-        """Unit embeddings of image files (read like the training data) or PIL images.
-
-        A model trained on aligned faces gets each image's face detected and aligned the same way first (no face:
-        a one-line error naming the image); ``align=False`` feeds the images as they are.
-        """
-        from .data.images import load_rgb
-
-        names = [str(p) if not isinstance(p, Image.Image) else f"image {i}" for i, p in enumerate(images)]
-        missing = [n for n, p in zip(names, images) if not isinstance(p, Image.Image) and not Path(p).is_file()]
-        if missing:
-            raise FileNotFoundError(f"image {missing[0]} not found"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        aligner = None
-        if align and self.alignment:
-            from .data.align import aligner_for, describe_alignment  # MTCNN is a torch model
-
-            aligner = aligner_for(self.alignment, "cpu")
-            log.info("aligning %d image(s): %s, as the model was trained (--no-align for aligned crops)",
-                     len(names), describe_alignment(self.alignment))
-        out = []
-        for start in range(0, len(names), batch_size):
-            chunk = images[start:start + batch_size]
-            pictures = [p.convert("RGB") if isinstance(p, Image.Image) else load_rgb(p) for p in chunk]
-            if aligner is not None:
-                from .data.align import align_images
-
-                pictures = align_images(pictures, names[start:start + batch_size], aligner)
-            out.append(self.embed_arrays(np.stack([self.preprocess(p) for p in pictures]), flip=flip))
-        return np.concatenate(out) if out else np.zeros((0, int(self.meta["embedding_dim"])), np.float32)
+    def embed_faces(self, pictures: Sequence[Image.Image], *, flip: bool = False) -> np.ndarray:
+        """RGB images the network takes as they are -> unit embeddings."""
+        if not pictures:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        return self.embed_arrays(np.stack([self.preprocess(p) for p in pictures]), flip=flip)

@@ -109,6 +109,35 @@ def face_folder(tmp_path_factory) -> Path:
                                 progress=False)
 
 
+def photo(scale: float, degrees: float, offset: tuple[int, int], tint: tuple[int, int, int] = (128, 128, 128),
+          canvas: int = 400):
+    """A real 'raw photo': the astronaut's head and shoulders (skimage.data.astronaut(): Eileen Collins, NASA,
+    public domain), scaled, rotated and placed on a plain canvas."""
+    import skimage.data
+    from PIL import Image
+
+    head = Image.fromarray(skimage.data.astronaut()[0:300, 80:380])
+    head = head.resize((round(300 * scale),) * 2, Image.BILINEAR).rotate(degrees, Image.BILINEAR, fillcolor=tint)
+    out = Image.new("RGB", (canvas, canvas), tint)
+    out.paste(head, offset)
+    return out
+
+
+@pytest.fixture(scope="session")
+def aligned_model(tmp_path_factory) -> Path:
+    """A random tiny model exported as if trained on 112x112 aligned faces (config.json records the alignment)."""
+    import torch
+
+    from facesiam.config import ModelConfig
+    from facesiam.data.align import FaceAligner, alignment_info
+    from facesiam.model import build_model, export_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=32, image_size=64)
+    return export_model(build_model(cfg), cfg, tmp_path_factory.mktemp("aligned") / "best",
+                        alignment=alignment_info(FaceAligner()))
+
+
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide singletons, so the next Accelerator in this process starts clean."""
     from accelerate.state import AcceleratorState, PartialState

@@ -125,3 +125,26 @@ def test_lfw_faces_embed_the_same_on_onnxruntime(onnx_file, cropped_model):
     ref = embed_images(cropped_model, images, device="cpu")
     got = OnnxEmbedder(onnx_file, threads=2).embed(images)
     assert np.min(np.sum(ref * got, axis=1)) >= 0.9999
+
+
+def test_embed_and_gallery_run_on_onnx_like_the_checkpoint(onnx_file, cropped_model, face_folder, tmp_path):
+    from facesiam.eval.embed import load_embeddings
+
+    facesiam_main(["embed", "--checkpoint", str(cropped_model), "--data", str(face_folder), "--out",
+                   str(tmp_path / "torch.npz"), "--num-workers", "0"])
+    facesiam_main(["embed", "--onnx", str(onnx_file), "--data", str(face_folder), "--out", str(tmp_path / "ort.npz"),
+                   "--batch-size", "7"])
+    t, o = load_embeddings(tmp_path / "torch.npz"), load_embeddings(tmp_path / "ort.npz")
+    assert o["paths"] == t["paths"] and (o["labels"] == t["labels"]).all()
+    assert np.min(np.sum(o["embeddings"] * t["embeddings"], axis=1)) >= 0.9999
+    assert o["meta"]["runtime"] == "onnxruntime"
+
+    facesiam_main(["gallery", "build", "--onnx", str(onnx_file), "--data", str(face_folder), "--out",
+                   str(tmp_path / "g")])
+    probe = str(face_folder / t["paths"][5])
+    out = tmp_path / "hits.json"
+    facesiam_main(["gallery", "search", "--index", str(tmp_path / "g"), "--onnx", str(onnx_file), "--image", probe,
+                   "-k", "3", "--out", str(out)])
+    hits = json.loads(out.read_text())
+    top = hits["results"][0]["matches"][0]
+    assert top["identity"] == t["classes"][t["labels"][5]] and top["score"] == pytest.approx(1.0, abs=1e-4)

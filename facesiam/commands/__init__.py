@@ -31,6 +31,7 @@ COMMANDS = {
     "make-pairs": ("make_pairs", "write an LFW-format pairs file for a data set"),
     "gallery": ("gallery", "build, extend and search a persistent FAISS gallery"),
     "compare": ("compare", "cosine similarity of two face images and the same/different decision"),
+    "serve": ("serve", "the face-verification and search service with a web page (FastAPI on uvicorn)"),
     "export": ("export", "export a trained model to ONNX (dynamic batch, preprocessing and alignment as metadata)"),
     "convert-weights": ("convert_weights", "convert third-party ImageNet weights for --pretrained"),
 }

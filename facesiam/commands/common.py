@@ -8,9 +8,15 @@ import os
 import sys
 
 
-def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """--checkpoint/--data/--split/--flip/--batch-size/--num-workers, shared by embed, evaluate and gallery."""
-    p.add_argument("--checkpoint", required=required, help="exported model: RUN/best (or a RUN directory)")
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx: bool = False) -> None:
+    """--checkpoint/--data/--split/--flip/--batch-size/--num-workers, shared by embed, evaluate and gallery;
+    ``onnx``: --onnx FILE as the other way to give the model (one of the two is then required)."""
+    if onnx:
+        model = p.add_mutually_exclusive_group(required=required)
+        model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
+        model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+    else:
+        p.add_argument("--checkpoint", required=required, help="exported model: RUN/best (or a RUN directory)")
     p.add_argument("--data", required=required, help="ImageFolder directory or shard directory (dataset.json)")
     p.add_argument("--split", default="val", help="shard split to embed (ignored for an ImageFolder; default: val)")
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (LFW convention)")

@@ -1,6 +1,7 @@
 """facesiam embed: embed an ImageFolder or a shard split with a trained model into an .npz.
 
     python tools/embed.py --checkpoint RUN/best --data DATA [--split val] --out emb.npz [--flip]
+    python tools/embed.py --onnx model.onnx --data DATA --out emb.npz     # the network on onnxruntime
     accelerate launch tools/embed.py ...        # each process embeds its share; the main one writes the file
 
 The .npz holds ``embeddings`` (N x D float32, L2-normalised), ``labels`` (N int64), ``paths`` (N str, relative,
@@ -24,17 +25,21 @@ log = logging.getLogger("facesiam.embed")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="embed", description="Embed an ImageFolder or a shard split with a trained "
                                 "model; writes embeddings, labels, paths and classes to an .npz.")
-    add_model_arguments(p)
+    add_model_arguments(p, onnx=True)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     args = p.parse_args(argv)
     log_to_stderr()
-    from ..eval.embed import embed_path, launched_accelerator, save_embeddings
+    from ..eval.embed import embed_path, embed_path_onnx, launched_accelerator, save_embeddings
 
-    accelerator = launched_accelerator(cpu=args.cpu)
-    result = embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
-                        num_workers=args.num_workers, accelerator=accelerator,
-                        device="cpu" if args.cpu else None, progress=True, align=args.align)
+    accelerator = None if args.onnx else launched_accelerator(cpu=args.cpu)
+    if args.onnx:
+        result = embed_path_onnx(args.onnx, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
+                                 align=args.align)
+    else:
+        result = embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
+                            num_workers=args.num_workers, accelerator=accelerator,
+                            device="cpu" if args.cpu else None, progress=True, align=args.align)
     if accelerator is None or accelerator.is_main_process:
         save_embeddings(args.out, result["embeddings"], result["labels"], result["paths"], result["classes"],
                         result["meta"])

@@ -27,12 +27,16 @@ log = logging.getLogger("facesiam.gallery")
 
 def _inputs(args) -> dict:
     """Embeddings from --embeddings NPZ, or from --checkpoint + --data."""
-    from ..eval.embed import embed_path, load_embeddings
+    from ..eval.embed import embed_path, embed_path_onnx, load_embeddings
 
     if args.embeddings:
         return load_embeddings(args.embeddings)
-    if not (args.checkpoint and args.data):
-        raise InputError(f"gallery {args.command}: pass --embeddings NPZ, or --checkpoint RUN/best with --data DIR")
+    if not ((args.checkpoint or args.onnx) and args.data):
+        raise InputError(f"gallery {args.command}: pass --embeddings NPZ, or --checkpoint RUN/best (or --onnx "
+                         "model.onnx) with --data DIR")
+    if args.onnx:
+        return embed_path_onnx(args.onnx, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
+                               align=args.align)
     return embed_path(args.checkpoint, args.data, split=args.split, flip=args.flip, batch_size=args.batch_size,
                       num_workers=args.num_workers, device=args.device, align=args.align)
 
@@ -48,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, model_required=False):
-        add_model_arguments(sp, required=model_required)
+        add_model_arguments(sp, required=model_required, onnx=True)
         sp.add_argument("--embeddings", help="embeddings .npz from tools/embed.py")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -125,11 +129,13 @@ def _search(gallery, args) -> None:
     if args.ef_search and gallery.kind == "hnsw":
         gallery._set_knob(args.ef_search)
     if args.image:
-        if not args.checkpoint:
-            raise InputError("gallery search --image needs --checkpoint (the model the gallery was built with)")
+        if not (args.checkpoint or args.onnx):
+            raise InputError("gallery search --image needs --checkpoint or --onnx (the model the gallery was built "
+                             "with)")
         from ..eval.embed import embed_images
 
-        queries = embed_images(args.checkpoint, args.image, flip=args.flip, device=args.device, align=args.align)
+        queries = embed_images(args.checkpoint, args.image, flip=args.flip, device=args.device, align=args.align,
+                               onnx=args.onnx)
         names = list(args.image)
     elif args.embeddings:
         from ..eval.embed import load_embeddings

@@ -52,6 +52,10 @@ class BadImage(InputError):
     """A file that cannot be used as a training image; ``str(exc)`` is the reason (one line)."""
 
 
+class TooManyPixels(BadImage):
+    """An image over a pixel limit (checked from its header, before decoding)."""
+
+
 @dataclass
 class PackedImage:
     """An image ready for a shard: its bytes, extension (``jpg``/``png``/``webp``), size and how it was made."""
@@ -192,9 +196,24 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     Raises BadImage naming the file when it cannot be used.
     """
     with open(path, "rb") as f:
-        raw = f.read()
+        return rgb_from_bytes(f.read(), str(path))
+
+
+def rgb_from_bytes(raw: bytes, name: str, max_pixels: Optional[int] = None) -> Image.Image:
+    """Image bytes (a file's, an upload's) -> PIL RGB under the shards' policy; BadImage naming ``name`` if unusable.
+
+    ``max_pixels``: refuse larger images from their header, before decoding (a decompression bomb never expands).
+    """
     try:
+        if max_pixels is not None:
+            try:
+                with Image.open(io.BytesIO(raw)) as probe:
+                    width, height = probe.size
+            except Exception:  # not an image at all: _decode says so below
+                width = height = 0
+            if width * height > max_pixels:
+                raise TooManyPixels(f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
         img, _ = normalize(_decode(raw), raw)
     except BadImage as e:
-        raise BadImage(f"{path}: {e}") from None
+        raise type(e)(f"{name}: {e}") from None
     return img if img.mode == "RGB" else img.convert("RGB")

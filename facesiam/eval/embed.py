@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from ..embedder import FaceEmbedder
 from ..errors import InputError
 from ..fileio import atomic_write
 
@@ -169,6 +170,57 @@ def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split:
             "meta": meta}
 
 
+def embed_path_onnx(onnx: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", flip: bool = False,
+                    batch_size: int = 128, threads: Optional[int] = None, progress: bool = True,
+                    align: bool = True) -> dict:
+    """``embed_path`` with an ONNX export on onnxruntime (one process): the same data, alignment and result dict.
+
+    The network runs without torch; reading DATA uses facesiam's readers (ImageFolder or shards).
+    """
+    from tqdm.auto import tqdm
+
+    from ..data import open_dataset
+    from ..data.align import AlignedView, describe_alignment, recorded_alignment
+    from ..onnx_runtime import OnnxEmbedder
+
+    embedder = OnnxEmbedder(onnx, threads=threads)
+    wanted = embedder.alignment if align else None
+    aligned = "off" if not align else "none (the model was trained on unaligned images)"
+    if wanted is not None and recorded_alignment(data) is not None:
+        dataset, aligned = open_dataset(data, split=split), "recorded in the data"
+    elif wanted is not None:
+        dataset = AlignedView(open_dataset(data, split=split), wanted)
+        aligned = "on the fly: " + describe_alignment(wanted)
+    else:
+        dataset = open_dataset(data, split=split)
+    if progress:
+        log.info("alignment: %s%s", aligned, " (--no-align reads the images as they are)" if wanted else "")
+    t0, n = time.time(), len(dataset)
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="embed (onnxruntime)", unit="batch", disable=not progress):
+        pictures = [dataset[i][0] for i in range(start, min(n, start + batch_size))]
+        out.append(embedder.embed_faces(pictures, flip=flip))
+    emb = np.concatenate(out) if out else np.zeros((0, embedder.embedding_dim), np.float32)
+    if progress:
+        log.info("embedded %d images in %.1fs (%.0f images/s, onnxruntime)", n, time.time() - t0,
+                 n / max(time.time() - t0, 1e-9))
+    meta = {"checkpoint": str(onnx), "data": str(data), "split": split, "flip": flip,
+            "backbone": embedder.meta.get("backbone"), "embedding_dim": embedder.embedding_dim,
+            "image_size": embedder.image_size, "alignment": aligned, "runtime": "onnxruntime"}
+    return {"embeddings": emb, "labels": np.asarray(dataset.labels, np.int64), "paths": list(dataset.paths),
+            "classes": list(dataset.classes), "meta": meta}
+
+
+def open_embedder(checkpoint: Optional[str | os.PathLike] = None, onnx: Optional[str | os.PathLike] = None, *,
+                  device: Optional[str] = None, threads: Optional[int] = None) -> FaceEmbedder:
+    """The embedder for an exported checkpoint (torch) or an ONNX export (onnxruntime)."""
+    if onnx is not None:
+        from ..onnx_runtime import OnnxEmbedder
+
+        return OnnxEmbedder(onnx, threads=threads)
+    return TorchEmbedder(checkpoint, device=device)
+
+
 def launched_accelerator(cpu: bool = False) -> Any:
     """An accelerate Accelerator when started by `accelerate launch`/torchrun with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -179,36 +231,37 @@ def launched_accelerator(cpu: bool = False) -> Any:
     return Accelerator(cpu=cpu or not torch.cuda.is_available())
 
 
-def embed_images(checkpoint: str | os.PathLike, images: Sequence[str | os.PathLike], *, flip: bool = False,
-                 device: Optional[str] = None, batch_size: int = 64, align: bool = True) -> np.ndarray:
+class TorchEmbedder(FaceEmbedder):
+    """An exported checkpoint (RUN/best) on torch: ``TorchEmbedder("RUN/best").embed(["a.jpg", "b.jpg"])``."""
+
+    def __init__(self, checkpoint: str | os.PathLike, *, device: Optional[str] = None):
+        from ..model import eval_transform_for, exported_alignment, load_exported
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.cfg = load_exported(checkpoint, device=self.device)
+        self.transform = eval_transform_for(self.cfg)
+        self.embedding_dim = self.cfg.embedding_dim
+        self.alignment = exported_alignment(checkpoint)
+
+    def embed_faces(self, pictures: Sequence[Any], *, flip: bool = False) -> np.ndarray:
+        if not pictures:
+            return np.zeros((0, self.embedding_dim), np.float32)
+        with torch.inference_mode():
+            batch = torch.stack([self.transform(p) for p in pictures]).to(self.device)
+            return _embed(self.model, batch, flip).cpu().numpy()
+
+
+def embed_images(checkpoint: Optional[str | os.PathLike], images: Sequence[str | os.PathLike], *, flip: bool = False,
+                 device: Optional[str] = None, batch_size: int = 64, align: bool = True,
+                 onnx: Optional[str | os.PathLike] = None) -> np.ndarray:
     """Unit embeddings (len(images) x D float32) of image files, read like the training data, with an exported model.
 
     A model trained on aligned faces gets each image's face detected and aligned the same way first (an image
     without a usable face is a one-line error naming it); ``align=False`` feeds the images as they are.
+    ``onnx``: an ONNX export to run on onnxruntime instead of the checkpoint.
     """
-    from ..data.align import align_images, aligner_for, describe_alignment
-    from ..data.images import load_rgb
-    from ..model import eval_transform_for, exported_alignment, load_exported
-
     missing = [str(p) for p in images if not Path(p).is_file()]
-    if missing:
+    if missing:  # before loading the model: a typo costs nothing
         raise FileNotFoundError(f"image {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                                                    else ""))
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_exported(checkpoint, device=dev)
-    transform = eval_transform_for(cfg)
-    wanted = exported_alignment(checkpoint) if align else None
-    aligner = aligner_for(wanted, dev) if wanted else None
-    if aligner is not None:
-        log.info("aligning %d image(s): %s, as the model was trained (--no-align for aligned crops)", len(images),
-                 describe_alignment(wanted))
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            names = [str(p) for p in images[start:start + batch_size]]
-            pictures = [load_rgb(p) for p in names]
-            if aligner is not None:
-                pictures = align_images(pictures, names, aligner)
-            batch = torch.stack([transform(p) for p in pictures])
-            out.append(_embed(model, batch.to(dev), flip).cpu())
-    return torch.cat(out).numpy()
+    return open_embedder(checkpoint, onnx, device=device).embed(images, flip=flip, align=align, batch_size=batch_size)

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..fileio import staged_directory, write_json
+from ..fileio import recover_directory, staged_directory, write_json
 from .metrics import resolve_device, topk_cosine
 
 log = logging.getLogger("facesiam.gallery")
@@ -203,6 +203,44 @@ class Gallery:
         self.paths += list(paths) if paths is not None else [""] * len(x)
         self.meta["updated"] = _now()
 
+    def copy(self) -> "Gallery":
+        """An independent copy (index included): change it while searches go on using this one."""
+        return Gallery(_faiss().clone_index(self.index), list(self.names), self.identity.copy(), list(self.paths),
+                       json.loads(json.dumps(self.meta)))
+
+    def remove(self, identity: str) -> int:
+        """Drop every entry of ``identity``; returns how many there were (0: not enrolled, nothing changes)."""
+        ident = self._name_id.get(str(identity))
+        keep = self.identity != ident if ident is not None else None
+        if keep is None or keep.all():
+            return 0
+        faiss = _faiss()
+        removed = int((~keep).sum())
+        # a fresh index over the kept vectors, so entry numbers stay positions in the tables (FAISS's remove_ids
+        # would keep the old numbers); IVF keeps its trained cells, HNSW (which cannot remove) its parameters
+        x = np.ascontiguousarray(self.vectors()[keep])
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(self.index.d)
+        elif self.kind == "ivf":
+            index = faiss.clone_index(self.index)
+            index.reset()
+            index.nprobe = self.index.nprobe
+        else:
+            index = faiss.IndexHNSWFlat(self.index.d, self.meta["params"]["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.meta["params"]["efConstruction"]
+            index.hnsw.efSearch = self.index.hnsw.efSearch
+        index.add(x)
+        self.index = index
+        # identity numbers stay dense: the names of the identities left, in their old order
+        left = [n for i, n in enumerate(self.names) if i != ident]
+        remap = np.array([j - (j > ident) for j in range(len(self.names))], dtype=np.int64)
+        self.identity = remap[self.identity[keep]]
+        self.paths = [p for p, k in zip(self.paths, keep) if k]
+        self.names = left
+        self._name_id = {n: i for i, n in enumerate(left)}
+        self.meta["updated"] = _now()
+        return removed
+
     def search_entries(self, queries: np.ndarray, k: int, *, device: Optional[str] = None,
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k entries per query: (scores Q x k, entry indices Q x k; -1 where fewer exist)."""
@@ -259,6 +297,8 @@ class Gallery:
     def load(cls, directory: str | os.PathLike) -> "Gallery":
         faiss = _faiss()
         directory = Path(directory)
+        if recover_directory(directory, marker=META_FILE):  # a save cut short between its two renames
+            log.warning("%s: restored the gallery as it was before an interrupted save", directory)
         missing = [f for f in (INDEX_FILE, ENTRIES_FILE, META_FILE) if not (directory / f).is_file()]
         if missing:
             raise FileNotFoundError(f"{directory} is not a gallery (missing {', '.join(missing)}); "

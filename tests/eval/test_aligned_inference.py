@@ -11,33 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-import skimage.data
 
 from facesiam.commands import main as facesiam_main
-from facesiam.config import ModelConfig
 from facesiam.data import align
 from facesiam.data.align import FaceAligner, align_folder, alignment_info
 from facesiam.data.format import read_metadata
 from facesiam.eval.embed import embed_images, embed_path
-from facesiam.model import build_model, export_model, exported_alignment
+from facesiam.model import exported_alignment
+from tests.conftest import photo
 
 pytest.importorskip("facenet_pytorch", reason=f"face detection needs: {align.INSTALL_HINT}")
-
-GREY = (128, 128, 128)
-
-
-def photo(scale: float, degrees: float, offset: tuple[int, int], tint: tuple[int, int, int] = GREY,
-          canvas: int = 400) -> Image.Image:
-    """The astronaut's head and shoulders, scaled, rotated and placed on a plain canvas: a 'raw photo'."""
-    head = Image.fromarray(skimage.data.astronaut()[0:300, 80:380])
-    head = head.resize((round(300 * scale),) * 2, Image.BILINEAR).rotate(degrees, Image.BILINEAR, fillcolor=tint)
-    out = Image.new("RGB", (canvas, canvas), tint)
-    out.paste(head, offset)
-    return out
-
 
 @pytest.fixture(scope="module")
 def raw_photos(tmp_path_factory) -> Path:
@@ -52,15 +37,6 @@ def raw_photos(tmp_path_factory) -> Path:
     noise = np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)
     Image.fromarray(noise).save(src / "person0" / "noise.png")
     return src
-
-
-@pytest.fixture(scope="module")
-def aligned_model(tmp_path_factory) -> Path:
-    """A random tiny model exported as if trained on 112x112 aligned faces (config.json records the alignment)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=32, image_size=64)
-    return export_model(build_model(cfg), cfg, tmp_path_factory.mktemp("aligned") / "best",
-                        alignment=alignment_info(FaceAligner()))
 
 
 def test_make_shards_align_records_the_alignment_and_every_image(raw_photos, tmp_path, capsys):

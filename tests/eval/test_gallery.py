@@ -137,3 +137,34 @@ def test_build_from_a_folder_and_search_by_image(tiny_model_dir, face_folder, tm
         main(["search", "--index", str(tmp_path / "G"), "--image", str(probe)])
     with pytest.raises(SystemExit, match="not a gallery"):
         main(["search", "--index", str(tmp_path), "--image", str(probe)])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_remove_an_identity_equals_a_gallery_built_without_it(kind, tmp_path):
+    x, labels = clustered(300, 4, dim=32, noise=0.6)
+    names = [f"p{l}" for l in labels]
+    paths = [f"img{i}.jpg" for i in range(len(x))]
+    g = Gallery.build(x, names, paths, kind=kind, target_recall=0.99)
+    knob = {"flat": None, "ivf": "nprobe", "hnsw": "efSearch"}[kind]
+    before = g.copy()
+    assert g.remove("p7") == 4 and g.remove("p7") == 0 and g.remove("nobody") == 0
+    assert before.size == len(x) and "p7" in before.names  # the copy is independent
+    keep = labels != 7
+    assert g.size == keep.sum() and "p7" not in g.names and len(g.names) == 299
+    assert g.paths == [p for p, k in zip(paths, keep) if k]
+    assert [g.names[i] for i in g.identity] == [n for n, k in zip(names, keep) if k]
+    np.testing.assert_allclose(g.vectors(), x[keep], atol=1e-6)
+    if knob:
+        assert g.meta["params"][knob] == before.meta["params"][knob]
+    q, _ = clustered(300, 1, dim=32, noise=0.6, noise_seed=3)
+    want = brute_identities(x[keep], [n for n, k in zip(names, keep) if k], q, 3)
+    got = [[(m["identity"], m["score"]) for m in row] for row in g.search(q, 3)]
+    if kind == "flat":
+        assert [[n for n, _ in r] for r in got] == [[n for n, _ in r] for r in want]
+        np.testing.assert_allclose([[s for _, s in r] for r in got], [[s for _, s in r] for r in want], atol=1e-5)
+    else:  # approximate: the top identity agrees with exact search at the recall it was tuned for
+        assert np.mean([a[0][0] == b[0][0] for a, b in zip(got, want)]) >= 0.95
+    g.add(x[labels == 7], ["p7"] * 4)  # and can be enrolled again
+    g.save(tmp_path / kind)
+    loaded = Gallery.load(tmp_path / kind)
+    assert loaded.size == len(x) and loaded.search(q[:20], 3) == g.search(q[:20], 3)

@@ -1,0 +1,139 @@
+"""Micro-batching: requests that arrive together share one detector pass and one network pass.
+
+Each request puts its decoded images on an asyncio queue and awaits a future per image. One worker task takes the
+first waiting image, then keeps collecting until ``max_batch`` images or ``max_wait_ms`` have passed, and runs the
+batch in a single worker thread (the model never runs on the event loop, and one thread keeps torch/onnxruntime
+from competing with themselves for the cores). ``max_batch=1`` turns batching off: every image is its own pass.
+
+Hand-written because the libraries for this (e.g. Ray Serve's @serve.batch, NVIDIA Triton's dynamic batcher) are
+whole serving systems; this is the 60 lines a FastAPI app needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger("facesiam.serve")
+
+
+class NoFace(ValueError):
+    """The image has no face the model can use (the reason is the message)."""
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    images: int = 0
+    largest: int = 0
+
+    def as_dict(self) -> dict:
+        return {"batches": self.batches, "images": self.images, "largest_batch": self.largest,
+                "mean_batch": round(self.images / self.batches, 2) if self.batches else 0.0}
+
+
+class Batcher:
+    """``await batcher.embed([img, ...])`` -> one unit embedding or a NoFace per image, batched across callers."""
+
+    def __init__(self, embed_many: Callable[[Sequence[Image.Image]], list], *, max_batch: int = 32,
+                 max_wait_ms: float = 5.0):
+        self.embed_many = embed_many
+        self.max_batch = max(1, int(max_batch))
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.stats = BatchStats()
+        self._queue: Optional[asyncio.Queue] = None
+        self._worker: Optional[asyncio.Task] = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facesiam-model")
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._worker = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    async def run_in_model_thread(self, fn: Callable, *args):
+        """Run ``fn`` on the model's thread (e.g. a gallery write), in order with the batches."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def embed(self, images: Sequence[Image.Image]) -> list:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for image in images:
+            future = loop.create_future()
+            self._queue.put_nowait((image, future))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:  # whatever is already waiting joins at once; then wait out the time budget
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            images = [image for image, _ in batch]
+            try:
+                results = await loop.run_in_executor(self._pool, self.embed_many, images)
+            except Exception as err:  # a model failure fails this batch's requests, not the service
+                log.exception("batch of %d failed", len(batch))
+                results = [err] * len(batch)
+            self.stats.batches += 1
+            self.stats.images += len(batch)
+            self.stats.largest = max(self.stats.largest, len(batch))
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    if isinstance(result, Exception) and not isinstance(result, NoFace):  # NoFace is an answer
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+
+
+def embed_many_for(embedder, *, align: bool = True) -> Callable[[Sequence[Image.Image]], list]:
+    """The batch function for an embedder (facesiam.embedder.FaceEmbedder): detect + align as the model was
+    trained (one detector pass for the batch), then one network pass over the faces that were found."""
+
+    def embed_many(images: Sequence[Image.Image]) -> list:
+        aligner = embedder.aligner if align else None
+        faces: list = list(images)
+        results: list = [None] * len(images)
+        if aligner is not None:
+            faces = []
+            for i, found in enumerate(aligner.align_batch(list(images))):
+                if found.image is None or found.status != "aligned":
+                    results[i] = NoFace(f"{found.reason or 'no face found'}; the model was trained on aligned "
+                                        f"faces: send a photo in which one face of at least "
+                                        f"{aligner.min_face_size} px is fully visible")
+                faces.append(found.image)
+        keep = [i for i, r in enumerate(results) if r is None]
+        if keep:
+            emb = embedder.embed_faces([faces[i] for i in keep])
+            for row, i in zip(np.asarray(emb, np.float32), keep):
+                results[i] = row
+        return results
+
+    return embed_many

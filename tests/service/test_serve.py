@@ -1,0 +1,291 @@
+"""facesiam serve end to end: the real server (uvicorn on a free localhost port) called with a real client (httpx).
+
+Expected scores are computed independently in this process: the same checkpoint through facesiam.eval.embed and
+a gallery searched by brute force with numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facesiam.eval.embed import TorchEmbedder
+from facesiam.eval.gallery import Gallery
+from tests.conftest import run_python
+from tests.service.conftest import TOKEN, Server, noise_png, png_bytes, upload
+
+from PIL import Image
+
+
+def people(face_folder: Path) -> dict[str, list[Path]]:
+    return {d.name: sorted(d.glob("*.png")) for d in sorted(face_folder.iterdir()) if d.is_dir()}
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir, face_folder):
+    """Unit embeddings of every synthetic face, computed in this process."""
+    paths = [p for ps in people(face_folder).values() for p in ps]
+    emb = TorchEmbedder(tiny_model_dir, device="cpu").embed(paths)
+    return {p: e for p, e in zip(paths, emb)}
+
+
+def verify(srv: Server, a: Path, b: Path, **kw):
+    return srv.client.post("/verify", files={"image1": upload(a), "image2": upload(b)}, **kw)
+
+
+def enroll(srv: Server, identity: str, paths: list[Path], headers=None):
+    return srv.client.post("/enroll", data={"identity": identity}, files=[("images", upload(p)) for p in paths],
+                           headers=srv.auth if headers is None else headers)
+
+
+def test_every_endpoint_round_trip_and_persistence(tiny_model_dir, face_folder, expected, tmp_path):
+    gallery = tmp_path / "gallery"
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({"verification": {"threshold_at_far": {"1e-03": 0.8},
+                                                                      "tar_at_far": {"1e-03": 0.5}}}))
+    ppl = people(face_folder)
+    names = list(ppl)
+    args = ["--checkpoint", str(tiny_model_dir), "--gallery", str(gallery), "--report", str(report),
+            "--max-batch", "1", "--device", "cpu"]
+    with Server(args, log=tmp_path / "serve.log") as srv:
+        health = srv.client.get("/healthz").json()  # no token needed
+        assert health["status"] == "ok" and health["gallery_size"] == 0
+        page = srv.client.get("/")
+        assert page.status_code == 200 and "<form" in page.text
+
+        a, b = ppl[names[0]][:2]
+        r = verify(srv, a, b, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["similarity"] == pytest.approx(float(expected[a] @ expected[b]), abs=1e-4)
+        assert out["threshold"] == 0.8 and "far=1e-3" in out["threshold_source"]
+        assert out["same"] == (out["similarity"] >= 0.8) and out["decision"] in ("same", "different")
+        assert verify(srv, a, a, headers=srv.auth).json()["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+        # an empty gallery: a search answers, "unknown"
+        r = srv.client.post("/search", files={"image": upload(a)}, headers=srv.auth)
+        assert r.status_code == 200 and r.json()["identity"] == "unknown" and r.json()["matches"] == []
+
+        # enrol 5 people with all but their last image; search with the last
+        for n in names[:5]:
+            r = enroll(srv, n, ppl[n][:-1])
+            assert r.status_code == 200, r.text
+            assert r.json()["added"] == len(ppl[n]) - 1
+        listed = srv.client.get("/identities", headers=srv.auth).json()
+        assert listed["count"] == 5
+        assert {i["name"]: i["images"] for i in listed["identities"]} == {n: len(ppl[n]) - 1 for n in names[:5]}
+        assert enroll(srv, names[0], ppl[names[0]][-1:]).json()["images"] == len(ppl[names[0]])  # adds to a person
+
+        enrolled = {n: ppl[n] if n == names[0] else ppl[n][:-1] for n in names[:5]}
+        gx = np.stack([expected[p] for n in enrolled for p in enrolled[n]])
+        gid = [n for n in enrolled for _ in enrolled[n]]
+
+        def brute(q: np.ndarray, k: int) -> list[tuple[str, float]]:
+            best: dict[str, float] = {}
+            for name, s in zip(gid, gx @ q):
+                best[name] = max(best.get(name, -2.0), float(s))
+            return sorted(best.items(), key=lambda t: -t[1])[:k]
+
+        def check_search(server: Server, probe: Path) -> None:
+            r = server.client.post("/search", files={"image": upload(probe)}, data={"k": "3"}, headers=server.auth)
+            assert r.status_code == 200, r.text
+            got = r.json()
+            want = brute(expected[probe], 3)
+            assert [m["identity"] for m in got["matches"]] == [n for n, _ in want]
+            assert [m["score"] for m in got["matches"]] == pytest.approx([s for _, s in want], abs=1e-4)
+            assert got["identity"] == (want[0][0] if want[0][1] >= 0.8 else "unknown")
+
+        for n in names[1:5]:
+            check_search(srv, ppl[n][-1])
+
+        # delete one person; deleting them again is a 404
+        r = srv.client.delete(f"/identities/{names[1]}", headers=srv.auth)
+        assert r.status_code == 200 and r.json()["removed"] == len(ppl[names[1]]) - 1
+        r = srv.client.delete(f"/identities/{names[1]}", headers=srv.auth)
+        assert r.status_code == 404 and "not enrolled" in r.json()["error"]
+        keep = [i for i, n in enumerate(gid) if n != names[1]]
+        gx, gid = gx[keep], [gid[i] for i in keep]
+        check_search(srv, ppl[names[2]][-1])
+        assert srv.client.get("/healthz").json()["gallery_size"] == len(gid)
+
+    # a restart serves the same gallery
+    with Server(args, log=tmp_path / "serve2.log") as srv:
+        listed = srv.client.get("/identities", headers=srv.auth).json()
+        assert [i["name"] for i in listed["identities"]] == [names[0], *names[2:5]]
+        check_search(srv, ppl[names[3]][-1])
+    assert Gallery.load(gallery).size == len(gid)
+    assert not list(tmp_path.glob(".gallery.*"))  # no staging or old copies left beside it
+
+
+def test_tokens_public_read_and_bad_input(tiny_model_dir, face_folder, tmp_path):
+    ppl = people(face_folder)
+    a, b = next(iter(ppl.values()))[:2]
+    token_file = tmp_path / "token"
+    token_file.write_text("file-token-abcdefghijklmnop\n")
+    args = ["--checkpoint", str(tiny_model_dir), "--gallery", str(tmp_path / "g"), "--threshold", "0.5",
+            "--token-file", str(token_file), "--max-upload-mb", "0.02", "--max-pixels", "10000"]
+    with Server(args, token=None, log=tmp_path / "serve.log") as srv:
+        good = {"Authorization": "Bearer file-token-abcdefghijklmnop"}
+        # tokens: none -> 401 with a challenge, wrong -> 403, right -> 200
+        r = verify(srv, a, b)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "token" in r.json()["error"]
+        assert verify(srv, a, b, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 403
+        assert verify(srv, a, b, headers={"Authorization": "Basic abc"}).status_code == 401
+        assert verify(srv, a, b, headers=good).status_code == 200
+        for method, path in (("GET", "/identities"), ("DELETE", "/identities/x"), ("POST", "/search")):
+            assert srv.client.request(method, path).status_code == 401, path
+
+        def post(path: str, files, data=None):
+            r = srv.client.post(path, files=files, data=data, headers=good)
+            assert r.headers["content-type"] == "application/json", r.text
+            assert r.json()["status"] == r.status_code
+            return r
+
+        img = upload(a)
+        assert post("/verify", {"image1": img, "image2": ("x.txt", b"hello", "text/plain")}).status_code == 415
+        r = post("/verify", {"image1": img, "image2": ("x.png", b"not an image at all", "image/png")})
+        assert r.status_code == 400 and "x.png" in r.json()["error"]
+        r = post("/verify", {"image1": img, "image2": ("big.png", noise_png(100), "image/png")})  # 30 kB > 20 kB
+        assert r.status_code == 413 and "big.png" in r.json()["error"]
+        flat = png_bytes(Image.new("RGB", (200, 200), (90, 90, 90)))  # 40,000 px in a few hundred bytes
+        r = post("/verify", {"image1": img, "image2": ("wide.png", flat, "image/png")})
+        assert r.status_code == 413 and "pixels" in r.json()["error"]
+        r = post("/verify", {"image1": img})
+        assert r.status_code == 400 and "image2" in r.json()["error"]
+        r = post("/search", {"image": img}, {"k": "0"})
+        assert r.status_code == 400 and "k must be" in r.json()["error"]
+        r = post("/enroll", [("images", img)], {"identity": "a/b"})
+        assert r.status_code == 400 and "identity" in r.json()["error"]
+        r = post("/enroll", [("images", img), ("images", ("x.png", b"junk", "image/png"))], {"identity": "alice"})
+        assert r.status_code == 400  # all or nothing: alice is not half enrolled
+        assert srv.client.get("/identities", headers=good).json()["count"] == 0
+        r = srv.client.post("/verify", content=b"x" * 2_000_000, headers={**good, "content-type": "multipart/form-data"})
+        assert r.status_code == 413  # refused from its declared length
+        r = srv.client.post("/verify", content=iter([b"x" * 1000]), headers={**good, "content-type": "multipart/form-data"})
+        assert r.status_code == 411  # chunked: no length to check
+    assert not (tmp_path / "g").exists()  # nothing was enrolled, nothing written
+
+    # --public-read: verify, search and the list without a token; enrol and delete still need it
+    with Server(args + ["--public-read"], token=None, log=tmp_path / "serve2.log") as srv:
+        assert verify(srv, a, b).status_code == 200
+        assert srv.client.get("/identities").status_code == 200
+        assert srv.client.post("/search", files={"image": upload(a)}).status_code == 200
+        assert enroll(srv, "alice", [a], headers={}).status_code == 401
+        assert srv.client.delete("/identities/alice").status_code == 401
+        assert enroll(srv, "alice", [a], headers=good).status_code == 200
+
+
+def test_a_token_is_required_to_start(tiny_model_dir, tmp_path):
+    short = tmp_path / "short"
+    short.write_text("abc")
+    proc = run_python(["tools/serve.py", "--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--token-file",
+                       str(short), "--port", "1"], check=False, cwd=str(Path(__file__).parents[2]), timeout=120)
+    assert proc.returncode == 1 and "at least 16 characters" in proc.stderr and "Traceback" not in proc.stderr
+    notgallery = tmp_path / "notgallery"
+    notgallery.mkdir()
+    (notgallery / "holiday.jpg").write_bytes(b"x")
+    proc = run_python(["tools/serve.py", "--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--gallery",
+                       str(notgallery), "--port", "1"], check=False, cwd=str(Path(__file__).parents[2]), timeout=120,
+                      env={"FACESIAM_TOKEN": TOKEN})
+    assert proc.returncode == 1 and "is not a gallery" in proc.stderr and "Traceback" not in proc.stderr
+    assert (notgallery / "holiday.jpg").exists()
+
+
+def test_batching_gives_the_same_scores_and_batches(tiny_model_dir, face_folder, expected, tmp_path):
+    paths = [p for ps in people(face_folder).values() for p in ps][:16]
+    pairs = [(paths[i], paths[(i * 5 + 3) % 16]) for i in range(16)]
+    args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--max-batch", "16", "--batch-wait-ms", "100"]
+    with Server(args, log=tmp_path / "serve.log") as srv:
+        barrier = threading.Barrier(8)
+
+        def call(pair):
+            barrier.wait(timeout=60)  # the 8 clients send together
+            r = verify(srv, *pair, headers=srv.auth)
+            assert r.status_code == 200, r.text
+            return r.json()["similarity"]
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(call, pairs))
+        stats = srv.client.get("/healthz").json()["batching"]
+    want = [float(expected[a] @ expected[b]) for a, b in pairs]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert stats["images"] == 32 and stats["largest_batch"] > 2 and stats["batches"] < 32
+
+
+def test_kill_9_during_enrolment_leaves_a_whole_gallery(tiny_model_dir, face_folder, tmp_path):
+    gallery = tmp_path / "gallery"
+    paths = [p for ps in people(face_folder).values() for p in ps]
+    args = ["--checkpoint", str(tiny_model_dir), "--gallery", str(gallery), "--threshold", "0.5"]
+    acknowledged = 0
+
+    def g_size(directory: Path) -> int:
+        return Gallery.load(directory).size if directory.exists() else 0
+
+    for round_ in range(3):
+        with Server(args, log=tmp_path / f"serve{round_}.log") as srv:
+            done = threading.Event()
+
+            def enrol_forever():
+                nonlocal acknowledged
+                i = 0
+                while not done.is_set():
+                    try:
+                        r = enroll(srv, f"r{round_}-{i}", paths[i % len(paths):][:2])
+                    except Exception:
+                        return  # the server died mid-request
+                    if r.status_code == 200:
+                        acknowledged += 2
+                    i += 1
+
+            t = threading.Thread(target=enrol_forever)
+            t.start()
+            target, give_up = g_size(gallery) + 12 + 6 * round_, time.monotonic() + 300
+            while srv.client.get("/healthz").json()["gallery_size"] < target and time.monotonic() < give_up:
+                time.sleep(0.05)
+            srv.kill()  # SIGKILL while enrolments keep arriving
+            done.set()
+            t.join(timeout=60)
+        g = Gallery.load(gallery)  # whole: loads, and its tables agree with its index
+        # every acknowledged enrolment is there; at most the one in flight beyond it
+        assert acknowledged <= g.size <= acknowledged + 2
+        acknowledged = g.size
+        assert not list(tmp_path.glob(".gallery.old-*"))
+
+
+def test_serve_onnx_equals_the_checkpoint(tiny_model_dir, face_folder, expected, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    model = tmp_path / "model.onnx"
+    run_python(["tools/export.py", str(tiny_model_dir), "--onnx", str(model)], cwd=str(Path(__file__).parents[2]),
+               timeout=300)
+    a, b = next(iter(people(face_folder).values()))[:2]
+    with Server(["--onnx", str(model), "--threshold", "0.5", "--threads", "1"], log=tmp_path / "serve.log") as srv:
+        r = verify(srv, a, b, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["similarity"] == pytest.approx(float(expected[a] @ expected[b]), abs=1e-4)
+        assert "onnxruntime" in srv.client.get("/healthz").json()["model"]
+
+
+def test_a_model_trained_on_aligned_faces_aligns_uploads(aligned_model, tmp_path):
+    pytest.importorskip("facenet_pytorch")
+    from tests.conftest import photo
+
+    raw1, raw2 = tmp_path / "raw1.png", tmp_path / "raw2.png"
+    photo(0.8, 0, (60, 60)).save(raw1)
+    photo(0.6, 12, (150, 40), (90, 120, 160)).save(raw2)
+    want = TorchEmbedder(aligned_model, device="cpu").embed([raw1, raw2])  # detected and aligned in this process
+    with Server(["--checkpoint", str(aligned_model), "--threshold", "0.5"], log=tmp_path / "serve.log") as srv:
+        r = verify(srv, raw1, raw2, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["similarity"] == pytest.approx(float(want[0] @ want[1]), abs=1e-4)
+        r = srv.client.post("/verify", files={"image1": upload(raw1), "image2": ("noise.png", noise_png(200), "image/png")},
+                            headers=srv.auth)
+        assert r.status_code == 400 and "noise.png" in r.json()["error"] and "face" in r.json()["error"]
+    assert "aligned as the model was trained" in srv.output()
