@@ -209,6 +209,9 @@ class Trainer:
                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                  "skipped_steps": self.state.skipped_steps}
         self.logger.log(stats, step=self.state.step)
+        warning = self.window.slow_data_warning(stats, cfg.num_workers)
+        if warning and acc.is_main_process:
+            log.warning(warning)
         bar.set_postfix(loss=f"{stats['loss']:.4f}", img_s=f"{stats['images_per_s']:.0f}")
         self.window.reset()
 

@@ -97,12 +97,17 @@ class RunLogger:
             write_json(Path(run) / "summary.json", summary)
 
 
+DATA_WAIT_WARNING = 0.10  # above this share of a log window spent waiting for batches, the loader is the limit
+
+
 class StepWindow:
     """Counters of the steps since the last log: time, time spent waiting for data, and the loss summed on the
     device (read only at log steps: a host sync per step would stall a GPU)."""
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.windows = 0
+        self.warned_slow_data = False
         self.reset()
 
     def reset(self) -> None:
@@ -125,5 +130,16 @@ class StepWindow:
         """Mean loss, images/s (all processes and per process) and the data-wait fraction of the window."""
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = self.steps * images_per_step / elapsed
+        self.windows += 1
         return {"loss": float(self.loss) / max(self.steps, 1), "images_per_s": rate * processes,
                 "images_per_s_per_process": rate, "data_wait_fraction": self.wait / elapsed}
+
+    def slow_data_warning(self, stats: dict[str, float], num_workers: int) -> Optional[str]:
+        """Once per run, a warning when a window (after the first, which includes the loader's start) waited for
+        data more than DATA_WAIT_WARNING of its time."""
+        if self.warned_slow_data or self.windows < 2 or stats["data_wait_fraction"] <= DATA_WAIT_WARNING:
+            return None
+        self.warned_slow_data = True
+        return (f"{stats['data_wait_fraction']:.0%} of the last log window waited for data: the loader, not the "
+                f"model, sets the speed; raise --num-workers (now {num_workers}) if there are idle cores, or pack "
+                f"images no larger than the model needs (make_shards --resize PIXELS) so each costs less to decode")
