@@ -60,6 +60,10 @@ class AugmentConfig:
     """Probability of a horizontal flip."""
     color_jitter: float = 0.2
     """ColorJitter strength for brightness, contrast and saturation."""
+    augment_implementation: str = "torchvision"
+    """torchvision (the reference: PIL stages one after another) or fused (the same random parameters, one OpenCV
+    warp for flip + rotation + crop, one colour matrix, JPEGs decoded reduced when the crop allows: several times
+    the images/s per core; data/fused_transforms.py)."""
 
 
 @dataclass
@@ -350,6 +354,7 @@ PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")  # compare embedding
 CLASSIFICATION_LOSSES = ("arcface", "subcenter_arcface", "cosface")  # margin losses, trained class centres
 
 CHOICES = {
+    "augment.augment_implementation": ("torchvision", "fused"),
     "model.head": ("linear", "face"),
     "loss.loss": PAIR_LOSSES + CLASSIFICATION_LOSSES,
     "loss.distance": ("cosine", "euclidean"),

@@ -183,9 +183,15 @@ def pack_image(raw: bytes, *, resize: Optional[int] = None,
     return PackedImage(buf.getvalue(), ext, out.width, out.height, reason)
 
 
-def decode_rgb(raw: bytes) -> Image.Image:
-    """Decode image bytes already normalised by :func:`pack_image` (a shard member) to a PIL RGB image."""
+def decode_rgb(raw: bytes, draft: Optional[int] = None) -> Image.Image:
+    """Decode image bytes already normalised by :func:`pack_image` (a shard member) to a PIL RGB image.
+
+    ``draft``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (PIL's draft: the DCT does the downscaling) as long
+    as both sides stay >= draft pixels; other formats decode at full size.
+    """
     img = Image.open(io.BytesIO(raw))
+    if draft is not None and img.format == "JPEG":
+        img.draft("RGB", (draft, draft))
     img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
 

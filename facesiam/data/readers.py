@@ -80,6 +80,7 @@ class ShardDataset(_FaceDataset):
     """
 
     max_open_shards = 128  # per process; well under the usual 1024 open files limit
+    draft_size: Optional[int] = None  # decode JPEGs reduced while both sides stay >= this (images.decode_rgb)
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None):
         self.root = Path(root)
@@ -113,7 +114,7 @@ class ShardDataset(_FaceDataset):
         return data
 
     def _image(self, index: int):
-        return decode_rgb(self.read_bytes(index))
+        return decode_rgb(self.read_bytes(index), self.draft_size)
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked into a worker: the parent's descriptors are not ours to share

@@ -55,17 +55,30 @@ def _check_size(image_size: int) -> None:
 def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[float]] = CROP_SCALE,
                           rotation: float = ROTATION, hflip: float = HFLIP, color_jitter: float = COLOR_JITTER,
                           center_crop: Optional[float] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                          std: Sequence[float] = IMAGENET_STD) -> Callable:
+                          std: Sequence[float] = IMAGENET_STD, implementation: str = "torchvision") -> Callable:
     """PIL image -> normalised float tensor 3 x image_size x image_size, randomly augmented.
 
     crop_scale: RandomResizedCrop area range; None or 0 resizes the whole image instead.
     rotation: RandomRotation range in degrees (±); hflip: flip probability; color_jitter: brightness, contrast
     and saturation strength. 0 disables each. center_crop: see CenterCropFraction; None keeps the whole image.
+    implementation: "torchvision" (these stages) or "fused" (data/fused_transforms.py: the same parameters,
+    one warp and one colour matrix).
     """
     _check_size(image_size)
     if rotation < 0 or color_jitter < 0 or not 0 <= hflip <= 1:
         raise InputError(f"need rotation >= 0, color_jitter >= 0 and 0 <= hflip <= 1; "
                          f"got {rotation}, {color_jitter}, {hflip}")
+    if crop_scale and not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise InputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    if center_crop and not 0 < center_crop <= 1:
+        raise InputError(f"center_crop must be a fraction in (0, 1], got {center_crop}")
+    if implementation == "fused":
+        from .fused_transforms import FusedTrainTransform
+
+        return FusedTrainTransform(image_size, crop_scale=crop_scale or None, rotation=rotation, hflip=hflip,
+                                   color_jitter=color_jitter, center_crop=center_crop, mean=mean, std=std)
+    if implementation != "torchvision":
+        raise InputError(f"augment implementation must be torchvision or fused, got {implementation!r}")
     stages: list[Callable] = []
     if center_crop:
         stages.append(CenterCropFraction(center_crop))
@@ -75,10 +88,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
         # bilinear rather than torchvision's default nearest: nearest leaves jagged edges a network can learn
         stages.append(T.RandomRotation(rotation, interpolation=InterpolationMode.BILINEAR))
     if crop_scale:
-        low, high = crop_scale
-        if not 0 < low <= high <= 1:
-            raise InputError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
-        stages.append(T.RandomResizedCrop(image_size, scale=(low, high), antialias=True))
+        stages.append(T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True))
     else:
         stages.append(T.Resize((image_size, image_size), antialias=True))
     if color_jitter:
