@@ -122,6 +122,8 @@ def test_every_endpoint_round_trip_and_persistence(tiny_model_dir, face_folder, 
         check_search(srv, ppl[names[3]][-1])
     assert Gallery.load(gallery).size == len(gid)
     assert not list(tmp_path.glob(".gallery.*"))  # no staging or old copies left beside it
+    # no upload was written anywhere (no --keep-images): only the gallery, the report and the logs are here
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery", "report", "serve.log", "serve2.log"]
 
 
 def test_tokens_public_read_and_bad_input(tiny_model_dir, face_folder, tmp_path):
@@ -201,7 +203,9 @@ def test_a_token_is_required_to_start(tiny_model_dir, tmp_path):
 def test_batching_gives_the_same_scores_and_batches(tiny_model_dir, face_folder, expected, tmp_path):
     paths = [p for ps in people(face_folder).values() for p in ps][:16]
     pairs = [(paths[i], paths[(i * 5 + 3) % 16]) for i in range(16)]
-    args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--max-batch", "16", "--batch-wait-ms", "100"]
+    kept = tmp_path / "kept"
+    args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--max-batch", "16", "--batch-wait-ms", "100",
+            "--keep-images", str(kept)]
     with Server(args, log=tmp_path / "serve.log") as srv:
         barrier = threading.Barrier(8)
 
@@ -217,6 +221,7 @@ def test_batching_gives_the_same_scores_and_batches(tiny_model_dir, face_folder,
     want = [float(expected[a] @ expected[b]) for a, b in pairs]
     assert got == pytest.approx(want, abs=1e-4)
     assert stats["images"] == 32 and stats["largest_batch"] > 2 and stats["batches"] < 32
+    assert len(list(kept.glob("*-image1.png"))) == len(list(kept.glob("*-image2.png"))) == 16  # --keep-images
 
 
 def test_kill_9_during_enrolment_leaves_a_whole_gallery(tiny_model_dir, face_folder, tmp_path):
