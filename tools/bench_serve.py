@@ -47,11 +47,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: Path, port: int, max_batch: int, wait_ms: float, threads: int, log: Path) -> subprocess.Popen:
+def start(model: Path, port: int, max_batch: int, wait_ms: float, threads: int, device: str,
+          log: Path) -> subprocess.Popen:
     env = {**os.environ, "FACESIAM_TOKEN": TOKEN, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, str(REPO / "tools" / "serve.py"), "--checkpoint", str(model),
                              "--threshold", "0.5", "--port", str(port), "--max-batch", str(max_batch),
-                             "--batch-wait-ms", str(wait_ms), "--device", "cpu"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                             "--batch-wait-ms", str(wait_ms), "--device", device], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -117,6 +119,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     p.add_argument("--max-batch", type=int, default=32, help="the batching server's --max-batch")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="the batching server's --batch-wait-ms")
+    p.add_argument("--device", default="cpu", help="the servers' --device (cpu or cuda)")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args()
 
@@ -136,7 +139,7 @@ def main() -> None:
         for name, max_batch in configs.items():
             port = free_port()
             servers[name] = (f"http://127.0.0.1:{port}",
-                             start(model, port, max_batch, args.batch_wait_ms, args.threads, tmp / f"{max_batch}.log"))
+                             start(model, port, max_batch, args.batch_wait_ms, args.threads, args.device, tmp / f"{max_batch}.log"))
         try:
             for url, proc in servers.values():
                 wait_ready(url, proc)
@@ -169,7 +172,7 @@ def main() -> None:
 `python tools/bench_serve.py --clients {args.clients} --requests {args.requests} --write-doc`
 ({datetime.date.today().isoformat()}, {os.cpu_count()} cores): {args.clients} concurrent clients send
 {args.requests} `POST /verify` requests (two photos each, {source}) to `facesiam serve` on localhost;
-{args.backbone} at {args.image_size} px, random weights, {args.threads} torch threads, no alignment (an unaligned
+{args.backbone} at {args.image_size} px on {args.device}, random weights, {args.threads} torch threads, no alignment (an unaligned
 model); both servers run at once and are measured interleaved, best of {args.repeats}.
 
 | server | --max-batch | requests/s | images/s | p50 ms | p99 ms | mean batch | errors |

@@ -6,6 +6,9 @@
 # 3. training throughput: the seed article's loop vs facesiam with bf16 + channels_last + loader workers,
 # 4. the LFW recipe from random init (lfw_cpu_scratch.yaml; no model hub there) at a full budget with bf16
 #    (when ../shared/data/lfw-devtrain is there),
+# 5. the fused augmentation (--augment-implementation fused) in the same training benchmark, per-core
+#    decode+augment (bench_augment), and the service on the GPU (bench_serve with --device cuda is the default
+#    there: cuda when available),
 # writing everything under OUT (default $OUT or ./gpu_out).
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
@@ -17,9 +20,14 @@ else
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
-timeout 120 python3 -m pytest -q tests/test_metrics.py tests/test_model.py > "$OUT/tests.txt" 2>&1
+timeout 120 python3 -m pytest -q tests/eval/test_metrics.py tests/test_model.py > "$OUT/tests.txt" 2>&1
 timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
   --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12" > "$OUT/bench_train.txt" 2>&1
+timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
+  --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12 --augment-implementation fused" \
+  > "$OUT/bench_train_fused.txt" 2>&1
+timeout 120 python3 tools/bench_augment.py --images 300 --repeats 2 > "$OUT/bench_augment.txt" 2>&1
+timeout 240 python3 tools/bench_serve.py --device cuda --clients 32 --requests 640 > "$OUT/bench_serve.txt" 2>&1
 if [ -d ../shared/data/lfw-devtrain ]; then
   python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --seed 2 --no-progress
   python3 tools/make_pairs.py /tmp/lfw --split val --out /tmp/lfw_pairs.txt --pairs-per-fold 100
