@@ -23,14 +23,11 @@ import argparse
 import multiprocessing
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # loader workers use one thread each anyway; keep the parent alike
 
@@ -44,33 +41,12 @@ from facesiam.data import ShardDataset, build_train_transform, make_synthetic_fa
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import decode_rgb  # noqa: E402
 
-from benchdoc import DOC, write_section  # tools/ is on sys.path when a tool runs as a script
+from benchdoc import DOC, LFW, race, write_section  # tools/ is on sys.path when a tool runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
-LFW = REPO.parent / "shared" / "data" / "lfw-devtrain"
 HEADING = "## Data: make_shards and ShardDataset"
 DATE = "2026-11-28"
 
-
-def _cpu_seconds() -> float:
-    """User + system time of this process and of its finished (joined) children, e.g. pool and loader workers."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def race(repeats: int, contenders: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
-    """Run the contenders interleaved `repeats` times; best (wall seconds, CPU seconds) of each."""
-    best = {name: (float("inf"), float("inf")) for name in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            wall, cpu = time.perf_counter(), _cpu_seconds()
-            fn()
-            wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-    return best
-
-
-# ----------------------------------------------------------------------------- (a) packing
 
 def _read_and_decode(path: str) -> int:
     with open(path, "rb") as f:
