@@ -6,7 +6,8 @@
 # 3. training throughput: the seed article's loop vs facesiam with bf16 + channels_last + loader workers,
 # 4. the LFW recipe from random init (lfw_cpu_scratch.yaml; no model hub there) at a full budget with bf16
 #    (when ../shared/data/lfw-devtrain is there),
-# 5. the fused augmentation (--augment-implementation fused) in the same training benchmark, per-core
+# 5. batched face detection on the GPU and lfw_aligned.yaml at 10x the CPU budget in bf16 (issue 16),
+# 6. the fused augmentation (--augment-implementation fused) in the same training benchmark, per-core
 #    decode+augment (bench_augment), and the service on the GPU (bench_serve with --device cuda is the default
 #    there: cuda when available),
 # writing everything under OUT (default $OUT or ./gpu_out).
@@ -36,5 +37,16 @@ if [ -d ../shared/data/lfw-devtrain ]; then
   python3 tools/evaluate.py --checkpoint "$OUT/lfw_run/final" --data /tmp/lfw --split val --pairs /tmp/lfw_pairs.txt \
     --out "$OUT/lfw_report" > "$OUT/lfw_eval.txt" 2>&1
   rm -rf "$OUT/lfw_run/checkpoints"
+  # issue 16: batched MTCNN on the GPU (faces/s in the summary line), then lfw_aligned.yaml at 10x the CPU budget
+  # in bf16 (random init: no model hub on the GPU machine; --pretrained FILE when converted weights are carried)
+  timeout 300 python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw_aligned --align \
+    --device cuda --multi central --on-no-face center --val-identities 0.15 --seed 2 --workers 4 \
+    > "$OUT/align_gpu.txt" 2>&1
+  timeout 300 python3 launch/train.py --config launch/configs/lfw_aligned.yaml --data /tmp/lfw_aligned \
+    --output "$OUT/aligned_run" --mixed-precision bf16 --num-workers 12 --max-steps 6250 --cooldown-steps 1500 \
+    --val-every-steps 2000 --augment-implementation fused --wandb off > "$OUT/aligned_train.txt" 2>&1
+  python3 tools/evaluate.py --checkpoint "$OUT/aligned_run/final" --data /tmp/lfw_aligned --split val \
+    --pairs /tmp/lfw_pairs.txt --out "$OUT/aligned_report" > "$OUT/aligned_eval.txt" 2>&1
+  rm -rf "$OUT/aligned_run/checkpoints"
 fi
 echo "done: see $OUT"
