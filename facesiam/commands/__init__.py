@@ -71,3 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
         return None
     module = importlib.import_module(f"{__name__}.{COMMANDS[argv[0]][0]}")
     return module.main(argv[1:])
+
+
+def cli() -> None:
+    """The console script: ``main`` for the shell. A command's return value (a summary dict, for callers in
+    Python and tests) is not an exit status: success exits 0, failures exit through SystemExit."""
+    main()

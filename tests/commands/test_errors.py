@@ -109,3 +109,16 @@ def test_unexpected_errors_keep_their_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "evaluate_embeddings", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         evaluate_main(["--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "r")])
+
+
+def test_the_console_script_exits_0_when_a_command_returns_its_summary(face_folder, tmp_path):
+    # what pip's `facesiam` script does: sys.exit(cli()); make-shards returns a dict (its summary), which must not
+    # become the exit status
+    script = ("import sys; from facesiam.commands import cli; "
+              f"sys.argv = ['facesiam', 'make-shards', {str(face_folder)!r}, {str(tmp_path / 'shards')!r}, "
+              "'--no-progress']; sys.exit(cli())")
+    proc = run_python(["-c", script], check=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "shards" / "dataset.json").is_file()
+    failed = run_python(["-c", script.replace(str(face_folder), str(tmp_path / "absent"))], check=False, timeout=300)
+    assert failed.returncode == 1 and "absent" in failed.stderr
