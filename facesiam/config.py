@@ -60,10 +60,10 @@ class AugmentConfig:
     """Probability of a horizontal flip."""
     color_jitter: float = 0.2
     """ColorJitter strength for brightness, contrast and saturation."""
-    augment_implementation: str = "torchvision"
-    """torchvision (the reference: PIL stages one after another) or fused (the same random parameters, one OpenCV
-    warp for flip + rotation + crop, one colour matrix, JPEGs decoded reduced when the crop allows: several times
-    the images/s per core; data/fused_transforms.py)."""
+    augment_implementation: str = "fused"
+    """fused (the same random parameters as the reference, one OpenCV warp for flip + rotation + crop, one colour
+    matrix, JPEGs decoded reduced when the crop allows: ~3x the images/s per loader core; data/fused_transforms.py)
+    or torchvision (the reference: PIL stages one after another; the experiment YAMLs of docs/results.md pin it)."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,12 +90,13 @@ def test_resume_latest_after_kill_9_finishes_like_an_uninterrupted_run(synthetic
     straight = main([*common, "--output", str(tmp_path / "straight")])
     reset_accelerate()
     run = tmp_path / "killed"
-    ready = _saving(run) if moment == "during_checkpoint_save" else _after_checkpoint_then_random_delay(
-        run, random.Random(1234))
-    for attempt in range(3):  # the save window is a few ms: a run may finish before the poll sees one
+    rng = random.Random(1234)
+    for attempt in range(5):  # the save window is a few ms, and a fast run may end within the random delay
+        ready = _saving(run) if moment == "during_checkpoint_save" else _after_checkpoint_then_random_delay(run, rng)
         proc = _start([*common, "--output", str(run)])
-        if _kill_when(proc, ready, deadline=time.time() + SUBPROCESS_TIMEOUT):
+        if _kill_when(proc, ready, deadline=time.time() + SUBPROCESS_TIMEOUT) and not (run / "summary.json").exists():
             break
+        shutil.rmtree(run, ignore_errors=True)  # it finished before the kill: start over
     else:
         pytest.fail("the run finished every time before it could be killed")
     assert not (run / "summary.json").exists(), "the run was killed before its end"
