@@ -69,7 +69,7 @@ def main() -> None:
     for label, size, aug in RECIPES:
         reference = build_train_transform(size, mean=(0.5,) * 3, std=(0.5,) * 3, **aug)
         fused = build_train_transform(size, mean=(0.5,) * 3, std=(0.5,) * 3, implementation="fused", **aug)
-        draft = math.ceil(size / math.sqrt(aug["crop_scale"][0]))  # as training/setup.py sets draft_size
+        draft = fused.draft_size  # the reduced decode training uses (training/setup.py)
         best = race(args.repeats, {
             "torchvision": lambda: [reference(decode_rgb(b)) for b in raw],
             "fused": lambda: [fused(decode_rgb(b, draft)) for b in raw],

@@ -84,14 +84,10 @@ def build(args: argparse.Namespace):
         threshold, source = threshold_from_report(args.report, args.operating_point)
     else:
         threshold, source = args.threshold, "given (--threshold)"
-    if args.onnx:
-        from ..onnx_runtime import OnnxEmbedder
+    from ..eval.embed import open_embedder
 
-        embedder, name = OnnxEmbedder(args.onnx, threads=args.threads), f"{args.onnx} (onnxruntime)"
-    else:
-        from ..eval.embed import TorchEmbedder
-
-        embedder, name = TorchEmbedder(args.checkpoint, device=args.device), f"{args.checkpoint} (torch)"
+    embedder = open_embedder(args.checkpoint, args.onnx, device=args.device, threads=args.threads)
+    name = f"{args.onnx} (onnxruntime)" if args.onnx else f"{args.checkpoint} (torch)"
     settings = ServiceSettings(token=token, threshold=float(threshold), threshold_source=source,
                                public_read=args.public_read, max_bytes=int(args.max_upload_mb * 1024 * 1024),
                                max_pixels=int(args.max_pixels), top_k=args.top_k,

@@ -23,6 +23,7 @@ output matches the reference for the same drawn parameters, and that the two pat
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -37,6 +38,7 @@ GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # PIL's "L" conversion (ITU-R 60
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
+@functools.cache  # once per process (a forked loader worker inherits it): this runs for every image
 def _cv2():
     try:
         import cv2
@@ -66,6 +68,13 @@ class FusedTrainTransform:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, crop_scale={self.crop_scale}, rotation={self.rotation}, "
                 f"hflip={self.hflip}, color_jitter={self.color_jitter}, center_crop={self.center_crop})")
+
+    @property
+    def draft_size(self) -> int:
+        """Smallest JPEG decode (ShardDataset.draft_size) that still gives the smallest crop image_size pixels a
+        side, so a reduced decode never lowers the resolution the network sees."""
+        smallest = math.sqrt(self.crop_scale[0]) if self.crop_scale else 1.0
+        return math.ceil(self.size / smallest / (self.center_crop or 1.0))
 
     # ------------------------------------------------------------------ parameters (the reference's draws)
     def sample(self, width: int, height: int) -> dict:

@@ -132,6 +132,30 @@ def load_embeddings(path: str | os.PathLike) -> dict:
     return {"embeddings": embeddings, "labels": labels, "paths": paths, "classes": classes, "meta": meta}
 
 
+def open_as_trained(data: str | os.PathLike, split: str, alignment: Optional[dict], align: bool, *,
+                    transform: Any, log_it: bool) -> tuple[Any, str]:
+    """(dataset, how it is aligned) for a model trained with ``alignment`` (None: on unaligned images).
+
+    Data that records that it is aligned (dataset.json / alignment.json) is read as it is; raw images are detected
+    and aligned on the fly (data.align.AlignedView); ``align=False``: the images are used as they are.
+    """
+    from ..data import open_dataset
+    from ..data.align import AlignedView, describe_alignment, recorded_alignment
+
+    wanted = alignment if align else None
+    if wanted is not None and recorded_alignment(data) is not None:
+        dataset, aligned = open_dataset(data, split=split, transform=transform), "recorded in the data"
+    elif wanted is not None:
+        dataset = AlignedView(open_dataset(data, split=split), wanted, transform)
+        aligned = "on the fly: " + describe_alignment(wanted)
+    else:
+        dataset = open_dataset(data, split=split, transform=transform)
+        aligned = "off" if not align else "none (the model was trained on unaligned images)"
+    if log_it:
+        log.info("alignment: %s%s", aligned, " (--no-align reads the images as they are)" if wanted else "")
+    return dataset, aligned
+
+
 def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split: str = "val", flip: bool = False,
                batch_size: int = 128, num_workers: int = 0, accelerator: Any = None, device: Optional[str] = None,
                progress: bool = True, align: bool = True) -> dict:
@@ -142,25 +166,14 @@ def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split:
     detected and aligned on the fly (``align=False``: never, the images are already aligned crops).
     Returns the dict of ``load_embeddings`` (meta: checkpoint, data, split, flip, backbone, image size, alignment).
     """
-    from ..data import open_dataset
-    from ..data.align import AlignedView, describe_alignment, recorded_alignment
     from ..model import eval_transform_for, exported_alignment, load_exported
 
     dev = accelerator.device if accelerator is not None else (device or ("cuda" if torch.cuda.is_available()
                                                                           else "cpu"))
     model, cfg = load_exported(checkpoint, device=dev)
-    transform = eval_transform_for(cfg)
-    wanted = exported_alignment(checkpoint) if align else None
-    aligned = "off" if not align else "none (the model was trained on unaligned images)"
-    if wanted is not None and recorded_alignment(data) is not None:
-        dataset, aligned = open_dataset(data, split=split, transform=transform), "recorded in the data"
-    elif wanted is not None:
-        dataset = AlignedView(open_dataset(data, split=split), wanted, transform)
-        aligned = "on the fly: " + describe_alignment(wanted)
-    else:
-        dataset = open_dataset(data, split=split, transform=transform)
-    if progress and (accelerator is None or accelerator.is_main_process):
-        log.info("alignment: %s%s", aligned, " (--no-align reads the images as they are)" if wanted else "")
+    dataset, aligned = open_as_trained(data, split, exported_alignment(checkpoint), align,
+                                       transform=eval_transform_for(cfg),
+                                       log_it=progress and (accelerator is None or accelerator.is_main_process))
     emb, labels = embed_dataset(model, dataset, batch_size=batch_size, num_workers=num_workers, flip=flip,
                                 accelerator=accelerator, progress=progress)
     meta = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "flip": flip,
@@ -179,22 +192,10 @@ def embed_path_onnx(onnx: str | os.PathLike, data: str | os.PathLike, *, split: 
     """
     from tqdm.auto import tqdm
 
-    from ..data import open_dataset
-    from ..data.align import AlignedView, describe_alignment, recorded_alignment
     from ..onnx_runtime import OnnxEmbedder
 
     embedder = OnnxEmbedder(onnx, threads=threads)
-    wanted = embedder.alignment if align else None
-    aligned = "off" if not align else "none (the model was trained on unaligned images)"
-    if wanted is not None and recorded_alignment(data) is not None:
-        dataset, aligned = open_dataset(data, split=split), "recorded in the data"
-    elif wanted is not None:
-        dataset = AlignedView(open_dataset(data, split=split), wanted)
-        aligned = "on the fly: " + describe_alignment(wanted)
-    else:
-        dataset = open_dataset(data, split=split)
-    if progress:
-        log.info("alignment: %s%s", aligned, " (--no-align reads the images as they are)" if wanted else "")
+    dataset, aligned = open_as_trained(data, split, embedder.alignment, align, transform=None, log_it=progress)
     t0, n = time.time(), len(dataset)
     out = []
     for start in tqdm(range(0, n, batch_size), desc="embed (onnxruntime)", unit="batch", disable=not progress):

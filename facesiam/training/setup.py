@@ -107,10 +107,8 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
                                      color_jitter=a.color_jitter, center_crop=m.center_crop, mean=m.mean, std=m.std,
                                      implementation=a.augment_implementation)
     train = ShardDataset(cfg.data, cfg.train_split, transform=train_tf)
-    if a.augment_implementation == "fused":
-        # JPEGs decode reduced (1/2, 1/4, 1/8) while the smallest crop still has image_size pixels a side
-        smallest = math.sqrt(a.crop_scale[0]) if a.crop_scale else 1.0
-        train.draft_size = math.ceil(m.image_size / smallest / (m.center_crop or 1.0))
+    if a.augment_implementation == "fused":  # JPEGs decode reduced (1/2, 1/4, 1/8) while the crop allows
+        train.draft_size = train_tf.draft_size
     val = None
     if cfg.val_split in meta.get("splits", {}):
         val = ShardDataset(cfg.data, cfg.val_split, transform=build_eval_transform(
