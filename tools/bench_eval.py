@@ -1,9 +1,13 @@
 """Benchmark the evaluator against baselines measured in the same run; prints ratios (results: docs/benchmarks.md).
 
-(a) all-pairs 1:1 verification (facesiam.eval.metrics.verification_metrics) over N x 512 embeddings against the bare
-    blocked matmul of the same blocks, the FLOP floor no exact method can beat (the faster of: one multi-threaded
-    matmul per block, or our one-thread-per-worker layout). Goal <= 1.5x (hoped: 1.3x) and peak memory <= 2 GB;
-    each contender runs in its own process so its peak RSS (data and interpreter included) is its own.
+(a) the whole evaluator, what `evaluate --embeddings` computes (verification histograms + 1:N identification +
+    MAP@R, no plots; facesiam.eval.pipeline.evaluate), on N x 512 embeddings against the bare blocked matmul of
+    the same blocks, the FLOP floor no exact method can beat (the faster of: one multi-threaded matmul per block,
+    or our one-thread-per-worker layout). Goal <= 1.3x and peak memory <= 2 GB, on two data sets: identities of
+    5 images, and the same with one identity of 2,000 images (MAP@R's R and the genuine pairs grow with it).
+    verification_metrics alone and the previous evaluator (2026-11: three passes - histograms, MAP@R with a
+    running top-k of the largest R, the 1:N top-k search) are timed too. Each contender runs in its own process
+    so its peak RSS (data and interpreter included) is its own.
 (b) the seed article's evaluation, reimplemented faithfully (a Python loop over all pairs, one cosine and one
     .item() per pair, then scikit-learn's roc_curve/roc_auc_score) against ours on 3,000 embeddings. The loop is
     timed on a subset of the embeddings and extrapolated per pair (said in the output); sklearn's part is timed
@@ -22,7 +26,7 @@ top-1 identity is that of exact search (what a gallery search returns); the shar
 among the identity's 5 near-equal images is printed too. On isotropic random vectors no
 approximate index keeps its recall, so they would say nothing about face galleries.
 
-    python tools/bench_eval.py --write-doc            # full sizes (~17 min on 2 shared cores)
+    python tools/bench_eval.py --write-doc            # full sizes (~30 min on 2 shared cores)
     python tools/bench_eval.py --quick                # smaller sizes, a minute or two
 """
 
@@ -46,7 +50,7 @@ from benchdoc import write_section  # tools/ is on sys.path when a tool runs as 
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Evaluator"
-DATE = "2026-11-28"
+DATE = "2026-12-03"
 
 # -----------------------------------------------------------------------------
 # defaults (full run); --quick divides the big sizes
@@ -144,21 +148,70 @@ def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
         torch.set_num_threads(previous)
 
 
-def child_verification(kind: str, n: int, dim: int, repeats: int) -> dict:
+def previous_map_at_r(emb: np.ndarray, labels: np.ndarray) -> float:
+    """MAP@R as facesiam computed it before the one-pass evaluator (2026-11): a second blocked pass, queries
+    chunked by R, each chunk a top-k of its largest R over all images (kept here as the baseline)."""
+    from facesiam.eval.metrics import topk_cosine
+
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    r = counts[inverse] - 1
+    queries = np.flatnonzero(r >= 1)
+    queries = queries[np.argsort(r[queries], kind="stable")]
+    e = torch.from_numpy(emb)
+    total = 0.0
+    for q0 in range(0, len(queries), 8192):
+        qi = queries[q0:q0 + 8192]
+        k = int(r[qi].max())
+        _, idx = topk_cosine(e[torch.as_tensor(qi)], e, k, exclude=qi, device="cpu", normalized=True)
+        rel = (labels[idx] == labels[qi][:, None]) & (np.arange(1, k + 1)[None, :] <= r[qi][:, None])
+        precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1)[None, :]
+        total += float(np.sum(np.sum(precision * rel, axis=1) / r[qi]))
+    return total / len(queries)
+
+
+def previous_evaluator(emb: np.ndarray, labels: np.ndarray) -> dict:
+    """The 2026-11 evaluator: three passes over the score matrix (histograms, MAP@R, 1:N top-k search)."""
+    from facesiam.eval.metrics import identification_split, topk_cosine, verification_metrics
+
+    v = verification_metrics(emb, labels)
+    map_r = previous_map_at_r(emb, labels)
+    gallery, mated, _, _ = identification_split(labels)
+    _, idx = topk_cosine(emb[mated], emb[gallery], 20, device="cpu", normalized=True)
+    hits = labels[gallery][idx] == labels[mated][:, None]
+    rank1 = float(np.mean(hits[:, 0]))
+    return {"auc": v["auc"], "map_at_r": map_r, "rank1": rank1}
+
+
+def eval_data(n: int, dim: int, large: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered embeddings; ``large`` > 0: the first identity has that many images (the rest 5 each)."""
+    if not large:
+        return clustered(n, dim)
+    labels = np.r_[np.zeros(large, np.int64), 1 + np.arange(n - large) // IMAGES_PER_IDENTITY]
+    return clustered(n, dim, identities=labels)
+
+
+def child_verification(kind: str, n: int, dim: int, large: int) -> dict:
     """Runs in its own process: time one contender of (a) and report its peak RSS."""
     from facesiam.eval.metrics import verification_block, verification_metrics
+    from facesiam.eval.pipeline import evaluate
 
-    emb, labels = clustered(n, dim)
+    emb, labels = eval_data(n, dim, large)
     block = verification_block(n, torch.device("cpu"), torch.get_num_threads())
     before = peak_rss_mb()
-    if kind == "ours":
-        m, wall, cpu = timed(lambda: verification_metrics(emb, labels), repeats)
-        extra = {"auc": m["auc"], "eer": m["eer"], "tar_at_far_1e-06": m["tar_at_far"]["1e-06"],
-                 "n_pairs": m["n_genuine"] + m["n_impostor"]}
+    extra: dict = {}
+    if kind == "evaluate":  # what `evaluate --embeddings` computes: verification + 1:N + MAP@R (no plots)
+        m, wall, cpu = timed(lambda: evaluate({"embeddings": emb, "labels": labels, "paths": None}))
+        v, i = m["verification"], m["identification"]
+        extra = {"auc": v["auc"], "eer": v["eer"], "tar_at_far_1e-06": v["tar_at_far"]["1e-06"],
+                 "n_pairs": v["n_genuine"] + v["n_impostor"], "map_at_r": i["map_at_r"], "rank1": i["rank1"]}
+    elif kind == "verification":
+        m, wall, cpu = timed(lambda: verification_metrics(emb, labels))
+        extra = {"auc": m["auc"]}
+    elif kind == "previous":
+        extra, wall, cpu = timed(lambda: previous_evaluator(emb, labels))
     else:
         t = torch.from_numpy(emb)
-        _, wall, cpu = timed(lambda: bare_blocked_matmul(t, block, kind), repeats)
-        extra = {}
+        _, wall, cpu = timed(lambda: bare_blocked_matmul(t, block, kind))
     return {"wall": wall, "cpu": cpu, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before, "block": block,
             **extra}
 
@@ -171,21 +224,30 @@ def run_child(*args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_verification(n: int, dim: int, repeats: int) -> dict:
-    print(f"(a) all-pairs verification, {n:,} x {dim} ({n * (n - 1) // 2:,} pairs)", flush=True)
-    res = {}
-    for kind in ("sequential", "workers", "ours", "sequential", "workers", "ours")[:3 * max(1, min(repeats, 2))]:
-        r = run_child("verification", kind, str(n), str(dim), "1")
+EVAL_KINDS = ("sequential", "workers", "verification", "evaluate")
+
+
+def bench_verification(n: int, dim: int, repeats: int, large: int, previous: bool) -> dict:
+    what = f"one identity of {large:,} images, the rest {IMAGES_PER_IDENTITY}" if large else \
+        f"identities of {IMAGES_PER_IDENTITY}"
+    print(f"(a) the whole evaluator, {n:,} x {dim} ({n * (n - 1) // 2:,} pairs; {what})", flush=True)
+    res: dict = {"large": large}
+    kinds = EVAL_KINDS * max(1, min(repeats, 2)) + (("previous",) if previous else ())
+    for kind in kinds:  # interleaved: a slow minute of the shared cores hits every contender alike
+        r = run_child("verification", kind, str(n), str(dim), str(large))
         if kind not in res or r["wall"] < res[kind]["wall"]:
             res[kind] = r
-        print(f"    {kind:<10} {r['wall']:8.2f} s wall  {r['cpu']:8.2f} s CPU  peak RSS {r['peak_rss_mb']:7.0f} MB",
+        print(f"    {kind:<12} {r['wall']:8.2f} s wall  {r['cpu']:8.2f} s CPU  peak RSS {r['peak_rss_mb']:7.0f} MB",
               flush=True)
     floor = min(res["sequential"], res["workers"], key=lambda r: r["wall"])
     res["floor"] = floor
-    res["ratio_wall"] = res["ours"]["wall"] / floor["wall"]
-    res["ratio_cpu"] = res["ours"]["cpu"] / min(res["sequential"]["cpu"], res["workers"]["cpu"])
-    print(f"    ours / floor: {res['ratio_wall']:.2f}x wall, {res['ratio_cpu']:.2f}x CPU; peak RSS "
-          f"{res['ours']['peak_rss_mb']:.0f} MB", flush=True)
+    for kind in ("verification", "evaluate", "previous"):
+        if kind in res:
+            res[kind]["ratio_wall"] = res[kind]["wall"] / floor["wall"]
+            res[kind]["ratio_cpu"] = res[kind]["cpu"] / min(res["sequential"]["cpu"], res["workers"]["cpu"])
+    e = res["evaluate"]
+    print(f"    evaluate / floor: {e['ratio_wall']:.2f}x wall, {e['ratio_cpu']:.2f}x CPU; peak RSS "
+          f"{e['peak_rss_mb']:.0f} MB", flush=True)
     return res
 
 
@@ -356,20 +418,33 @@ def report(res: dict, args) -> str:
              f"(identities of {IMAGES_PER_IDENTITY} images, centres mostly in a {LATENT_DIM}-d subspace, per-image "
              f"noise: genuine cosine ~0.55, impostor ~0 ± 0.1).", ""]
     if "verification" in res:
-        v = res["verification"]
-        o = v["ours"]
-        lines += [f"**(a) All-pairs 1:1 verification**, {args.verify_n:,} x {DIM} embeddings = {o['n_pairs']:,} "
-                  f"pairs, blocks of {o['block']}. Floor: the same block matmuls and nothing else (the faster of "
-                  f"multi-threaded sequential and one-thread-per-worker layouts).", "",
-                  "| | wall s | CPU s | peak RSS MB (whole process) |", "|---|---:|---:|---:|"]
-        for kind, label in (("sequential", "bare matmul, sequential (MKL threads)"),
-                            ("workers", "bare matmul, one thread per worker"), ("ours", "verification_metrics")):
-            r = v[kind]
-            lines.append(f"| {label} | {r['wall']:.2f} | {r['cpu']:.2f} | {r['peak_rss_mb']:.0f} |")
-        lines += ["", f"Ours / floor: **{v['ratio_wall']:.2f}x** wall, {v['ratio_cpu']:.2f}x CPU (goal <= 1.5x, "
-                  f"hoped 1.3x); peak RSS **{o['peak_rss_mb']:.0f} MB** (goal <= 2 GB; embeddings "
-                  f"{args.verify_n * DIM * 4 / 2**20:.0f} MB and the interpreter with torch included). "
-                  f"AUC {o['auc']:.6f}, TAR@FAR=1e-6 {o['tar_at_far_1e-06']}.", ""]
+        for v in res["verification"]:
+            e = v["evaluate"]
+            what = (f"one identity of {v['large']:,} images, the rest {IMAGES_PER_IDENTITY} each" if v["large"]
+                    else f"identities of {IMAGES_PER_IDENTITY} images")
+            lines += [f"**(a) The whole evaluator** (`evaluate --embeddings`: verification + 1:N identification + "
+                      f"MAP@R, no plots), {args.verify_n:,} x {DIM} embeddings, {what}: {e['n_pairs']:,} pairs, "
+                      f"blocks of {e['block']}. Floor: the same block matmuls and nothing else (the faster of "
+                      f"multi-threaded sequential and one-thread-per-worker layouts).", "",
+                      "| | wall s | CPU s | vs floor | peak RSS MB (whole process) |", "|---|---:|---:|---:|---:|"]
+            rows = (("sequential", "bare matmul, sequential (MKL threads)"),
+                    ("workers", "bare matmul, one thread per worker"),
+                    ("verification", "verification_metrics alone (one pass, histograms only)"),
+                    ("evaluate", "**evaluate: every metric, one pass**"),
+                    ("previous", "previous evaluator (2026-11, three passes)"))
+            for kind, label in rows:
+                if kind in v:
+                    r = v[kind]
+                    ratio = f"{r['wall'] / v['floor']['wall']:.2f}x"
+                    lines.append(f"| {label} | {r['wall']:.2f} | {r['cpu']:.2f} | {ratio} | "
+                                 f"{r['peak_rss_mb']:.0f} |")
+            lines += ["", f"evaluate / floor: **{e['ratio_wall']:.2f}x** wall, {e['ratio_cpu']:.2f}x CPU (goal <= "
+                      f"1.3x); peak RSS **{e['peak_rss_mb']:.0f} MB** (goal <= 2 GB; embeddings "
+                      f"{args.verify_n * DIM * 4 / 2**20:.0f} MB and the interpreter with torch included). "
+                      f"AUC {e['auc']:.6f}, TAR@FAR=1e-6 {e['tar_at_far_1e-06']}, MAP@R {e['map_at_r']:.6f}, "
+                      f"rank-1 {e['rank1']:.6f}"
+                      + (f"; the previous evaluator: MAP@R {v['previous']['map_at_r']:.6f}, rank-1 "
+                         f"{v['previous']['rank1']:.6f}" if "previous" in v else "") + ".", ""]
     if "seed" in res:
         s = res["seed"]
         lines += [f"**(b) The seed article's evaluation vs ours**, {s['n']:,} embeddings "
@@ -419,12 +494,15 @@ def main(argv=None) -> None:
     p.add_argument("--probes", type=int, default=None)
     p.add_argument("--hnsw-gallery", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1, help="(a): runs of each contender, best kept (max 2)")
+    p.add_argument("--large", type=int, default=2_000,
+                   help="(a): the second data set has one identity of this many images (0: skip it)")
+    p.add_argument("--no-previous", action="store_true", help="(a): do not time the previous evaluator")
     p.add_argument("--write-doc", action="store_true", help=f"update '{HEADING}' in docs/benchmarks.md")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        kind, name, n, dim, repeats = args.child
-        print(json.dumps(child_verification(name, int(n), int(dim), int(repeats))))
+        _, name, n, dim, large = args.child
+        print(json.dumps(child_verification(name, int(n), int(dim), int(large))))
         return
     args.verify_n = args.verify_n or (20_000 if args.quick else VERIFY_N)
     args.gallery = args.gallery or (100_000 if args.quick else GALLERY_N)
@@ -433,7 +511,8 @@ def main(argv=None) -> None:
     only = args.only or ["verification", "seed", "search"]
     res = {}
     if "verification" in only:
-        res["verification"] = bench_verification(args.verify_n, DIM, args.repeats)
+        res["verification"] = [bench_verification(args.verify_n, DIM, args.repeats, large, not args.no_previous)
+                               for large in dict.fromkeys((0, args.large))]
     if "seed" in only:
         res["seed"] = bench_seed(SEED_N, 300 if args.quick else SEED_LOOP_SUBSET, DIM)
     if "search" in only:

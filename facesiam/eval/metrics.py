@@ -7,7 +7,11 @@ Scores are cosine similarities of L2-normalised embeddings. Nothing here holds a
   ROC computed from the histograms is the exact ROC sampled at the bin edges (counts above each edge are exact), so
   AUC, EER and TAR@FAR differ from scikit-learn's exact ``roc_curve`` by at most the share of genuine pairs that fall
   inside one bin (~1e-4 for real face models; tests check 1e-3). Memory is O(N*D + bins) at any N.
-* Identification and MAP@R use an explicit k (blocked matmul + ``torch.topk``), never a full sort.
+* Identification (rank-k, CMC, FNIR@FPIR) and MAP@R come from the same score slabs, in the same pass
+  (``score_pass``): a ``NeighbourStore`` keeps, per query, only the scores that can still matter (its R best
+  candidates for MAP@R, its 20 best gallery entries for CMC, its best gallery score for open-set), with a running
+  threshold per query so most slabs are dismissed after one row/column max. Exact: no top-k of a fixed k, no
+  full sort, and MAP@R's cost does not grow with the largest identity.
 
 Why hand-written: scikit-learn's ``roc_curve`` needs every score in memory (5e9 floats for 1e5 images), and
 pytorch-metric-learning's AccuracyCalculator builds (labels x images) masks and loops over labels in Python; both
@@ -27,14 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from .neighbours import CMC_RANKS, NeighbourStore
 
 DEFAULT_BINS = 1 << 16            # histogram resolution over [-1, 1]: bins of 3.05e-5 in cosine
 FAR_TARGETS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 FPIR_TARGETS = (1e-1, 1e-2, 1e-3)
-CMC_RANKS = 20
 PLOT_HIST_BINS = 200               # coarse genuine/impostor histogram kept in metrics.json for plots
 _MARGIN = 2                        # spare bins on each side so fp round-off just past +-1 still lands in range
-CHUNK_ELEMENTS = 1 << 20           # CPU: scores computed at a time (a 4 MiB slab stays in cache)
+CHUNK_ELEMENTS = 1 << 22           # CPU: scores computed at a time (a 16 MiB slab: the matmul keeps its speed)
 
 Array = Union[np.ndarray, torch.Tensor]
 
@@ -251,27 +255,103 @@ def verification_block(n: int, device: torch.device, workers: int) -> int:
 def pair_histograms(embeddings: Array, labels: Array, *, bins: int = DEFAULT_BINS,
                     device: Union[str, torch.device, None] = None, block_size: Optional[int] = None,
                     progress: bool = False) -> ScoreHistograms:
-    """Count every unordered pair of distinct images (genuine: same label) into score histograms.
+    """Count every unordered pair of distinct images (genuine: same label) into score histograms."""
+    return score_pass(embeddings, labels, bins=bins, device=device, block_size=block_size,
+                      progress=progress).histograms
+
+
+@dataclass
+class PassResult:
+    """What one pass over every pair produced: histograms (verification) and the kept neighbours (1:N, MAP@R)."""
+
+    histograms: Optional[ScoreHistograms]
+    neighbours: Optional[NeighbourStore]
+    position: np.ndarray  # position of each input image in the pass's label-sorted order
+
+
+def score_pass(embeddings: Array, labels: Array, *, bins: Optional[int] = DEFAULT_BINS, map_at_r: bool = False,
+               split: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None,
+               device: Union[str, torch.device, None] = None, block_size: Optional[int] = None,
+               progress: bool = False) -> PassResult:
+    """Score every unordered pair of distinct images once, feeding every metric from each block.
+
+    ``bins``: genuine/impostor histograms at this resolution (None: none); ``map_at_r``: keep what MAP@R needs;
+    ``split``: (gallery, mated, non-mated) image indices of the 1:N protocol: keep what their ranks need (see
+    facesiam.eval.neighbours).
 
     Images are sorted by label so that genuine pairs sit in the diagonal blocks (and in the few blocks an identity
-    straddles); every other block is impostor-only and costs one matmul, one add, one int cast and one bincount.
-    Diagonal blocks are computed whole (both orders of each pair), off-diagonal ones count twice, and the totals
-    are halved at the end. On CPU, blocks are shared among ``torch.get_num_threads()`` worker threads that each
-    run single-threaded kernels: the bincount does not parallelise, and this keeps both cores busy.
+    straddles); every other block is impostor-only and costs one matmul, one add, one int cast and one bincount
+    (plus a row and a column max when neighbours are kept). Diagonal blocks are computed whole (both orders of
+    each pair), off-diagonal ones count twice, and the totals are halved at the end. On CPU, blocks are shared
+    among ``torch.get_num_threads()`` worker threads that each run single-threaded kernels: the bincount does not
+    parallelise, and this keeps both cores busy.
     """
-    if bins < 2 or bins & (bins - 1):
+    if bins is not None and (bins < 2 or bins & (bins - 1)):
         raise InputError(f"bins must be a power of two (exact scaling of the scores), got {bins}")
     dev = resolve_device(device)
     workers = torch.get_num_threads() if dev.type == "cpu" else 1
     if workers == 1:
-        return _pair_histograms(embeddings, labels, bins, dev, block_size, progress, 1)
+        return _score_pass(embeddings, labels, bins, map_at_r, split, dev, block_size, progress, 1)
     # Every op of the main thread runs single-threaded too: on a busy machine a parallel region waits for its
     # slowest thread, and small ops (zeros, copies) then cost milliseconds each.
     torch.set_num_threads(1)
     try:
-        return _pair_histograms(embeddings, labels, bins, dev, block_size, progress, workers)
+        return _score_pass(embeddings, labels, bins, map_at_r, split, dev, block_size, progress, workers)
     finally:
         torch.set_num_threads(workers)
+
+
+def _genuine_pairs(emb: torch.Tensor, starts: np.ndarray, sizes: np.ndarray):
+    """(rows, cols, scores) of every ordered pair of distinct images of one identity (rows sorted by label):
+    one batched matmul per identity size."""
+    dev = emb.device
+    rows, cols, scores = [], [], []
+    for size in np.unique(sizes[sizes >= 2]):
+        size = int(size)
+        segs = starts[sizes == size]
+        ii, jj = torch.nonzero(~torch.eye(size, dtype=torch.bool, device=dev), as_tuple=True)
+        per = max(1, (1 << 22) // (size * max(size, emb.shape[1])))  # identities per batched matmul
+        for k in range(0, len(segs), per):
+            base = torch.as_tensor(segs[k:k + per], device=dev)
+            e = emb[base[:, None] + torch.arange(size, device=dev)]
+            g = torch.bmm(e, e.transpose(1, 2))
+            rows.append((base[:, None] + ii).reshape(-1))
+            cols.append((base[:, None] + jj).reshape(-1))
+            scores.append(g[:, ii, jj].reshape(-1))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return empty, empty.clone(), torch.zeros(0, device=dev)
+    return torch.cat(rows), torch.cat(cols), torch.cat(scores)
+
+
+def _neighbour_store(emb: torch.Tensor, lab: np.ndarray, starts: np.ndarray, sizes: np.ndarray, map_at_r: bool,
+                     split, position: np.ndarray) -> NeighbourStore:
+    dev = emb.device
+    n = len(lab)
+    kw: dict = {}
+    if split is not None:
+        gallery, mated, nonmated = (position[np.asarray(a, dtype=np.int64)] for a in split)
+        is_gallery = np.zeros(n, bool)
+        is_gallery[gallery] = True
+        gallery_of = np.full(n, -1, np.int64)
+        if len(gallery) and len(mated):
+            by_label = dict(zip(lab[gallery].tolist(), gallery.tolist()))
+            gallery_of[mated] = [by_label[label] for label in lab[mated].tolist()]
+        nm = np.zeros(n, bool)
+        nm[nonmated] = True
+        # A first guess at each non-mated probe's best gallery score (any gallery image's score is a lower
+        # bound): without one, its first block would keep every entry.
+        seed = torch.full((n,), -torch.inf, device=dev)
+        if len(nonmated) and len(gallery):
+            pick = torch.as_tensor(np.random.default_rng(0).permutation(gallery)[:256], device=dev)
+            rows = torch.as_tensor(nonmated, device=dev)
+            for q0 in range(0, len(rows), 8192):
+                q = rows[q0:q0 + 8192]
+                seed[q] = (emb[q] @ emb[pick].T).amax(1)
+        kw = {"gallery_of": torch.as_tensor(gallery_of, device=dev), "nonmated": torch.as_tensor(nm, device=dev),
+              "is_gallery": torch.as_tensor(is_gallery, device=dev), "nonmated_seed": seed}
+    genuine = _genuine_pairs(emb, starts, sizes)
+    return NeighbourStore(torch.as_tensor(lab, device=dev), genuine, map_at_r=map_at_r, **kw)
 
 
 def _genuine_cells(seg_of_row: np.ndarray, starts: np.ndarray, ends: np.ndarray, r0: int, r1: int, c0: int, c1: int,
@@ -327,8 +407,8 @@ def _run_tasks(tasks: list, work, workers: int) -> None:
             f.result()
 
 
-def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.device, block_size: Optional[int],
-                     progress: bool, cpu_workers: int) -> ScoreHistograms:
+def _score_pass(embeddings: Array, labels: Array, bins: Optional[int], map_at_r: bool, split, dev: torch.device,
+                block_size: Optional[int], progress: bool, cpu_workers: int) -> PassResult:
     labels = np.asarray(labels).astype(np.int64, copy=False)
     order = np.argsort(labels, kind="stable")
     emb = normalize(embeddings, dev)[torch.as_tensor(order, device=dev)]
@@ -336,14 +416,25 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
     n = len(lab)
     if emb.shape[0] != n:
         raise InputError(f"{emb.shape[0]} embeddings but {n} labels")
+    position = np.empty(n, np.int64)
+    position[order] = np.arange(n)
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if n else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], n].astype(np.int64)
     sizes = ends - starts
     n_gen = int(np.sum(sizes * (sizes - 1) // 2))
     n_imp = n * (n - 1) // 2 - n_gen
+    store = None
+    if map_at_r or split is not None:
+        with torch.inference_mode():
+            store = _neighbour_store(emb, lab, starts, sizes, map_at_r, split, position)
+        if not store.active:
+            store = None
+    hist = bins is not None
+    if not hist and store is None:
+        return PassResult(None, store, position)
 
-    half = bins // 2
-    length = bins + 2 * _MARGIN + 1
+    half = bins // 2 if hist else 1
+    length = bins + 2 * _MARGIN + 1 if hist else 1
     offset = float(half + _MARGIN)
     block = int(block_size or verification_block(n, dev, cpu_workers))
     nb = (n + block - 1) // block
@@ -377,28 +468,36 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
             r0, r1, c0, c1 = i * block, min(n, (i + 1) * block), j * block, min(n, (j + 1) * block)
             h, w = r1 - r0, c1 - c0
             diagonal = i == j
-            rects, flat = _genuine_cells(seg_of_row, starts, ends, r0, r1, c0, c1, diagonal, dev)
-            slow = diagonal or bool(rects) or flat is not None
-            if slow and ibuf is None:
-                ibuf = torch.empty(block * block, dtype=torch.int32, device=dev)
-            # Scaling by a power of two is exact: x = half * cosine, the same rounding as the plain product.
-            a = torch.mul(emb[r0:r1], float(half), out=scaled[:h])
+            if hist:
+                rects, flat = _genuine_cells(seg_of_row, starts, ends, r0, r1, c0, c1, diagonal, dev)
+                slow = diagonal or bool(rects) or flat is not None
+                if slow and ibuf is None:
+                    ibuf = torch.empty(block * block, dtype=torch.int32, device=dev)
+                # Scaling by a power of two is exact: x = half * cosine, the same rounding as the plain product.
+                a = torch.mul(emb[r0:r1], float(half), out=scaled[:h])
+            else:
+                a = emb[r0:r1]
             bt = emb[c0:c1].T
             counts = None
             for s in range(0, h, rows):
                 rr = min(rows, h - s)
                 x = xbuf[:rr * w].view(rr, w)
                 torch.mm(a[s:s + rr], bt, out=x)
+                if store is not None:  # the entries some query needs (MAP@R, 1:N), from this slab and its mirror
+                    store.search_slab(x, r0 + s, c0, float(half), transposed=not diagonal)
+                if not hist:
+                    continue
                 x.add_(offset)
                 q = (ibuf[s * w:(s + rr) * w] if slow else cbuf[:rr * w]).view(rr, w)
                 q.copy_(x)  # truncation = floor: every value is >= 0 thanks to the margin
                 part = _bincount(q, length)
                 counts = part if counts is None else counts.add_(part)
-            if not slow:
-                add("imp_off", counts)
+            if not hist or not slow:
+                if hist:
+                    add("imp_off", counts)
                 if bar is not None:
                     with acc_lock:
-                        bar.update(h * w)
+                        bar.update(h * w if not diagonal else h * (h - 1) // 2)
                 continue
             idx = ibuf[:h * w].view(h, w)
             same = torch.zeros(length, dtype=torch.int64, device=dev)
@@ -420,12 +519,17 @@ def _pair_histograms(embeddings: Array, labels: Array, bins: int, dev: torch.dev
             for key, value in local.items():
                 totals[key] += value
 
-    with _progress(n * (n - 1) // 2, "verification pairs", progress, unit="pair") as bar:
+    with _progress(n * (n - 1) // 2, "scoring pairs", progress, unit="pair") as bar:
         _run_tasks(tasks, lambda task_iter: work(task_iter, bar), cpu_workers)
-
-    gen = (totals["gen_diag"] + 2 * totals["gen_off"]).double().cpu().numpy() / 2.0
-    imp = (totals["imp_diag"] + 2 * totals["imp_off"]).double().cpu().numpy() / 2.0
-    return ScoreHistograms(genuine=gen, impostor=imp, bins=bins, n_genuine=n_gen, n_impostor=n_imp)
+    histograms = None
+    if hist:
+        gen = (totals["gen_diag"] + 2 * totals["gen_off"]).double().cpu().numpy() / 2.0
+        imp = (totals["imp_diag"] + 2 * totals["imp_off"]).double().cpu().numpy() / 2.0
+        histograms = ScoreHistograms(genuine=gen, impostor=imp, bins=bins, n_genuine=n_gen, n_impostor=n_imp)
+    if store is not None:
+        with torch.inference_mode():
+            store.compact()
+    return PassResult(histograms, store, position)
 
 
 def verification_metrics(embeddings: Array, labels: Array, *, bins: int = DEFAULT_BINS,
@@ -491,33 +595,8 @@ def mean_average_precision_at_r(embeddings: Array, labels: Array, *, device: Uni
     Every image is a query against all the others; R = the number of other images of its identity; AP@R =
     (1/R) sum_{i<=R} P@i * rel(i); images whose identity has no other image are skipped. None if none remain.
     """
-    labels = np.asarray(labels).astype(np.int64, copy=False)
-    dev = resolve_device(device)
-    emb = normalize(embeddings, dev)
-    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    r = counts[inverse] - 1
-    queries = np.flatnonzero(r >= 1)
-    if len(queries) == 0:
-        return None
-    # Queries in order of R: each chunk's top-k is sized by its own largest R, so one large identity (R ~ 2000)
-    # no longer makes every query select thousands of neighbours.
-    queries = queries[np.argsort(r[queries], kind="stable")]
-    total = 0.0
-    step = 8192
-    with _progress(len(queries), "MAP@R", progress, unit="query") as bar:
-        for q0 in range(0, len(queries), step):
-            qi = queries[q0:q0 + step]
-            k = int(r[qi].max())
-            _, idx = topk_cosine(emb[torch.as_tensor(qi, device=dev)], emb, k, exclude=qi, device=dev,
-                                 normalized=True)
-            rel = labels[idx] == labels[qi][:, None]
-            rq = r[qi]
-            within = np.arange(1, k + 1)[None, :] <= rq[:, None]
-            rel &= within
-            precision = np.cumsum(rel, axis=1) / np.arange(1, k + 1)[None, :]
-            total += float(np.sum(np.sum(precision * rel, axis=1) / rq))
-            bar.update(len(qi))
-    return total / len(queries)
+    result = score_pass(embeddings, labels, bins=None, map_at_r=True, device=device, progress=progress)
+    return result.neighbours.map_at_r() if result.neighbours is not None else None
 
 
 def identification_split(labels: Array, paths: Optional[Sequence[str]] = None, *,
@@ -559,14 +638,18 @@ def identification_metrics(embeddings: Array, labels: Array, paths: Optional[Seq
                            unenrolled: Union[int, float, None] = None, device: Union[str, torch.device, None] = None,
                            progress: bool = False, map_at_r: bool = True) -> dict:
     """Closed-set (or open-set with ``unenrolled``) 1:N identification: rank-k/CMC, MAP@R, FNIR@FPIR."""
-    labels = np.asarray(labels).astype(np.int64, copy=False)
-    dev = resolve_device(device)
-    emb = normalize(embeddings, dev)
-    gallery, mated, nonmated, held = identification_split(labels, paths, unenrolled=unenrolled)
+    split = identification_split(labels, paths, unenrolled=unenrolled)
+    result = score_pass(embeddings, labels, bins=None, map_at_r=map_at_r, split=split[:3], device=device,
+                        progress=progress)
+    return _identification_summary(result, split, unenrolled, map_at_r)
+
+
+def _identification_summary(result: PassResult, split, unenrolled, map_at_r: bool) -> dict:
+    gallery, mated, nonmated, held = split
+    store = result.neighbours
     out: dict = {"gallery_size": int(len(gallery)), "n_probes": int(len(mated) + len(nonmated)),
                  "rank1": None, "rank5": None, "cmc": None,
-                 "map_at_r": mean_average_precision_at_r(emb, labels, device=dev, progress=progress)
-                 if map_at_r else None}
+                 "map_at_r": store.map_at_r() if map_at_r and store is not None else None}
     if unenrolled:
         out.update({"n_mated_probes": int(len(mated)), "n_nonmated_probes": int(len(nonmated)),
                     "unenrolled_identities": int(len(held)),
@@ -574,21 +657,15 @@ def identification_metrics(embeddings: Array, labels: Array, paths: Optional[Seq
                     "threshold_at_fpir": {far_key(t): None for t in FPIR_TARGETS}})
     if len(gallery) == 0 or len(mated) + len(nonmated) == 0:
         return out
-    gal = emb[torch.as_tensor(gallery, device=dev)]
-    k = min(CMC_RANKS, len(gallery))
-    probes = np.r_[mated, nonmated]
-    scores, idx = topk_cosine(emb[torch.as_tensor(probes, device=dev)], gal, k, device=dev, normalized=True,
-                              progress=progress)
-    hits = labels[gallery][idx[:len(mated)]] == labels[mated][:, None]
+    mated_pos, nonmated_pos = result.position[mated], result.position[nonmated]
+    rank = store.ranks(mated_pos)
     if len(mated):
-        found = hits.any(axis=1)
-        rank = np.where(found, hits.argmax(axis=1) + 1, k + 1)
         cmc = [float(np.mean(rank <= r)) for r in range(1, CMC_RANKS + 1)]
         out.update({"rank1": cmc[0], "rank5": cmc[4], "cmc": cmc})
     if unenrolled:
-        top1_ok = hits[:, 0] if len(mated) else np.zeros(0, bool)
-        mated_top = scores[:len(mated), 0].astype(np.float64)
-        nonmated_top = np.sort(scores[len(mated):, 0].astype(np.float64))[::-1]
+        top1_ok = rank == 1
+        mated_top = store.own_scores(mated_pos)
+        nonmated_top = np.sort(store.best_gallery_scores(nonmated_pos))[::-1]
         for target in FPIR_TARGETS:
             allowed = int(math.floor(target * len(nonmated) + 1e-9))
             if len(nonmated) * target < 1 - 1e-9 or len(mated) == 0:
@@ -613,10 +690,14 @@ def evaluate_embeddings(embeddings: Array, labels: Array, paths: Optional[Sequen
         raise InputError(f"{len(embeddings)} embeddings but {len(labels)} labels")
     emb = normalize(embeddings, resolve_device(device))
     out: dict = {"n_embeddings": int(len(labels)), "n_identities": int(len(np.unique(labels)))}
-    if "verification" in protocols:
-        out["verification"] = verification_metrics(emb, labels, bins=bins, device=emb.device,
-                                                   block_size=block_size, progress=progress)
-    if "identification" in protocols:
-        out["identification"] = identification_metrics(emb, labels, paths, unenrolled=unenrolled,
-                                                       device=emb.device, progress=progress)
+    verification, identification = "verification" in protocols, "identification" in protocols
+    split = identification_split(labels, paths, unenrolled=unenrolled) if identification else None
+    # One pass over the score matrix feeds the verification histograms, MAP@R and the 1:N ranks.
+    result = score_pass(emb, labels, bins=bins if verification else None, map_at_r=identification,
+                        split=split[:3] if split is not None else None, device=emb.device, block_size=block_size,
+                        progress=progress)
+    if verification:
+        out["verification"] = result.histograms.metrics()
+    if identification:
+        out["identification"] = _identification_summary(result, split, unenrolled, map_at_r=True)
     return out
