@@ -64,6 +64,11 @@ class AugmentConfig:
     """fused (the same random parameters as the reference, one OpenCV warp for flip + rotation + crop, one colour
     matrix, JPEGs decoded reduced when the crop allows: ~3x the images/s per loader core; data/fused_transforms.py)
     or torchvision (the reference: PIL stages one after another; the experiment YAMLs of docs/results.md pin it)."""
+    augment_device: str = "loader"
+    """Where the fused augmentation runs. loader: per image in the DataLoader workers. cuda: the workers only decode
+    and draw each sample's parameters (seeded as in the loader: resume stays exact); flip, rotation, crop and colour
+    run on the whole batch on the training GPU (data/batch_augment.py), for when CPU cores are short. cpu: that
+    batched code on the CPU, in the training process (tests, machines without a GPU)."""
 
 
 @dataclass
@@ -355,6 +360,7 @@ CLASSIFICATION_LOSSES = ("arcface", "subcenter_arcface", "cosface")  # margin lo
 
 CHOICES = {
     "augment.augment_implementation": ("torchvision", "fused"),
+    "augment.augment_device": ("loader", "cuda", "cpu"),
     "model.head": ("linear", "face"),
     "loss.loss": PAIR_LOSSES + CLASSIFICATION_LOSSES,
     "loss.distance": ("cosine", "euclidean"),

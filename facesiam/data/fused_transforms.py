@@ -13,8 +13,10 @@ reference would, and exact resume is unchanged); then
 - brightness, contrast and saturation (PIL's ImageEnhance definitions, in the drawn order) compose into one 3x4
   colour matrix, applied by one ``cv2.transform`` on uint8 (the reference clips to 0..255 after each stage, this
   once at the end: images differ only where a stage saturates);
-- uint8 -> normalised float by one table lookup (``cv2.LUT``), returned as a CHW view of the HWC result (the
-  DataLoader's collate does the one copy into the batch).
+- the result stays uint8 (a CHW view of the HWC array; the DataLoader's collate does the one copy into the
+  batch): the training step normalises the batch on its device (data/batch_augment.py), so the loader moves a
+  quarter of the bytes. With ``augment_device`` cuda (or cpu) the workers stop after ``prepare`` (parameters,
+  reduced source) and the warp and colour run on the whole batch on that device (data/batch_augment.py).
 
 Hand-written on OpenCV because no library fuses these stages: torchvision.transforms.v2 and albumentations
 still resample once per geometric stage. tests/data/test_fused_transforms.py checks, per seed, that the fused
@@ -50,7 +52,8 @@ def _cv2():
 
 
 class FusedTrainTransform:
-    """PIL RGB image -> normalised float tensor 3 x size x size; the distribution of build_train_transform's."""
+    """PIL RGB image -> uint8 tensor 3 x size x size; once normalised, the distribution of build_train_transform's
+    torchvision reference."""
 
     def __init__(self, image_size: int, *, crop_scale: Optional[Sequence[float]], rotation: float, hflip: float,
                  color_jitter: float, center_crop: Optional[float], mean: Sequence[float], std: Sequence[float]):
@@ -58,9 +61,6 @@ class FusedTrainTransform:
         self.crop_scale = tuple(crop_scale) if crop_scale else None
         self.rotation, self.hflip, self.color_jitter, self.center_crop = rotation, hflip, color_jitter, center_crop
         self.mean, self.std = tuple(mean), tuple(std)
-        # uint8 -> normalised float in one table lookup per pixel and channel
-        levels = np.arange(256, dtype=np.float64)[:, None] / 255.0
-        self._normalise = ((levels - np.asarray(mean)) / np.asarray(std)).astype(np.float32).reshape(256, 1, 3)
         j = float(color_jitter)
         self._jitter = (max(0.0, 1 - j), 1 + j) if j else None
         _cv2()  # a missing OpenCV is an error when the transform is built, not in a loader worker
@@ -120,7 +120,10 @@ class FusedTrainTransform:
                 m, o = mix @ m, mix @ o
         return np.hstack([m, o[:, None]])
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def prepare(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray, Optional[tuple]]:
+        """Draw the parameters and reduce the source: (uint8 H x W x 3 source, 2x3 map from output pixel indices to
+        source pixel indices, the drawn jitter or None). The half of the work that stays on the loader's CPU when
+        the rest runs on the batch (data/batch_augment.py)."""
         cv2 = _cv2()
         src = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
         height, width = src.shape[:2]
@@ -139,10 +142,17 @@ class FusedTrainTransform:
         # pixel-index coordinates (OpenCV samples at integer centres): index = continuous - 0.5
         to_index = np.array([[1, 0, -0.5], [0, 1, -0.5], [0, 0, 1]]) @ m @ np.array([[1, 0, 0.5], [0, 1, 0.5],
                                                                                       [0, 0, 1]])
-        out = cv2.warpAffine(src, to_index[:2], (self.size, self.size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        return src, to_index[:2], params["jitter"]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """uint8 tensor 3 x size x size (a view of the H x W x 3 result: the loader's collate makes the one copy);
+        the training step normalises it on its device (batch_augment.normalise), a quarter of the bytes through
+        the loader's queues, pinned memory and the host-to-device copy."""
+        cv2 = _cv2()
+        src, to_index, jitter = self.prepare(img)
+        out = cv2.warpAffine(src, to_index, (self.size, self.size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        if params["jitter"] is not None:
-            mean_rgb = np.asarray(cv2.mean(out)[:3]) if 1 in params["jitter"][0] else np.zeros(3)
-            out = cv2.transform(out, self.colour_matrix(params["jitter"], mean_rgb))
-        # a 3 x H x W view of the H x W x 3 floats: the loader's collate makes the one contiguous copy
-        return torch.from_numpy(cv2.LUT(out, self._normalise)).permute(2, 0, 1)
+        if jitter is not None:
+            mean_rgb = np.asarray(cv2.mean(out)[:3]) if 1 in jitter[0] else np.zeros(3)
+            out = cv2.transform(out, self.colour_matrix(jitter, mean_rgb))
+        return torch.from_numpy(out).permute(2, 0, 1)

@@ -80,7 +80,7 @@ class Trainer:
         if resume_from is not None:
             self.checkpointer.restore(resume_from, self.state, cfg.batch_size)
         elif cfg.loss.init_centres == "imprint":
-            setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data.loader, self.data.sampler, cfg)
+            setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data)
         self.logger = RunLogger(acc, cfg, self.run, resumed_step=self.state.step if resume_from else None)
         self.validator = (Validator(acc, cfg, self.data.val, self.checkpointer, self.logger)
                           if self.data.val is not None else None)
@@ -126,10 +126,8 @@ class Trainer:
         acc, cfg, s = self.accelerator, self.cfg, self.state
         nonfinite = torch.zeros((), dtype=torch.bool, device=acc.device)  # kept on the device: no sync per batch
         for i, (images, labels) in enumerate(window):
-            images = images.to(acc.device, non_blocking=True)
+            images = self.data.model_input(images)  # moved, [augmented,] normalised, [channels-last]
             labels = labels.to(acc.device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
             # DDP all-reduces the gradients once per window: on its last micro-batch.
             sync = acc.no_sync(self.learner) if i < len(window) - 1 else contextlib.nullcontext()
             with sync:

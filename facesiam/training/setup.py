@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
 from ..data import DistributedPerClassSampler, ShardDataset, build_eval_transform, build_train_transform
+from ..data.batch_augment import DeferredTrainTransform, ModelInput, collate
 from ..data.format import METADATA_FILE, read_metadata
 from ..errors import InputError
 from ..losses import Criterion
@@ -63,6 +64,7 @@ class TrainData:
     sampler: DistributedPerClassSampler
     loader: DataLoader
     accumulation: int
+    model_input: ModelInput  # a loader batch -> the model's input on the device (data/batch_augment.py)
     alignment: Optional[dict] = None  # dataset.json's face alignment (detector, template, size), None: unaligned
 
     @property
@@ -106,7 +108,15 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
     train_tf = build_train_transform(m.image_size, crop_scale=a.crop_scale, rotation=a.rotation, hflip=a.hflip,
                                      color_jitter=a.color_jitter, center_crop=m.center_crop, mean=m.mean, std=m.std,
                                      implementation=a.augment_implementation)
-    train = ShardDataset(cfg.data, cfg.train_split, transform=train_tf)
+    if a.augment_device != "loader" and a.augment_implementation != "fused":
+        raise InputError(f"augment_device {a.augment_device} runs the fused augmentation on the batch; "
+                         f"set --augment-implementation fused (or --augment-device loader)")
+    # Checked here, before any worker starts: cuda augmentation needs a CUDA training device.
+    model_input = ModelInput(accelerator.device, mean=m.mean, std=m.std, image_size=m.image_size,
+                             augment_device=a.augment_device, channels_last=cfg.channels_last)
+    deferred = a.augment_device != "loader"
+    train = ShardDataset(cfg.data, cfg.train_split, transform=DeferredTrainTransform(train_tf) if deferred
+                         else train_tf)
     if a.augment_implementation == "fused":  # JPEGs decode reduced (1/2, 1/4, 1/8) while the crop allows
         train.draft_size = train_tf.draft_size
     val = None
@@ -122,11 +132,11 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
     # The loader is not prepared by Accelerate: the sampler already shards batches across ranks and keeps its own
     # position. Its own generator: creating a loader iterator must not draw from the global RNG, or a resumed run
     # diverges.
-    loader = DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers,
+    loader = DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
                         prefetch_factor=4 if cfg.num_workers else None)
-    data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps, alignment)
+    data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps, model_input, alignment)
     if data.steps_per_epoch == 0:
         raise InputError(f"an epoch of {sampler.steps_per_epoch()} batches holds no whole accumulation window of "
                          f"{cfg.grad_accum_steps}; lower --grad-accum-steps or --batch-size")
@@ -214,8 +224,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), "step"
 
 
-def imprint_centres(accelerator, learner: MetricLearner, loader: DataLoader, sampler: DistributedPerClassSampler,
-                    cfg: TrainConfig) -> None:
+def imprint_centres(accelerator, learner: MetricLearner, data: TrainData) -> None:
     """Start each class centre at its class's mean embedding over one epoch of the training batches.
 
     The embeddings are the ones the loss would see at step 0: the same sampler (epoch 0), augmentation and batch
@@ -226,14 +235,12 @@ def imprint_centres(accelerator, learner: MetricLearner, loader: DataLoader, sam
 
     t0 = time.time()
     chunks, labels = [], []
+    loader, sampler, model_input = data.loader, data.sampler, data.model_input
     sampler.set_epoch(0)
     with batch_statistics(learner.model), torch.inference_mode(), accelerator.autocast():
         for images, batch_labels in tqdm(loader, desc="imprint centres", disable=not accelerator.is_main_process,
                                          leave=False):
-            images = images.to(accelerator.device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            chunks.append(learner.model(images).float())
+            chunks.append(learner.model(model_input(images)).float())
             labels.append(batch_labels.to(accelerator.device))
     # Every rank has the same number of batches of the same size (the sampler guarantees it), so a plain gather.
     embeddings, labels = accelerator.gather(torch.cat(chunks)), accelerator.gather(torch.cat(labels))

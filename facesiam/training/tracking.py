@@ -141,5 +141,6 @@ class StepWindow:
             return None
         self.warned_slow_data = True
         return (f"{stats['data_wait_fraction']:.0%} of the last log window waited for data: the loader, not the "
-                f"model, sets the speed; raise --num-workers (now {num_workers}) if there are idle cores, or pack "
-                f"images no larger than the model needs (make_shards --resize PIXELS) so each costs less to decode")
+                f"model, sets the speed; raise --num-workers (now {num_workers}) if there are idle cores, move the "
+                f"augmentation onto the GPU (--augment-device cuda) when cores are short, or pack images no larger "
+                f"than the model needs (make_shards --resize PIXELS) so each costs less to decode")

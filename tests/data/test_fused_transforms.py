@@ -17,6 +17,7 @@ from torchvision import transforms as T
 
 import skimage.data
 
+from facesiam.data.batch_augment import normalise
 from facesiam.data.fused_transforms import RATIO, FusedTrainTransform
 from facesiam.data.images import decode_rgb
 from facesiam.data.readers import apply_seeded
@@ -40,9 +41,16 @@ def face() -> Image.Image:
 
 
 def pair(name):
+    """(reference, fused): the fused path's uint8 output normalised as the training step does (ModelInput)."""
     size, kw = RECIPES[name]
-    return (build_train_transform(size, mean=MEAN, std=STD, **kw),
-            build_train_transform(size, mean=MEAN, std=STD, implementation="fused", **kw))
+    fused = build_train_transform(size, mean=MEAN, std=STD, implementation="fused", **kw)
+
+    def fused_normalised(img):
+        out = fused(img)
+        assert out.dtype == torch.uint8 and out.shape == (3, size, size)
+        return normalise(out[None], MEAN, STD)[0]
+
+    return build_train_transform(size, mean=MEAN, std=STD, **kw), fused_normalised
 
 
 def reference_draws(size: int, kw: dict, width: int, height: int) -> dict:

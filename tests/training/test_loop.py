@@ -79,11 +79,13 @@ def test_two_process_checkpoint_resumes_mid_epoch_on_one_process(ddp_run, synthe
     assert summary["steps"] == state["step"] + (per_epoch - position) + per_epoch * (1 - state["epoch"])
 
 
-@pytest.mark.parametrize("augment", ["torchvision", "fused"])
+@pytest.mark.parametrize("augment", [["--augment-implementation", "torchvision"],
+                                     ["--augment-implementation", "fused"],
+                                     ["--augment-implementation", "fused", "--augment-device", "cpu"]],
+                         ids=["torchvision", "fused", "fused-on-the-batch"])
 def test_resume_is_exact(augment, synthetic_shards, tmp_path):
     common = ["--data", str(synthetic_shards), *TINY, "--lr", "1e-3", "--scheduler", "cosine", "--epochs", "5",
-              "--num-workers", "2", "--dropout", "0.2", "--head", "face", "--val-split", "none",
-              "--augment-implementation", augment]
+              "--num-workers", "2", "--dropout", "0.2", "--head", "face", "--val-split", "none", *augment]
     straight = main([*common, "--output", str(tmp_path / "a"), "--max-steps", "8"])
     reset_accelerate()
     main([*common, "--output", str(tmp_path / "b"), "--max-steps", "8", "--checkpoint-every-steps", "3"])
