@@ -124,11 +124,13 @@ def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
 
     n = emb.shape[0]
     tasks = [(i, j) for i in range(0, n, block) for j in range(i, n, block)]
-    if layout == "sequential":
-        out = torch.empty(block * block)
+    if layout == "sequential" or emb.is_cuda:
+        out = torch.empty(block * block, device=emb.device)
         for i, j in tasks:
             a, b = emb[i:i + block], emb[j:j + block]
             torch.mm(a, b.T, out=out[:len(a) * len(b)].view(len(a), len(b)))
+        if emb.is_cuda:
+            torch.cuda.synchronize()
         return
     workers = torch.get_num_threads()
     previous = torch.get_num_threads()
@@ -190,28 +192,31 @@ def eval_data(n: int, dim: int, large: int) -> tuple[np.ndarray, np.ndarray]:
     return clustered(n, dim, identities=labels)
 
 
-def child_verification(kind: str, n: int, dim: int, large: int) -> dict:
-    """Runs in its own process: time one contender of (a) and report its peak RSS."""
+def child_verification(kind: str, n: int, dim: int, large: int, device: str) -> dict:
+    """Runs in its own process: time one contender of (a) and report its peak RSS (and GPU memory)."""
     from facesiam.eval.metrics import verification_block, verification_metrics
     from facesiam.eval.pipeline import evaluate
 
     emb, labels = eval_data(n, dim, large)
-    block = verification_block(n, torch.device("cpu"), torch.get_num_threads())
+    dev = torch.device(device)
+    block = verification_block(n, dev, torch.get_num_threads())
     before = peak_rss_mb()
     extra: dict = {}
     if kind == "evaluate":  # what `evaluate --embeddings` computes: verification + 1:N + MAP@R (no plots)
-        m, wall, cpu = timed(lambda: evaluate({"embeddings": emb, "labels": labels, "paths": None}))
+        m, wall, cpu = timed(lambda: evaluate({"embeddings": emb, "labels": labels, "paths": None}, device=device))
         v, i = m["verification"], m["identification"]
         extra = {"auc": v["auc"], "eer": v["eer"], "tar_at_far_1e-06": v["tar_at_far"]["1e-06"],
                  "n_pairs": v["n_genuine"] + v["n_impostor"], "map_at_r": i["map_at_r"], "rank1": i["rank1"]}
     elif kind == "verification":
-        m, wall, cpu = timed(lambda: verification_metrics(emb, labels))
+        m, wall, cpu = timed(lambda: verification_metrics(emb, labels, device=device))
         extra = {"auc": m["auc"]}
     elif kind == "previous":
         extra, wall, cpu = timed(lambda: previous_evaluator(emb, labels))
     else:
-        t = torch.from_numpy(emb)
+        t = torch.from_numpy(emb).to(dev)
         _, wall, cpu = timed(lambda: bare_blocked_matmul(t, block, kind))
+    if dev.type == "cuda":
+        extra["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return {"wall": wall, "cpu": cpu, "peak_rss_mb": peak_rss_mb(), "rss_before_mb": before, "block": block,
             **extra}
 
@@ -227,27 +232,30 @@ def run_child(*args: str) -> dict:
 EVAL_KINDS = ("sequential", "workers", "verification", "evaluate")
 
 
-def bench_verification(n: int, dim: int, repeats: int, large: int, previous: bool) -> dict:
+def bench_verification(n: int, dim: int, repeats: int, large: int, previous: bool, device: str = "cpu") -> dict:
     what = f"one identity of {large:,} images, the rest {IMAGES_PER_IDENTITY}" if large else \
         f"identities of {IMAGES_PER_IDENTITY}"
     print(f"(a) the whole evaluator, {n:,} x {dim} ({n * (n - 1) // 2:,} pairs; {what})", flush=True)
-    res: dict = {"large": large}
-    kinds = EVAL_KINDS * max(1, min(repeats, 2)) + (("previous",) if previous else ())
+    res: dict = {"large": large, "device": device}
+    kinds = EVAL_KINDS if device == "cpu" else ("sequential", "verification", "evaluate")  # one layout on a GPU
+    kinds = kinds * max(1, min(repeats, 2)) + (("previous",) if previous else ())
     for kind in kinds:  # interleaved: a slow minute of the shared cores hits every contender alike
-        r = run_child("verification", kind, str(n), str(dim), str(large))
+        r = run_child("verification", kind, str(n), str(dim), str(large), device)
         if kind not in res or r["wall"] < res[kind]["wall"]:
             res[kind] = r
         print(f"    {kind:<12} {r['wall']:8.2f} s wall  {r['cpu']:8.2f} s CPU  peak RSS {r['peak_rss_mb']:7.0f} MB",
               flush=True)
-    floor = min(res["sequential"], res["workers"], key=lambda r: r["wall"])
+    layouts = [res[k] for k in ("sequential", "workers") if k in res]
+    floor = min(layouts, key=lambda r: r["wall"])
     res["floor"] = floor
     for kind in ("verification", "evaluate", "previous"):
         if kind in res:
             res[kind]["ratio_wall"] = res[kind]["wall"] / floor["wall"]
-            res[kind]["ratio_cpu"] = res[kind]["cpu"] / min(res["sequential"]["cpu"], res["workers"]["cpu"])
+            res[kind]["ratio_cpu"] = res[kind]["cpu"] / min(r["cpu"] for r in layouts)
     e = res["evaluate"]
+    gpu = f", GPU peak {e['gpu_peak_mb']:.0f} MB" if "gpu_peak_mb" in e else ""
     print(f"    evaluate / floor: {e['ratio_wall']:.2f}x wall, {e['ratio_cpu']:.2f}x CPU; peak RSS "
-          f"{e['peak_rss_mb']:.0f} MB", flush=True)
+          f"{e['peak_rss_mb']:.0f} MB{gpu} (on {device})", flush=True)
     return res
 
 
@@ -423,7 +431,8 @@ def report(res: dict, args) -> str:
             what = (f"one identity of {v['large']:,} images, the rest {IMAGES_PER_IDENTITY} each" if v["large"]
                     else f"identities of {IMAGES_PER_IDENTITY} images")
             lines += [f"**(a) The whole evaluator** (`evaluate --embeddings`: verification + 1:N identification + "
-                      f"MAP@R, no plots), {args.verify_n:,} x {DIM} embeddings, {what}: {e['n_pairs']:,} pairs, "
+                      f"MAP@R, no plots) on {v['device']}, {args.verify_n:,} x {DIM} embeddings, {what}: "
+                      f"{e['n_pairs']:,} pairs, "
                       f"blocks of {e['block']}. Floor: the same block matmuls and nothing else (the faster of "
                       f"multi-threaded sequential and one-thread-per-worker layouts).", "",
                       "| | wall s | CPU s | vs floor | peak RSS MB (whole process) |", "|---|---:|---:|---:|---:|"]
@@ -497,12 +506,13 @@ def main(argv=None) -> None:
     p.add_argument("--large", type=int, default=2_000,
                    help="(a): the second data set has one identity of this many images (0: skip it)")
     p.add_argument("--no-previous", action="store_true", help="(a): do not time the previous evaluator")
+    p.add_argument("--device", default="cpu", help="(a): score on this device (cuda: the same code on the GPU)")
     p.add_argument("--write-doc", action="store_true", help=f"update '{HEADING}' in docs/benchmarks.md")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _, name, n, dim, large = args.child
-        print(json.dumps(child_verification(name, int(n), int(dim), int(large))))
+        _, name, n, dim, large, device = args.child
+        print(json.dumps(child_verification(name, int(n), int(dim), int(large), device)))
         return
     args.verify_n = args.verify_n or (20_000 if args.quick else VERIFY_N)
     args.gallery = args.gallery or (100_000 if args.quick else GALLERY_N)
@@ -511,8 +521,8 @@ def main(argv=None) -> None:
     only = args.only or ["verification", "seed", "search"]
     res = {}
     if "verification" in only:
-        res["verification"] = [bench_verification(args.verify_n, DIM, args.repeats, large, not args.no_previous)
-                               for large in dict.fromkeys((0, args.large))]
+        res["verification"] = [bench_verification(args.verify_n, DIM, args.repeats, large, not args.no_previous,
+                                                  args.device) for large in dict.fromkeys((0, args.large))]
     if "seed" in only:
         res["seed"] = bench_seed(SEED_N, 300 if args.quick else SEED_LOOP_SUBSET, DIM)
     if "search" in only:

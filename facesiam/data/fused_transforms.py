@@ -25,7 +25,6 @@ output matches the reference for the same drawn parameters, and that the two pat
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -34,25 +33,14 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from ..errors import InputError
+from .images import opencv as _cv2
 
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # PIL's "L" conversion (ITU-R 601-2), used by ImageEnhance
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
-@functools.cache  # once per process (a forked loader worker inherits it): this runs for every image
-def _cv2():
-    try:
-        import cv2
-    except ImportError:
-        raise InputError('augment_implementation fused needs OpenCV: pip install opencv-python-headless '
-                         '(or --augment-implementation torchvision)') from None
-    cv2.setNumThreads(1)  # one image per call, many loader workers: threads inside a call only contend
-    return cv2
-
-
 class FusedTrainTransform:
-    """PIL RGB image -> uint8 tensor 3 x size x size; once normalised, the distribution of build_train_transform's
+    """PIL RGB image (or H x W x 3 uint8 RGB array) -> uint8 tensor 3 x size x size; once normalised, the distribution of build_train_transform's
     torchvision reference."""
 
     def __init__(self, image_size: int, *, crop_scale: Optional[Sequence[float]], rotation: float, hflip: float,
@@ -120,12 +108,15 @@ class FusedTrainTransform:
                 m, o = mix @ m, mix @ o
         return np.hstack([m, o[:, None]])
 
-    def prepare(self, img: Image.Image) -> tuple[np.ndarray, np.ndarray, Optional[tuple]]:
+    def prepare(self, img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, Optional[tuple]]:
         """Draw the parameters and reduce the source: (uint8 H x W x 3 source, 2x3 map from output pixel indices to
         source pixel indices, the drawn jitter or None). The half of the work that stays on the loader's CPU when
         the rest runs on the batch (data/batch_augment.py)."""
         cv2 = _cv2()
-        src = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+        if isinstance(img, np.ndarray):  # H x W x 3 uint8 RGB (images.decode_rgb_array: what the loader gives)
+            src = img
+        else:
+            src = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
         height, width = src.shape[:2]
         if self.center_crop:  # F.center_crop's box, as a view: outside it the rotation fills black, as there
             side = max(1, round(self.center_crop * min(height, width)))
@@ -144,7 +135,7 @@ class FusedTrainTransform:
                                                                                       [0, 0, 1]])
         return src, to_index[:2], params["jitter"]
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image | np.ndarray) -> torch.Tensor:
         """uint8 tensor 3 x size x size (a view of the H x W x 3 result: the loader's collate makes the one copy);
         the training step normalises it on its device (batch_augment.normalise), a quarter of the bytes through
         the loader's queues, pinned memory and the host-to-device copy."""

@@ -21,7 +21,7 @@ import webdataset as wds
 from torch.utils.data import Dataset
 
 from .folder import list_image_folder
-from .images import decode_rgb, load_rgb
+from .images import decode_rgb, decode_rgb_array, load_rgb
 from ..errors import InputError
 from .format import METADATA_FILE, load_index, read_metadata
 
@@ -81,6 +81,7 @@ class ShardDataset(_FaceDataset):
 
     max_open_shards = 128  # per process; well under the usual 1024 open files limit
     draft_size: Optional[int] = None  # decode JPEGs reduced while both sides stay >= this (images.decode_rgb)
+    decode_array: bool = False  # decode to H x W x 3 uint8 arrays with OpenCV (images.decode_rgb_array), not PIL
 
     def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None):
         self.root = Path(root)
@@ -114,7 +115,8 @@ class ShardDataset(_FaceDataset):
         return data
 
     def _image(self, index: int):
-        return decode_rgb(self.read_bytes(index), self.draft_size)
+        raw = self.read_bytes(index)
+        return decode_rgb_array(raw, self.draft_size) if self.decode_array else decode_rgb(raw, self.draft_size)
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked into a worker: the parent's descriptors are not ours to share

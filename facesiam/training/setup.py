@@ -117,8 +117,9 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
     deferred = a.augment_device != "loader"
     train = ShardDataset(cfg.data, cfg.train_split, transform=DeferredTrainTransform(train_tf) if deferred
                          else train_tf)
-    if a.augment_implementation == "fused":  # JPEGs decode reduced (1/2, 1/4, 1/8) while the crop allows
-        train.draft_size = train_tf.draft_size
+    if a.augment_implementation == "fused":  # JPEGs decode reduced (1/2, 1/4, 1/8) while the crop allows,
+        train.draft_size = train_tf.draft_size  # by OpenCV straight into the array the fused warp reads
+        train.decode_array = True
     val = None
     if cfg.val_split in meta.get("splits", {}):
         val = ShardDataset(cfg.data, cfg.val_split, transform=build_eval_transform(

@@ -140,3 +140,16 @@ def test_cuda_and_cpu_batch_augmentation_agree(faces):
     cpu = BatchAugment(size)(batch)
     gpu = BatchAugment(size)(batch.pin_memory().to("cuda")).cpu()
     torch.testing.assert_close(gpu, cpu, atol=0.05, rtol=0)
+
+
+def test_the_fused_loader_batch_is_a_channels_last_stack_of_the_images(faces):
+    size, kw = RECIPES["seed-112"]
+    fused = build_train_transform(size, mean=MEAN, std=STD, implementation="fused", **kw)
+    images = [apply_seeded(fused, faces[s % 3], s) for s in range(5)]
+    batch, labels = collate([(im, k) for k, im in enumerate(images)])
+    assert batch.shape == (5, 3, size, size) and batch.dtype == torch.uint8 and labels.tolist() == list(range(5))
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack(images))
+    x = ModelInput(torch.device("cpu"), mean=MEAN, std=STD)(batch)
+    assert x.is_contiguous()  # the model gets the layout it asked for
+    torch.testing.assert_close(x, normalise(torch.stack(images), MEAN, STD))

@@ -19,7 +19,7 @@ import skimage.data
 
 from facesiam.data.batch_augment import normalise
 from facesiam.data.fused_transforms import RATIO, FusedTrainTransform
-from facesiam.data.images import decode_rgb
+from facesiam.data.images import decode_rgb, decode_rgb_array, jpeg_size
 from facesiam.data.readers import apply_seeded
 from facesiam.data.transforms import build_train_transform
 
@@ -135,3 +135,34 @@ def test_jpegs_decode_reduced_only_while_large_enough(face):
     png = io.BytesIO()
     face.save(png, "PNG")
     assert decode_rgb(png.getvalue(), draft=50).size == (250, 250)  # only JPEG has a reduced decode
+
+
+def test_the_opencv_array_decode_gives_pil_pixels_at_every_draft(face):
+    buf = io.BytesIO()
+    face.save(buf, "JPEG", quality=90)
+    for draft in (None, 30, 62, 118, 200):
+        want = np.asarray(decode_rgb(buf.getvalue(), draft)).astype(int)
+        got = decode_rgb_array(buf.getvalue(), draft)
+        assert got.dtype == np.uint8 and got.shape == want.shape, draft
+        assert np.abs(got.astype(int) - want).max() <= 1, draft  # the same libjpeg IDCT; allow one level
+    grey = io.BytesIO()
+    face.convert("L").save(grey, "PNG")
+    got = decode_rgb_array(grey.getvalue(), 50)  # PNG: full size; grey: three equal channels, as PIL's RGB
+    np.testing.assert_array_equal(got, np.asarray(decode_rgb(grey.getvalue())))
+
+
+def test_the_fused_transform_takes_the_array_as_it_takes_the_image(face):
+    _, fused = pair("seed-224")
+    assert torch.equal(apply_seeded(fused, np.asarray(face), 3), apply_seeded(fused, face, 3))
+
+
+def test_jpeg_size_reads_the_frame_header_as_pil_does(face):
+    img = face.resize((321, 123))
+    for kw in ({}, {"progressive": True}, {"quality": 50, "subsampling": 0}):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", **kw)
+        assert jpeg_size(buf.getvalue()) == Image.open(io.BytesIO(buf.getvalue())).size == (321, 123), kw
+    png = io.BytesIO()
+    img.save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None
+    assert jpeg_size(b"\xff\xd8\xff\xe0\x00") is None  # truncated before any frame header

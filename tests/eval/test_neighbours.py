@@ -133,3 +133,16 @@ def test_kept_entries_stay_bounded_by_what_queries_need(monkeypatch):
     assert len(store.rows) <= len(labels) * (4 + neighbours.CMC_RANKS)
     per_row = np.bincount(store.rows.numpy(), minlength=len(labels))
     assert per_row.max() <= 4 + neighbours.CMC_RANKS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_same_pass_on_cuda_gives_the_cpu_numbers():
+    sizes = np.r_[200, np.random.default_rng(6).integers(1, 9, 200)]
+    emb, labels = clustered(len(sizes), sizes, 32, noise=1.3, seed=6)
+    paths = [f"{label:04d}/{i:05d}" for i, label in enumerate(labels)]
+    cpu = evaluate_embeddings(emb, labels, paths, unenrolled=0.25, block_size=256, device="cpu")
+    gpu = evaluate_embeddings(emb, labels, paths, unenrolled=0.25, block_size=256, device="cuda")
+    assert gpu["identification"]["map_at_r"] == pytest.approx(pml_map_at_r(emb, labels), abs=1e-6)
+    for key in ("map_at_r", "rank1", "cmc", "fnir_at_fpir"):
+        assert gpu["identification"][key] == pytest.approx(cpu["identification"][key], abs=1e-6), key
+    assert gpu["verification"]["auc"] == pytest.approx(cpu["verification"]["auc"], abs=1e-6)
