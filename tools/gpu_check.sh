@@ -32,7 +32,7 @@ PART=${2:-all}
 timeout 60 python3 -m pytest -q tests/eval/test_metrics.py tests/eval/test_neighbours.py tests/test_model.py \
   tests/data/test_batch_augment.py > "$OUT/tests.txt" 2>&1
 if [ "$PART" != rest ]; then
-  FAST="--channels-last true --mixed-precision bf16 --num-workers 12"
+  FAST="--channels-last true --mixed-precision bf16 --num-workers 12 --augment-implementation fused"
   timeout 270 python3 tools/bench_train.py --size 224 --steps 60 --warmup 15 --facesiam-flags "$FAST" \
     --facesiam-flags "$FAST --augment-device cuda" --facesiam-flags "$FAST --compile true" \
     > "$OUT/bench_train_224.txt" 2>&1

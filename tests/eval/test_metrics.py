@@ -183,14 +183,7 @@ def test_identification_matches_brute_force_closed_and_open_set():
     # FNIR@FPIR (rank 1): sweep every threshold by brute force.
     top_mated, top_non = s[:len(mated)].max(1), s[len(mated):].max(1)
     correct = ranked[:len(mated), 0] == labels[mated]
-    for target in (1e-1, 1e-2):
-        key = far_key(target)
-        if len(nonmated) * target < 1:
-            assert m["fnir_at_fpir"][key] is None
-            continue
-        best = min(1 - np.mean(correct & (top_mated >= t)) for t in np.r_[top_non, top_mated, 2.0]
-                   if np.mean(top_non >= t) <= target)
-        assert m["fnir_at_fpir"][key] == pytest.approx(best, abs=1e-9)
+    assert_fnir_matches_brute_force(m, correct, top_mated, top_non)
     assert m["map_at_r"] == pytest.approx(mean_average_precision_at_r(emb, labels))
 
 
@@ -221,3 +214,15 @@ def test_average_precision_matches_sklearn_all_pairs_and_in_memory_scores():
     assert 0.05 < expected < 0.99  # not a degenerate case
     assert verification_metrics(emb, labels)["average_precision"] == pytest.approx(expected, abs=1e-3)
     assert score_metrics(scores, same)["average_precision"] == pytest.approx(expected, abs=1e-9)
+
+
+def assert_fnir_matches_brute_force(m: dict, correct, top_mated, top_non) -> None:
+    """FNIR@FPIR (rank 1) of identification metrics ``m`` against a sweep of every threshold by brute force."""
+    for target in (1e-1, 1e-2):
+        key = far_key(target)
+        if len(top_non) * target < 1:
+            assert m["fnir_at_fpir"][key] is None
+            continue
+        best = min(1 - np.mean(correct & (top_mated >= t)) for t in np.r_[top_non, top_mated, 2.0]
+                   if np.mean(top_non >= t) <= target)
+        assert m["fnir_at_fpir"][key] == pytest.approx(best, abs=1e-9)

@@ -27,6 +27,7 @@ def test_a_starved_loop_is_warned_about_once_after_the_first_window():
         window.reset()
     assert messages[0] is None  # the first window includes the loader's start-up
     assert "waited for data" in messages[1] and "--num-workers (now 2)" in messages[1]
+    assert "--augment-device cuda" in messages[1]
     assert messages[2] is None  # once per run
 
 
