@@ -40,15 +40,14 @@ RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 
 
 class FusedTrainTransform:
-    """PIL RGB image (or H x W x 3 uint8 RGB array) -> uint8 tensor 3 x size x size; once normalised, the distribution of build_train_transform's
-    torchvision reference."""
+    """PIL RGB image (or H x W x 3 uint8 RGB array) -> uint8 tensor 3 x size x size; once normalised (on the
+    training device: batch_augment.ModelInput), the distribution of build_train_transform's torchvision reference."""
 
     def __init__(self, image_size: int, *, crop_scale: Optional[Sequence[float]], rotation: float, hflip: float,
-                 color_jitter: float, center_crop: Optional[float], mean: Sequence[float], std: Sequence[float]):
+                 color_jitter: float, center_crop: Optional[float]):
         self.size = int(image_size)
         self.crop_scale = tuple(crop_scale) if crop_scale else None
         self.rotation, self.hflip, self.color_jitter, self.center_crop = rotation, hflip, color_jitter, center_crop
-        self.mean, self.std = tuple(mean), tuple(std)
         j = float(color_jitter)
         self._jitter = (max(0.0, 1 - j), 1 + j) if j else None
         _cv2()  # a missing OpenCV is an error when the transform is built, not in a loader worker

@@ -56,7 +56,8 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
                           rotation: float = ROTATION, hflip: float = HFLIP, color_jitter: float = COLOR_JITTER,
                           center_crop: Optional[float] = None, mean: Sequence[float] = IMAGENET_MEAN,
                           std: Sequence[float] = IMAGENET_STD, implementation: str = "torchvision") -> Callable:
-    """PIL image -> normalised float tensor 3 x image_size x image_size, randomly augmented.
+    """PIL image -> normalised float tensor 3 x image_size x image_size, randomly augmented ("fused": a uint8
+    tensor that the training step normalises with ``mean``/``std`` on its device, batch_augment.ModelInput).
 
     crop_scale: RandomResizedCrop area range; None or 0 resizes the whole image instead.
     rotation: RandomRotation range in degrees (±); hflip: flip probability; color_jitter: brightness, contrast
@@ -76,7 +77,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
         from .fused_transforms import FusedTrainTransform
 
         return FusedTrainTransform(image_size, crop_scale=crop_scale or None, rotation=rotation, hflip=hflip,
-                                   color_jitter=color_jitter, center_crop=center_crop, mean=mean, std=std)
+                                   color_jitter=color_jitter, center_crop=center_crop)
     if implementation != "torchvision":
         raise InputError(f"augment implementation must be torchvision or fused, got {implementation!r}")
     stages: list[Callable] = []

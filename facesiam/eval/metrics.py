@@ -688,13 +688,13 @@ def evaluate_embeddings(embeddings: Array, labels: Array, paths: Optional[Sequen
     labels = np.asarray(labels).astype(np.int64, copy=False)
     if len(labels) != len(embeddings):
         raise InputError(f"{len(embeddings)} embeddings but {len(labels)} labels")
-    emb = normalize(embeddings, resolve_device(device))
     out: dict = {"n_embeddings": int(len(labels)), "n_identities": int(len(np.unique(labels)))}
     verification, identification = "verification" in protocols, "identification" in protocols
     split = identification_split(labels, paths, unenrolled=unenrolled) if identification else None
-    # One pass over the score matrix feeds the verification histograms, MAP@R and the 1:N ranks.
-    result = score_pass(emb, labels, bins=bins if verification else None, map_at_r=identification,
-                        split=split[:3] if split is not None else None, device=emb.device, block_size=block_size,
+    # One pass over the score matrix feeds the verification histograms, MAP@R and the 1:N ranks (it normalises
+    # the embeddings itself, once, in its label-sorted order).
+    result = score_pass(embeddings, labels, bins=bins if verification else None, map_at_r=identification,
+                        split=split[:3] if split is not None else None, device=device, block_size=block_size,
                         progress=progress)
     if verification:
         out["verification"] = result.histograms.metrics()
