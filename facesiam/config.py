@@ -4,6 +4,10 @@ One YAML per experiment lives in ``launch/configs/``. Sections mirror the datacl
 ``augment``, ``loss``, ``optim``; everything else is top level). Every field is also a command-line flag
 (``embedding_dim`` -> ``--embedding-dim``), so field names are unique across sections. Unknown keys are
 errors, never silently ignored: a typo in an experiment file must not train the wrong model for a day.
+
+Fields that name a pluggable part (loss, miner, optimizer, scheduler, best_metric) are checked against the registry
+beside the code that builds it (``REGISTRIES``; facesiam/registry.py), and the chosen entry checks the fields it
+uses; plain enums are ``Literal`` annotations. ``CHOICES`` lists both for --help.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
 from .errors import InputError
 from .fileio import write_text
+from .losses import LOSSES, MINERS
+from .optim import OPTIMIZERS, SCHEDULERS
+from .registry import Registry
+from .selection import SELECTION_METRICS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,7 +40,7 @@ class ModelConfig:
     """Any timm model name; the classifier is removed (``num_classes=0``) and its pooled features feed the head."""
     embedding_dim: int = 512
     """Size of the L2-normalised embedding."""
-    head: str = "linear"
+    head: Literal["linear", "face"] = "linear"
     """``linear`` (the seed article's Linear) or ``face`` (BN -> Dropout -> Linear -> BN, as in arcface_torch)."""
     dropout: float = 0.0
     """Dropout before the head's Linear (``face`` head only)."""
@@ -60,14 +68,14 @@ class AugmentConfig:
     """Probability of a horizontal flip."""
     color_jitter: float = 0.2
     """ColorJitter strength for brightness, contrast and saturation."""
-    augment_implementation: str = "fused"
+    augment_implementation: Literal["torchvision", "fused"] = "fused"
     """fused (the same random parameters as the reference, one OpenCV warp for flip + rotation + crop, one colour
-    matrix, JPEGs decoded reduced when the crop allows: ~3x the images/s per loader core; data/fused_transforms.py)
+    matrix, JPEGs decoded reduced when the crop allows: ~3x the images/s per loader core; augment/fused.py)
     or torchvision (the reference: PIL stages one after another; the experiment YAMLs of docs/results.md pin it)."""
-    augment_device: str = "loader"
+    augment_device: Literal["loader", "cuda", "cpu"] = "loader"
     """Where the fused augmentation runs. loader: per image in the DataLoader workers. cuda: the workers only decode
     and draw each sample's parameters (seeded as in the loader: resume stays exact); flip, rotation, crop and colour
-    run on the whole batch on the training GPU (data/batch_augment.py), for when CPU cores are short. cpu: that
+    run on the whole batch on the training GPU (augment/batch.py), for when CPU cores are short. cpu: that
     batched code on the CPU, in the training process (tests, machines without a GPU)."""
 
 
@@ -76,27 +84,26 @@ class LossConfig:
     """The metric-learning loss, built from pytorch-metric-learning parts."""
 
     loss: str = "triplet"
-    """triplet | contrastive | multisimilarity (pair losses, see the global batch) or arcface | subcenter_arcface | cosface
-    (margin classification losses with trained class centres)."""
+    """A pair loss (sees the global batch) or a margin classification loss (trained class centres); losses.LOSSES."""
     margin: Optional[float] = 0.1
     """Loss margin; None takes PML's default. ArcFace margins are in degrees, as in PML (28.6 deg = 0.5 rad)."""
     scale: Optional[float] = None
     """Logit scale of the margin classification losses; None takes PML's default (64)."""
     subcenters: int = 3
     """Sub-centres per class for subcenter_arcface."""
-    distance: str = "cosine"
+    distance: Literal["cosine", "euclidean"] = "cosine"
     """Distance for pair losses: cosine (CosineSimilarity) or euclidean (LpDistance on normalised embeddings)."""
     miner: str = "none"
-    """none | semihard | hard | multisimilarity: which pairs/triplets the pair loss trains on."""
+    """Which pairs/triplets the pair loss trains on (losses.MINERS)."""
     pair_loss: str = "none"
-    """none | triplet | contrastive | multisimilarity: a pair loss (PML's default margins, loss.miner) added to a margin
-    classification loss; the two are summed."""
+    """none, or a pair loss (PML's default margins, loss.miner) added to a margin classification loss; the two are
+    summed."""
     pair_loss_weight: float = 1.0
     """Weight of pair_loss in the sum."""
     class_lr_mult: float = 1.0
     """Learning-rate multiplier for the class centres of margin losses."""
-    init_centres: str = "random"
-    """random | imprint: start each class centre of a margin loss at the mean direction of its training images'
+    init_centres: Literal["random", "imprint"] = "random"
+    """random or imprint: start each class centre of a margin loss at the mean direction of its training images'
     embeddings (one forward pass over the train split before step 0, weight imprinting), so a pretrained trunk
     is fine-tuned towards meaningful centres from the first step instead of towards random ones."""
 
@@ -106,7 +113,7 @@ class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
     optimizer: str = "adamw"
-    """adamw | sgd | schedulefree_adamw (needs the schedulefree package)."""
+    """The optimizer (optim.OPTIMIZERS)."""
     lr: float = 1e-4
     """Peak learning rate."""
     trunk_lr_mult: float = 1.0
@@ -123,8 +130,7 @@ class OptimConfig:
     momentum: float = 0.9
     """SGD momentum."""
     scheduler: str = "cosine_epoch"
-    """cosine_epoch (CosineAnnealingLR stepped per epoch, the seed's) | cosine (per step, with warmup) | step | plateau | constant
-    (per step, with warmup and an optional final cooldown)."""
+    """The learning-rate schedule (optim.SCHEDULERS); a schedule-free optimizer gets none."""
     t_max: int = 50
     """cosine_epoch: epochs of one cosine half-period."""
     eta_min: float = 1e-6
@@ -174,7 +180,7 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides epochs when reached first)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
-    mixed_precision: str = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """no | bf16 | fp16 (fp16 only on CUDA; it uses a GradScaler)."""
     seed: int = 0
     """Seeds weights, sampling order and every augmentation."""
@@ -189,7 +195,7 @@ class TrainConfig:
     val_batch_size: int = 128
     """Batch size for embedding the validation split."""
     best_metric: str = "tar_at_far_1e-03"
-    """Validation metric that selects RUN/best: tar_at_far_1e-03 | auc | rank1 | map_at_r | neg_eer."""
+    """Validation metric that selects RUN/best, higher is better (selection.SELECTION_METRICS)."""
     checkpoint_every_steps: int = 0
     """Save a resumable checkpoint every N steps (0: only at epoch ends and when training stops)."""
     keep_checkpoints: int = 3
@@ -200,7 +206,7 @@ class TrainConfig:
     """Steps between metric logs."""
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
-    wandb: Optional[str] = None
+    wandb: Optional[Literal["off", "offline", "online"]] = None
     """off | offline | online. None: $WANDB_MODE if set, else offline. Nothing is uploaded unless online."""
     wandb_project: str = "facesiam"
     """W&B project name."""
@@ -248,6 +254,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise InputError(f"config key '{where}': expected {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is Literal:
+        if value not in args:
+            raise InputError(f"config key '{where}' is {value!r}; choose one of {', '.join(map(str, args))}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -355,53 +365,67 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
     write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
-PAIR_LOSSES = ("triplet", "contrastive", "multisimilarity")  # compare embeddings with each other
-CLASSIFICATION_LOSSES = ("arcface", "subcenter_arcface", "cosface")  # margin losses, trained class centres
-
-CHOICES = {
-    "augment.augment_implementation": ("torchvision", "fused"),
-    "augment.augment_device": ("loader", "cuda", "cpu"),
-    "model.head": ("linear", "face"),
-    "loss.loss": PAIR_LOSSES + CLASSIFICATION_LOSSES,
-    "loss.distance": ("cosine", "euclidean"),
-    "loss.miner": ("none", "semihard", "hard", "multisimilarity"),
-    "loss.pair_loss": ("none",) + PAIR_LOSSES,
-    "loss.init_centres": ("random", "imprint"),
-    "optim.optimizer": ("adamw", "sgd", "schedulefree_adamw"),
-    "optim.scheduler": ("cosine_epoch", "cosine", "step", "plateau", "constant"),
-    "mixed_precision": ("no", "bf16", "fp16"),
-    "best_metric": ("tar_at_far_1e-03", "auc", "rank1", "map_at_r", "neg_eer"),
-    "wandb": (None, "off", "offline", "online"),
+REGISTRIES: dict[str, Registry] = {
+    "loss.loss": LOSSES,
+    "loss.miner": MINERS,
+    "optim.optimizer": OPTIMIZERS,
+    "optim.scheduler": SCHEDULERS,
+    "best_metric": SELECTION_METRICS,
 }
+"""Fields whose value names a registry entry; the chosen entry's check validates the fields it uses."""
+
+
+def _literal_values(tp: Any) -> Optional[tuple]:
+    """The allowed values of a Literal annotation (None first when it is Optional); None for any other type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        values = _literal_values(inner[0]) if len(inner) == 1 else None
+        return None if values is None else (None,) + values
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _choices() -> dict[str, tuple]:
+    """Every field with a closed set of values ('section.name' -> the values): registry names and Literals."""
+    out: dict[str, tuple] = {key: registry.names() for key, registry in REGISTRIES.items()}
+    out["loss.pair_loss"] = ("none",) + LOSSES.names(family="pair")
+    for name, (section, _) in FLAG_FIELDS.items():
+        values = _literal_values(_field_type(SECTIONS[section] if section else TrainConfig, name))
+        if values is not None:
+            out[f"{section}.{name}" if section else name] = values
+    return out
+
+
+CHOICES = _choices()
+"""'section.name' -> allowed values, for --help; the registries and the Literal annotations are the source."""
+
+
+def _value(cfg: TrainConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Check values that would otherwise fail late (after data loading) or silently."""
-    for key, allowed in CHOICES.items():
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
-        if obj not in allowed:
-            raise InputError(f"config key '{key}' is {obj!r}; choose one of {', '.join(map(str, allowed))}")
+    """Check values that would otherwise fail late (after data loading) or silently.
+
+    Names of registry entries are looked up first (an unknown one is a one-line error listing the known ones), then
+    each chosen entry checks the fields it uses; only rules that belong to no entry are here. Literal fields were
+    checked when the values were read (_coerce).
+    """
+    entries = []
+    for key, registry in REGISTRIES.items():
+        try:
+            entries.append(registry.get(_value(cfg, key)))
+        except InputError as err:
+            raise InputError(f"config key '{key}': {err}") from None
+    for entry in entries:
+        if entry.check is not None:
+            entry.check(cfg)
     if cfg.m_per_class < 1 or cfg.batch_size % cfg.m_per_class:
         raise InputError(f"batch_size ({cfg.batch_size}) must be a positive multiple of m_per_class ({cfg.m_per_class})")
-    if cfg.optim.trunk_frozen_steps and cfg.optim.scheduler not in ("cosine", "constant"):
-        raise InputError("optim.trunk_frozen_steps needs a per-step schedule: set optim.scheduler to cosine or constant")
-    if cfg.optim.trunk_frozen_steps and cfg.optim.optimizer == "schedulefree_adamw":
-        raise InputError("optim.trunk_frozen_steps does not apply to schedulefree_adamw (it has no lr schedule)")
-    if cfg.optim.cooldown_steps < 0:
-        raise InputError("optim.cooldown_steps must be >= 0")
-    if cfg.optim.cooldown_steps and cfg.optim.scheduler != "constant":
-        raise InputError("optim.cooldown_steps is the decay of the constant schedule: set optim.scheduler to constant")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise InputError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
-    if cfg.optim.ema_decay and cfg.optim.optimizer == "schedulefree_adamw":
-        # Schedule-free already averages; in train mode its parameters are the gradient points, not the averaged
-        # weights it evaluates, so an EMA of them would average the wrong sequence.
-        raise InputError("optim.ema_decay does not combine with schedulefree_adamw (it averages its own weights): "
-                         "set one of them")
-    if cfg.loss.init_centres == "imprint" and cfg.loss.loss not in CLASSIFICATION_LOSSES:
-        raise InputError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss.loss!r}")
     if cfg.grad_accum_steps < 1:
         raise InputError("grad_accum_steps must be >= 1")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:

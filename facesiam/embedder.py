@@ -37,7 +37,7 @@ class FaceEmbedder:
     def aligner(self):
         """The FaceAligner that aligns as the model was trained (None for an unaligned model); built once."""
         if self.alignment and self._aligner is None:
-            from .data.align import aligner_for  # MTCNN is a torch model: imported only when needed
+            from .faces.aligner import aligner_for  # MTCNN is a torch model: imported only when needed
 
             self._aligner = aligner_for(self.alignment, self.device)
         return self._aligner if self.alignment else None
@@ -58,7 +58,7 @@ class FaceEmbedder:
                                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         aligner = self.aligner if align else None
         if aligner is not None:
-            from .data.align import describe_alignment
+            from .faces.aligner import describe_alignment
 
             log.info("aligning %d image(s): %s, as the model was trained (--no-align for aligned crops)",
                      len(names), describe_alignment(self.alignment))
@@ -67,7 +67,7 @@ class FaceEmbedder:
             chunk = images[start:start + batch_size]
             pictures = [p.convert("RGB") if isinstance(p, Image.Image) else load_rgb(p) for p in chunk]
             if aligner is not None:
-                from .data.align import align_images
+                from .faces.aligner import align_images
 
                 pictures = align_images(pictures, names[start:start + batch_size], aligner)
             out.append(self.embed_faces(pictures, flip=flip))

@@ -1,6 +1,7 @@
 """Metric-learning losses by name, from pytorch-metric-learning parts (loss = distance + miner), DDP-correct.
 
-Two families:
+``LOSSES`` and ``MINERS`` (facesiam/registry.py) hold the choices; a new loss is one registered build function. Two
+families (a loss entry's ``family`` info):
 - pair losses (triplet, contrastive, multisimilarity) compare embeddings with each other. Under DDP each
   rank sees only its slice of the batch, so PML's DistributedLossWrapper/DistributedMinerWrapper gather the
   global batch (the local part keeps its gradient) and multiply the loss by world_size: DDP then averages
@@ -17,6 +18,7 @@ centres pull each identity together against all others, the pair loss shapes the
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,8 +26,16 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
-from .config import CLASSIFICATION_LOSSES, PAIR_LOSSES, LossConfig
 from .errors import InputError
+from .registry import Registry
+
+if TYPE_CHECKING:  # config imports this module (to validate names against LOSSES and MINERS)
+    from .config import LossConfig, TrainConfig
+
+LOSSES = Registry("loss")
+"""name -> build(cfg: LossConfig, embedding_dim, num_classes) -> a bare PML loss; info ``family``: pair | margin."""
+MINERS = Registry("miner")
+"""name -> build(cfg: LossConfig) -> a PML miner, or None (``none``: every pair/triplet of the batch)."""
 
 
 def _distance(cfg: LossConfig) -> distances.BaseDistance:
@@ -39,42 +49,103 @@ def _kwargs(**kw: object) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+def check_loss_config(cfg: LossConfig) -> None:
+    """The loss, its added pair loss, miner and centre initialisation fit together (InputError, one line, if not)."""
+    family = LOSSES.get(cfg.loss).info["family"]
+    MINERS.get(cfg.miner)
+    pair_losses, margin_losses = LOSSES.names(family="pair"), LOSSES.names(family="margin")
+    if family == "pair":
+        if cfg.pair_loss != "none":
+            raise InputError(f"loss.pair_loss ({cfg.pair_loss!r}) adds a pair loss to a margin loss "
+                             f"({', '.join(margin_losses)}), not to {cfg.loss!r}")
+        if cfg.init_centres == "imprint":
+            raise InputError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss!r}")
+        return
+    if cfg.pair_loss not in ("none",) + pair_losses:
+        raise InputError(f"loss.pair_loss is {cfg.pair_loss!r}; choose none or a pair loss: {', '.join(pair_losses)}")
+    if cfg.miner != "none" and cfg.pair_loss == "none":
+        raise InputError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
+
+
+def _check(cfg: TrainConfig) -> None:
+    check_loss_config(cfg.loss)
+
+
+@LOSSES.register("triplet", family="pair", check=_check)
+def _triplet(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a pair loss, TripletMarginLoss with loss.margin and loss.distance (the seed article's)."""
+    return losses.TripletMarginLoss(distance=_distance(cfg), **_kwargs(margin=cfg.margin))
+
+
+@LOSSES.register("contrastive", family="pair", check=_check)
+def _contrastive(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a pair loss, ContrastiveLoss (with cosine, negatives pushed below loss.margin)."""
+    # With cosine similarity, pos_margin is the similarity positives must reach, neg_margin the ceiling for negatives.
+    if cfg.distance == "cosine":
+        return losses.ContrastiveLoss(distance=_distance(cfg), pos_margin=1.0,
+                                      neg_margin=cfg.margin if cfg.margin is not None else 0.5)
+    return losses.ContrastiveLoss(distance=_distance(cfg), **_kwargs(neg_margin=cfg.margin))
+
+
+@LOSSES.register("multisimilarity", family="pair", check=_check)
+def _multisimilarity(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a pair loss, MultiSimilarityLoss (cosine; loss.margin is its base)."""
+    return losses.MultiSimilarityLoss(distance=distances.CosineSimilarity(), **_kwargs(base=cfg.margin))
+
+
+@LOSSES.register("arcface", family="margin", check=_check)
+def _arcface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a margin loss, ArcFaceLoss (loss.margin in degrees, loss.scale)."""
+    return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
+                              **_kwargs(margin=cfg.margin, scale=cfg.scale))
+
+
+@LOSSES.register("subcenter_arcface", family="margin", check=_check)
+def _subcenter_arcface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a margin loss, SubCenterArcFaceLoss (loss.subcenters centres per class)."""
+    return losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
+                                       sub_centers=cfg.subcenters, **_kwargs(margin=cfg.margin, scale=cfg.scale))
+
+
+@LOSSES.register("cosface", family="margin", check=_check)
+def _cosface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
+    """a margin loss, CosFaceLoss (additive cosine margin, loss.scale)."""
+    return losses.CosFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
+                              **_kwargs(margin=cfg.margin, scale=cfg.scale))
+
+
+@MINERS.register("none")
+def _no_miner(cfg: LossConfig) -> None:
+    """every pair/triplet of the batch."""
+    return None
+
+
+@MINERS.register("semihard")
+def _semihard(cfg: LossConfig) -> miners.BaseMiner:
+    """semi-hard triplets (TripletMarginMiner, loss.margin or 0.1)."""
+    return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="semihard", distance=_distance(cfg))
+
+
+@MINERS.register("hard")
+def _hard(cfg: LossConfig) -> miners.BaseMiner:
+    """hard triplets (TripletMarginMiner, loss.margin or 0.1)."""
+    return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="hard", distance=_distance(cfg))
+
+
+@MINERS.register("multisimilarity")
+def _multisimilarity_miner(cfg: LossConfig) -> miners.BaseMiner:
+    """MultiSimilarityMiner (cosine)."""
+    return miners.MultiSimilarityMiner(distance=distances.CosineSimilarity())
+
+
 def build_pml_loss(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """The bare PML loss for cfg (no distributed wrapping)."""
-    if cfg.loss == "triplet":
-        return losses.TripletMarginLoss(distance=_distance(cfg), **_kwargs(margin=cfg.margin))
-    if cfg.loss == "contrastive":
-        # With cosine similarity, pos_margin is the similarity positives must reach, neg_margin the ceiling for negatives.
-        if cfg.distance == "cosine":
-            return losses.ContrastiveLoss(distance=_distance(cfg), pos_margin=1.0,
-                                          neg_margin=cfg.margin if cfg.margin is not None else 0.5)
-        return losses.ContrastiveLoss(distance=_distance(cfg), **_kwargs(neg_margin=cfg.margin))
-    if cfg.loss == "multisimilarity":
-        return losses.MultiSimilarityLoss(distance=distances.CosineSimilarity(), **_kwargs(base=cfg.margin))
-    if cfg.loss == "arcface":
-        return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim, **_kwargs(margin=cfg.margin, scale=cfg.scale))
-    if cfg.loss == "subcenter_arcface":
-        return losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
-                                           sub_centers=cfg.subcenters,
-                                           **_kwargs(margin=cfg.margin, scale=cfg.scale))
-    if cfg.loss == "cosface":
-        return losses.CosFaceLoss(num_classes=num_classes, embedding_size=embedding_dim, **_kwargs(margin=cfg.margin, scale=cfg.scale))
-    raise InputError(f"unknown loss {cfg.loss!r}; choose from {PAIR_LOSSES + CLASSIFICATION_LOSSES}")
+    return LOSSES.get(cfg.loss).build(cfg, embedding_dim, num_classes)
 
 
 def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
     """The miner that picks which pairs/triplets a pair loss trains on (None: all of them)."""
-    if cfg.miner == "none":
-        return None
-    if cfg.loss in CLASSIFICATION_LOSSES:
-        raise InputError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
-    if cfg.miner == "semihard":
-        return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="semihard", distance=_distance(cfg))
-    if cfg.miner == "hard":
-        return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="hard", distance=_distance(cfg))
-    if cfg.miner == "multisimilarity":
-        return miners.MultiSimilarityMiner(distance=distances.CosineSimilarity())
-    raise InputError(f"unknown miner {cfg.miner!r}")
+    return MINERS.get(cfg.miner).build(cfg)
 
 
 class PairTerm(nn.Module):
@@ -107,20 +178,16 @@ class Criterion(nn.Module):
 
     def __init__(self, cfg: LossConfig, embedding_dim: int, num_classes: int):
         super().__init__()
+        check_loss_config(cfg)  # config validation ran it already; a LossConfig built in code has not been through it
         self.name = cfg.loss if cfg.pair_loss == "none" else f"{cfg.loss}+{cfg.pair_loss_weight:g}*{cfg.pair_loss}"
-        is_pair_loss = cfg.loss in PAIR_LOSSES
         self.pair_loss_weight = cfg.pair_loss_weight
         if cfg.pair_loss != "none":
-            if is_pair_loss or cfg.pair_loss not in PAIR_LOSSES:
-                raise InputError(f"loss.pair_loss ({cfg.pair_loss!r}) adds one of {PAIR_LOSSES} to a margin loss "
-                                 f"{CLASSIFICATION_LOSSES}, not to {cfg.loss!r}")
             # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
-            self.loss = build_pml_loss(dataclasses.replace(cfg, miner="none"), embedding_dim, num_classes)
+            self.loss = build_pml_loss(cfg, embedding_dim, num_classes)
             self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None))
-        elif is_pair_loss:
+        elif LOSSES.get(cfg.loss).info["family"] == "pair":
             self.loss, self.pair = None, PairTerm(cfg)
         else:
-            build_miner(cfg)  # a miner without a pair loss is a config error: say so now
             self.loss, self.pair = build_pml_loss(cfg, embedding_dim, num_classes), None
 
     @torch.no_grad()

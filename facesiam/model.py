@@ -250,6 +250,6 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
 
 def eval_transform_for(cfg: ModelConfig) -> Callable:
     """The inference preprocessing an exported model expects."""
-    from .data.transforms import build_eval_transform
+    from .augment.transforms import build_eval_transform
 
     return build_eval_transform(cfg.image_size, center_crop=cfg.center_crop, mean=cfg.mean, std=cfg.std)

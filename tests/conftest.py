@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -61,17 +62,43 @@ def _entry(rank: int, world: int, init_file: str, fn, args, results) -> None:
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world: int = 2, *args):
+def run_distributed(fn, world: int = 2, *args, timeout: float = SUBPROCESS_TIMEOUT):
     """Call fn(rank, world, *args) in `world` spawned processes; return the list of their results.
 
-    ``fn`` must be importable (a module-level function of a test module) for spawn to pickle it.
+    ``fn`` must be importable (a module-level function of a test module) for spawn to pickle it. Ranks that have
+    not all finished within ``timeout`` seconds (a hung gloo rendezvous or collective) are terminated and the test
+    fails with a TimeoutError naming the ranks still running.
     """
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), fn, args, results), nprocs=world, join=True)
+        context = mp.spawn(_entry, args=(world, os.path.join(tmp, "init"), fn, args, results), nprocs=world,
+                           join=False)
+        deadline = time.monotonic() + timeout
+        try:
+            # join() is True once every rank has exited, and raises as soon as one fails; the deadline is ours.
+            while not context.join(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
+                    raise TimeoutError(f"run_distributed({getattr(fn, '__name__', fn)}, world={world}): rank(s) "
+                                       f"{alive} still running after {timeout:g}s (a hung gloo rendezvous or "
+                                       f"collective?); terminated")
+        finally:
+            _terminate(context.processes)
         return [results[r] for r in range(world)]
+
+
+def _terminate(processes) -> None:
+    """SIGTERM, then SIGKILL after 10 s, every process still alive; never leaves one behind."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------------------ session fixtures
@@ -79,7 +106,8 @@ def run_distributed(fn, world: int = 2, *args):
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """24 synthetic identities x 8 images at 48 px, 6 identities held out as 'val'."""
-    from facesiam.data import make_synthetic_faces, write_shards
+    from facesiam.data import write_shards
+    from facesiam.synthetic import make_synthetic_faces
 
     root = tmp_path_factory.mktemp("synthetic")
     faces = make_synthetic_faces(root / "faces", 24, 8, size=48, seed=0, workers=1, progress=False)
@@ -103,7 +131,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def face_folder(tmp_path_factory) -> Path:
     """10 synthetic identities x 4 images (48 px) as an ImageFolder."""
-    from facesiam.data import make_synthetic_faces
+    from facesiam.synthetic import make_synthetic_faces
 
     return make_synthetic_faces(tmp_path_factory.mktemp("faces") / "faces", 10, 4, size=48, seed=1, workers=1,
                                 progress=False)
@@ -129,7 +157,7 @@ def aligned_model(tmp_path_factory) -> Path:
     import torch
 
     from facesiam.config import ModelConfig
-    from facesiam.data.align import FaceAligner, alignment_info
+    from facesiam.faces.aligner import FaceAligner, alignment_info
     from facesiam.model import build_model, export_model
 
     torch.manual_seed(0)

@@ -43,7 +43,20 @@ def test_saved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(LAUNCH.glob("*.yaml")), ids=lambda p: p.name)
 def test_experiment_configs_parse(path):
-    _parse(["--config", str(path)])
+    """Every launch config parses, and every value it sets is the value the run gets (none lost or renamed)."""
+    got = to_dict(_parse(["--config", str(path)]))
+
+    def leaves(d: dict, prefix: str = ""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+    written = dict(leaves(yaml.safe_load(path.read_text())))
+    assert written, f"{path.name} sets nothing"
+    for key, value in written.items():
+        field = got
+        for part in key.split("."):
+            field = field[part]
+        assert (list(field) if isinstance(value, list) else field) == value, key
 
 
 def test_seed_config_is_the_article_recipe():

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from facesiam.config import LossConfig
-from facesiam.losses import Criterion, build_pml_loss
+from facesiam.config import LossConfig, config_from_dict
+from facesiam.errors import InputError
+from facesiam.losses import LOSSES, MINERS, Criterion, build_miner, build_pml_loss
 
 from .conftest import run_distributed
 
@@ -106,7 +107,7 @@ def test_seed_loss_is_triplet_margin_cosine():
     assert type(loss.distance).__name__ == "CosineSimilarity"
 
 
-@pytest.mark.parametrize("name", ["triplet", "contrastive", "multisimilarity", "arcface", "subcenter_arcface", "cosface"])
+@pytest.mark.parametrize("name", LOSSES.names())
 def test_every_loss_trains_a_step(name):
     module = _make(name)
     x, labels = _problem()
@@ -114,7 +115,7 @@ def test_every_loss_trains_a_step(name):
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
     assert module["net"].weight.grad.abs().sum() > 0
-    assert (len(list(module["crit"].parameters())) > 0) == (name in ("arcface", "subcenter_arcface", "cosface"))
+    assert (len(list(module["crit"].parameters())) > 0) == (LOSSES.get(name).info["family"] == "margin")
 
 
 def test_margin_plus_pair_loss_is_the_weighted_sum_of_the_two_pml_losses():
@@ -178,3 +179,44 @@ def test_imprinting_needs_class_centres():
         config_from_dict({"loss": {"loss": "multisimilarity", "init_centres": "imprint"}})
     with pytest.raises(ValueError, match="no class centres"):
         Criterion(LossConfig(loss="triplet"), DIM, CLASSES).imprint_centres(torch.randn(4, DIM), torch.arange(4))
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_registered_loss_builds_a_pml_loss_of_its_family(name):
+    from pytorch_metric_learning.losses import BaseMetricLossFunction
+
+    loss = build_pml_loss(LossConfig(loss=name), DIM, CLASSES)
+    assert isinstance(loss, BaseMetricLossFunction)
+    assert LOSSES.get(name).info["family"] in ("pair", "margin")
+    assert hasattr(loss, "W") == (LOSSES.get(name).info["family"] == "margin"), "margin losses hold class centres"
+
+
+@pytest.mark.parametrize("name", MINERS.names())
+def test_every_registered_miner_builds(name):
+    from pytorch_metric_learning.miners import BaseMiner
+
+    miner = build_miner(LossConfig(miner=name))
+    assert (miner is None) == (name == "none") and (miner is None or isinstance(miner, BaseMiner))
+
+
+def test_loss_families_come_from_the_entries():
+    assert LOSSES.names(family="pair") == ("triplet", "contrastive", "multisimilarity")
+    assert LOSSES.names(family="margin") == ("arcface", "subcenter_arcface", "cosface")
+
+
+@pytest.mark.parametrize("loss,match", [
+    ({"loss": "triplet", "pair_loss": "contrastive"}, "pair_loss .* adds a pair loss to a margin loss"),
+    ({"loss": "arcface", "pair_loss": "cosface"}, "loss.pair_loss is 'cosface'; choose none or a pair loss"),
+    ({"loss": "arcface", "miner": "hard"}, "miner 'hard' applies to pair losses, not 'arcface'"),
+    ({"loss": "triplet", "init_centres": "imprint"}, "imprint needs class centres: a margin loss, not 'triplet'"),
+    ({"loss": "hinge"}, "config key 'loss.loss': unknown loss 'hinge'; choose one of triplet, contrastive"),
+])
+def test_config_refuses_loss_combinations_that_do_not_fit(loss, match):
+    with pytest.raises(InputError, match=match):
+        config_from_dict({"loss": loss})
+
+
+def test_combinations_that_fit_pass():
+    config_from_dict({"loss": {"loss": "arcface", "pair_loss": "multisimilarity", "miner": "multisimilarity",
+                               "init_centres": "imprint"}})
+    config_from_dict({"loss": {"loss": "triplet", "miner": "semihard"}})

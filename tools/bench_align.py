@@ -32,7 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from facesiam.data import align  # noqa: E402
+from facesiam.faces.aligner import SKIP_KINDS  # noqa: E402
+from facesiam.faces.detectors import CPU_BATCH, load_mtcnn, package_version  # noqa: E402
+from facesiam.faces.folder import align_folder  # noqa: E402
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import load_rgb  # noqa: E402
 
@@ -82,7 +84,7 @@ _mtcnn = None
 def _floor_start() -> None:
     global _mtcnn
     torch.set_num_threads(1)
-    _mtcnn = align.load_mtcnn("cpu", 20)
+    _mtcnn = load_mtcnn("cpu", 20)
 
 
 def _floor_detect(indices: list[int]) -> int:
@@ -103,7 +105,7 @@ def detect_floor(workers: int, batch: int) -> None:
 def batch_sizes(images: list[Image.Image], sizes: tuple[int, ...], repeats: int) -> dict[int, float]:
     """Seconds per image of MTCNN.detect in this process (one thread) by batch size."""
     torch.set_num_threads(1)
-    mtcnn = align.load_mtcnn("cpu", 20)
+    mtcnn = load_mtcnn("cpu", 20)
 
     def run(size: int) -> None:
         for i in range(0, len(images), size):
@@ -120,9 +122,9 @@ def report(what: str, n: int, dims: str, result: dict, counts: dict, per_image: 
     floor_wall, floor_cpu = result["floor"]
     lines = [HEADING, "",
              f"{DATE}, `python tools/bench_align.py --write-doc` ({args.workers} worker processes with one torch thread each, "
-             f"batches of {align.CPU_BATCH}, contenders interleaved, best of {args.repeats}) on "
+             f"batches of {CPU_BATCH}, contenders interleaved, best of {args.repeats}) on "
              f"{platform.machine()} with {os.cpu_count()} cores shared with other jobs, torch "
-             f"{torch.__version__.split('+')[0]}, facenet-pytorch {align._package_version('facenet-pytorch')}, "
+             f"{torch.__version__.split('+')[0]}, facenet-pytorch {package_version('facenet-pytorch')}, "
              f"numpy {np.__version__}. CPU only (no GPU in this run). Wall times on this shared machine swing by "
              f"tens of per cent from run to run (other jobs share the 2 cores); CPU time (this process and its "
              f"workers) is steadier.", "",
@@ -136,7 +138,7 @@ def report(what: str, n: int, dims: str, result: dict, counts: dict, per_image: 
         lines.append(f"| {label} | {wall:.2f} | {n / wall:,.1f} | {bold}{wall / floor_wall:.2f}x{bold}{goal} | "
                      f"{cpu / floor_cpu:.2f}x |")
     c = counts
-    why = ", ".join(f"{c['skipped_' + kind]} {kind.replace('_', ' ')}" for kind in align.SKIP_KINDS)
+    why = ", ".join(f"{c['skipped_' + kind]} {kind.replace('_', ' ')}" for kind in SKIP_KINDS)
     lines += ["", f"Detection on these images: {c['aligned']} aligned, {c['skipped']} skipped "
                   f"({why}), {c['multi_face']} with "
                   f"several faces, {c['center']} centre-cropped. Crops: PNG {png_kb:.1f} kB on average (the same "
@@ -175,10 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{len(files)} images ({dims}); racing align_folder against the detector alone ...", file=sys.stderr)
         runs = iter(range(args.repeats))
         result = race(args.repeats, {
-            "floor": lambda: detect_floor(args.workers, align.CPU_BATCH),
-            "align": lambda: align.align_folder(src, tmp / f"out{next(runs)}", workers=args.workers),
+            "floor": lambda: detect_floor(args.workers, CPU_BATCH),
+            "align": lambda: align_folder(src, tmp / f"out{next(runs)}", workers=args.workers),
         })
-        meta = align.align_folder(src, tmp / "counts", workers=args.workers)
+        meta = align_folder(src, tmp / "counts", workers=args.workers)
         crops = [tmp / "counts" / r["output"] for r in meta["images"] if r["output"]]
         png_kb = float(np.mean([p.stat().st_size for p in crops])) / 1e3
         jpg = []

@@ -29,9 +29,9 @@ from PIL import Image  # noqa: E402
 
 from benchdoc import LFW, race, write_section  # noqa: E402
 
-from facesiam.data.batch_augment import BatchAugment, DeferredTrainTransform, collate  # noqa: E402
+from facesiam.augment.batch import BatchAugment, DeferredTrainTransform, collate  # noqa: E402
 from facesiam.data.images import JPEG_QUALITY, decode_rgb, decode_rgb_array  # noqa: E402
-from facesiam.data.transforms import build_train_transform  # noqa: E402
+from facesiam.augment.transforms import build_train_transform  # noqa: E402
 
 HEADING = "## Training data path: decode + augmentation per core (fused vs torchvision)"
 SEED = dict(crop_scale=(0.8, 1.0), rotation=15.0, hflip=0.5, color_jitter=0.2)
@@ -61,7 +61,7 @@ def jpegs(n: int) -> tuple[list[bytes], str]:
     import tempfile
     from pathlib import Path
 
-    from facesiam.data import make_synthetic_faces
+    from facesiam.synthetic import make_synthetic_faces
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_synthetic_faces(Path(tmp) / "f", max(1, n // 5), 5, size=250, seed=0, workers=1,
@@ -78,7 +78,7 @@ BATCH = 32  # the DataLoader worker collates what it made into batches of this s
 
 
 def batches(items: list) -> list:
-    """Collate in batches of BATCH as a worker would (facesiam.data.batch_augment.collate)."""
+    """Collate in batches of BATCH as a worker would (facesiam.augment.batch.collate)."""
     return [collate(items[i:i + BATCH]) for i in range(0, len(items), BATCH)]
 
 
@@ -126,10 +126,10 @@ cores shared with other jobs, one process and one thread per contender, interlea
 {len(photos)} {source} (the last row: resized to 112 x 112 JPEGs, as make_shards --align stores faces) decoded, augmented and collated into batches of {BATCH} for training, as one DataLoader
 worker does. *torchvision*: the reference (`augment_implementation: torchvision`: flip, RandomRotation,
 RandomResizedCrop, ColorJitter, ToTensor, Normalize on PIL, full-size decode, float batches). *fused*
-(`augment_implementation: fused`, the default, data/fused_transforms.py): the same random parameters (the same
+(`augment_implementation: fused`, the default, augment/fused.py): the same random parameters (the same
 draws for the same seed), one OpenCV warp for flip + rotation + crop + resize, one colour matrix for the jitter,
 JPEGs decoded by OpenCV straight into a NumPy array (the same pixels as PIL's, without its copy out), reduced
-(1/2, 1/4, 1/8) when the smallest crop allows, uint8 batches (the training step normalises on its device). *--augment-device cuda, loader half* (data/batch_augment.py): the workers decode, draw the same
+(1/2, 1/4, 1/8) when the smallest crop allows, uint8 batches (the training step normalises on its device). *--augment-device cuda, loader half* (augment/batch.py): the workers decode, draw the same
 seeded parameters and collate the reduced sources; the warp and colour run on the batch on the GPU (*device half*:
 its cost on one thread of this CPU, for scale; `--augment-device cpu` runs it there).
 

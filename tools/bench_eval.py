@@ -119,7 +119,7 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------------------------------- (a) verification
 
 def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
-    """The same block matmuls as facesiam.eval.metrics.pair_histograms, and nothing else."""
+    """The same block matmuls as facesiam.eval.score_pass (pair_histograms), and nothing else."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = emb.shape[0]
@@ -153,7 +153,7 @@ def bare_blocked_matmul(emb: torch.Tensor, block: int, layout: str) -> None:
 def previous_map_at_r(emb: np.ndarray, labels: np.ndarray) -> float:
     """MAP@R as facesiam computed it before the one-pass evaluator (2026-11): a second blocked pass, queries
     chunked by R, each chunk a top-k of its largest R over all images (kept here as the baseline)."""
-    from facesiam.eval.metrics import topk_cosine
+    from facesiam.eval.gallery import topk_cosine
 
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     r = counts[inverse] - 1
@@ -173,7 +173,9 @@ def previous_map_at_r(emb: np.ndarray, labels: np.ndarray) -> float:
 
 def previous_evaluator(emb: np.ndarray, labels: np.ndarray) -> dict:
     """The 2026-11 evaluator: three passes over the score matrix (histograms, MAP@R, 1:N top-k search)."""
-    from facesiam.eval.metrics import identification_split, topk_cosine, verification_metrics
+    from facesiam.eval.gallery import topk_cosine
+    from facesiam.eval.identification import identification_split
+    from facesiam.eval.metrics import verification_metrics
 
     v = verification_metrics(emb, labels)
     map_r = previous_map_at_r(emb, labels)
@@ -194,7 +196,8 @@ def eval_data(n: int, dim: int, large: int) -> tuple[np.ndarray, np.ndarray]:
 
 def child_verification(kind: str, n: int, dim: int, large: int, device: str) -> dict:
     """Runs in its own process: time one contender of (a) and report its peak RSS (and GPU memory)."""
-    from facesiam.eval.metrics import verification_block, verification_metrics
+    from facesiam.eval.metrics import verification_metrics
+    from facesiam.eval.score_pass import verification_block
     from facesiam.eval.pipeline import evaluate
 
     emb, labels = eval_data(n, dim, large)
@@ -309,7 +312,7 @@ def bench_seed(n: int, subset: int, dim: int) -> dict:
 # ------------------------------------------------------------------------------------------- (c) 1:N search
 
 def numpy_topk(q: np.ndarray, g: np.ndarray, k: int, qb: int, rb: int) -> tuple[np.ndarray, np.ndarray]:
-    """Baseline exact search: NumPy matmul + argpartition, the same blocking as facesiam.eval.metrics.topk_cosine."""
+    """Baseline exact search: NumPy matmul + argpartition, the same blocking as facesiam.eval.gallery.topk_cosine."""
     out_s = np.empty((len(q), k), np.float32)
     out_i = np.empty((len(q), k), np.int64)
     for q0 in range(0, len(q), qb):
@@ -356,7 +359,7 @@ def pick(rows: list[dict], exact_wall: float) -> dict:
 def bench_search(n: int, n_probes: int, n_hnsw: int, dim: int) -> dict:
     import faiss
 
-    from facesiam.eval.metrics import topk_cosine
+    from facesiam.eval.gallery import topk_cosine
 
     print(f"(c) 1:N search, {n_probes:,} probes x {n:,}-entry gallery, top-{TOPK}", flush=True)
     gallery, labels = clustered(n, dim)

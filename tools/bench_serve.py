@@ -34,7 +34,7 @@ def photos(n: int, tmp: Path) -> list[bytes]:
     if LFW.is_dir():
         files = sorted(LFW.rglob("*.jpg"))[:n]
     else:
-        from facesiam.data import make_synthetic_faces
+        from facesiam.synthetic import make_synthetic_faces
 
         folder = make_synthetic_faces(tmp / "faces", max(1, n // 4), 4, size=112, seed=0, workers=1, progress=False)
         files = sorted(folder.rglob("*.png"))[:n]

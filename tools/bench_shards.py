@@ -9,7 +9,7 @@
     small images.
 
 Data: a subset of ../shared/data/lfw-devtrain (whole identities in name order, symlinked, never copied) and
-synthetic faces (facesiam.data.synthetic) at 112 px. The contenders run interleaved, --repeats times each,
+synthetic faces (facesiam.synthetic) at 112 px. The contenders run interleaved, --repeats times each,
 and the best run counts, both in wall time and in CPU time (this process plus its workers), because the
 machine is shared and wall time swings with other jobs. --write-doc replaces the "## Data: make_shards and
 ShardDataset" section of docs/benchmarks.md.
@@ -37,7 +37,9 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
-from facesiam.data import ShardDataset, build_train_transform, make_synthetic_faces, write_shards  # noqa: E402
+from facesiam.augment.transforms import build_train_transform  # noqa: E402
+from facesiam.data import ShardDataset, write_shards  # noqa: E402
+from facesiam.synthetic import make_synthetic_faces  # noqa: E402
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import decode_rgb  # noqa: E402
 
@@ -188,7 +190,7 @@ def report(results: dict, args) -> str:
         p, n = r["pack"], r["images"]
         floor_wall, floor_cpu = p["floor"]
         what = (f"LFW-devtrain subset, the first {n} images (whole identities in name order; Huang et al., "
-                f"UMass TR 07-49, 2007)" if name == "LFW" else f"Synthetic faces (facesiam.data.synthetic), {n} images")
+                f"UMass TR 07-49, 2007)" if name == "LFW" else f"Synthetic faces (facesiam.synthetic), {n} images")
         lines += [f"**{what}**: {r['dims']}, {r['mb']:.0f} MB; train transform at {r['size']} px.", "",
                   "| packing | wall s | images/s | wall vs floor | CPU vs floor |", "|---|---:|---:|---:|---:|"]
         rows = (("read + fully decode every file once (floor)", "floor", ""),

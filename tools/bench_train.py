@@ -132,7 +132,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     import torch
 
-    from facesiam.data import make_synthetic_faces, write_shards
+    from facesiam.data import write_shards
+    from facesiam.synthetic import make_synthetic_faces
 
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:

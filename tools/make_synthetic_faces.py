@@ -1,4 +1,4 @@
-"""Write an ImageFolder of procedurally drawn synthetic faces (see facesiam/data/synthetic.py)."""
+"""Write an ImageFolder of procedurally drawn synthetic faces (see facesiam/synthetic.py)."""
 
 from facesiam.commands.make_synthetic_faces import main
 

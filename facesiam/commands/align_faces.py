@@ -1,6 +1,6 @@
 """``align_faces SRC DST``: detect faces in an ImageFolder of raw photos and write 112x112 aligned crops.
 
-The work is facesiam.data.align.align_folder; this module parses the arguments, shows progress and prints the
+The work is facesiam.faces.folder.align_folder; this module parses the arguments, shows progress and prints the
 summary.
 """
 
@@ -13,7 +13,10 @@ from typing import Any, Optional, Sequence
 
 from . import command
 from .common import ProgressBar, add_alignment_options, alignment_options
-from ..data import align
+from ..faces.aligner import SKIP_KINDS
+from ..faces.detectors import MTCNN_INSTALL_HINT
+from ..faces.folder import align_folder
+from ..faces.record import ALIGNMENT_FILE
 
 SKIPPED_SHOWN = 20  # skipped files printed on stderr (all of them are in alignment.json)
 
@@ -24,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Detect faces (MTCNN) in an ImageFolder of raw photos (SRC/<identity>/<image>) and write an "
                     "ImageFolder of aligned crops (5-point similarity transform onto the ArcFace template) to DST, "
                     "with DST/alignment.json recording what happened to every image. Needs "
-                    f"`{align.INSTALL_HINT}`.")
+                    f"`{MTCNN_INSTALL_HINT}`.")
     parser.add_argument("src", type=Path, help="ImageFolder of raw photos: one sub-folder per identity")
     parser.add_argument("dst", type=Path, help="output ImageFolder of PNG crops (must be new or empty unless "
                                                "--overwrite)")
@@ -40,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def summary(meta: dict[str, Any], dst: Path) -> str:
     """The one-line summary of a run from alignment.json's contents."""
     c = meta["counts"]
-    skipped = ", ".join(f"{c['skipped_' + kind]} {kind.replace('_', ' ')}" for kind in align.SKIP_KINDS
+    skipped = ", ".join(f"{c['skipped_' + kind]} {kind.replace('_', ' ')}" for kind in SKIP_KINDS
                         if c["skipped_" + kind])
     rate = c["images"] / max(meta["seconds"], 1e-9)
     return (f"align_faces: {c['images']:,} images: {c['aligned']:,} faces aligned, {c['skipped']:,} skipped"
@@ -68,10 +71,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     bar = ProgressBar("align_faces", disable=args.no_progress)
     try:
-        meta = align.align_folder(args.src, args.dst, workers=args.workers, overwrite=args.overwrite,
+        meta = align_folder(args.src, args.dst, workers=args.workers, overwrite=args.overwrite,
                                   progress=bar, **alignment_options(args))
     finally:
         bar.close()
-    report_skipped(meta, "align_faces", args.dst / align.ALIGNMENT_FILE)
+    report_skipped(meta, "align_faces", args.dst / ALIGNMENT_FILE)
     print(summary(meta, args.dst), file=sys.stderr)
     return meta

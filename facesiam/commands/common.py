@@ -32,28 +32,46 @@ def add_align_argument(p: argparse.ArgumentParser) -> None:
                         "trained on aligned faces otherwise aligns raw images the way it was trained)")
 
 
+def add_threshold_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """--threshold T | --report REPORT [--operating-point POINT]: where the same/different threshold comes from
+    (compare and serve: one definition, so both decide alike; eval.compare.decision_threshold reads them)."""
+    from ..eval.compare import DEFAULT_OPERATING_POINT, OPERATING_POINTS
+
+    decide = p.add_mutually_exclusive_group(required=required)
+    decide.add_argument("--threshold", type=float, help="same person when cosine similarity >= THRESHOLD")
+    decide.add_argument("--report", help="take the threshold from REPORT/metrics.json (tools/evaluate.py)")
+    p.add_argument("--operating-point", default=DEFAULT_OPERATING_POINT, choices=OPERATING_POINTS,
+                   help="which threshold of the report: best (balanced accuracy), eer, pairs (the pairs file's "
+                        "10-fold threshold) or far=X (the lowest all-pairs threshold with FAR <= X); default "
+                        "%(default)s, the strict point a deployed verifier uses")
+
+
 def add_alignment_options(p: argparse.ArgumentParser, size_flag: str = "--size") -> None:
     """How faces are detected and aligned: align_faces and make_shards --align."""
-    from ..data import align
+    from ..faces.aligner import DEFAULT_DETECTOR, MULTI_CHOICES, NO_FACE_CHOICES
+    from ..faces.detectors import DETECTORS
+    from ..faces.template import TEMPLATE_SIZE
 
-    p.add_argument(size_flag, dest="align_size", type=int, default=align.TEMPLATE_SIZE,
+    p.add_argument(size_flag, dest="align_size", type=int, default=TEMPLATE_SIZE,
                    help="aligned crop side in pixels; the template is scaled by size/112 (default %(default)s)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, choices=DETECTORS.names(),
+                   help=f"face detector: {DETECTORS.describe()} (default %(default)s)")
     p.add_argument("--device", default="cpu", help="detector device: cpu or cuda (default %(default)s)")
-    p.add_argument("--on-no-face", choices=align.NO_FACE_CHOICES, default="skip",
+    p.add_argument("--on-no-face", choices=NO_FACE_CHOICES, default="skip",
                    help="an image without a face is skipped, or its centre is cropped (default %(default)s)")
-    p.add_argument("--multi", choices=align.MULTI_CHOICES, default="largest",
+    p.add_argument("--multi", choices=MULTI_CHOICES, default="largest",
                    help="with several faces keep the largest, or the one nearest the image centre "
                         "(LFW-style crops: central) (default %(default)s)")
     p.add_argument("--min-face-size", type=int, default=20,
                    help="smallest face searched for and kept, in source pixels (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"images per detector call (default {align.CPU_BATCH} on CPU, {align.GPU_BATCH} on GPU)")
+                   help="images per detector call (default: the detector's own; MTCNN: 16 on CPU, 64 on GPU)")
 
 
 def alignment_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of align_folder / align_shards from add_alignment_options' flags."""
     return {"size": args.align_size, "device": args.device, "on_no_face": args.on_no_face, "multi": args.multi,
-            "min_face_size": args.min_face_size, "batch_size": args.batch_size}
+            "min_face_size": args.min_face_size, "batch_size": args.batch_size, "detector": args.detector}
 
 
 class ProgressBar:

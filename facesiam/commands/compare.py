@@ -11,13 +11,10 @@ import json
 from typing import Optional, Sequence
 
 from . import command
-from .common import add_align_argument
+from .common import add_align_argument, add_threshold_arguments
 
 
-@command("compare")
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from ..eval.compare import OPERATING_POINTS, compare
-
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compare", description="Cosine similarity of two face images and the "
                                 "same/different decision at a threshold (given, or from an evaluation report).")
     p.add_argument("image1")
@@ -25,18 +22,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory)")
     model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="decide 'same' when similarity >= THRESHOLD")
-    group.add_argument("--report", help="take the threshold from REPORT/metrics.json (tools/evaluate.py)")
-    p.add_argument("--operating-point", default="best", choices=OPERATING_POINTS,
-                   help="which threshold of the report (default: best balanced accuracy over all pairs)")
+    add_threshold_arguments(p, required=False)
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (if evaluated so)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_align_argument(p)
-    args = p.parse_args(argv)
+    return p
+
+
+@command("compare")
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    from ..eval.compare import compare
+
+    args = _parser().parse_args(argv)
     result = compare(args.checkpoint, args.image1, args.image2, threshold=args.threshold, report=args.report,
-                     operating_point=args.operating_point, flip=args.flip, device=args.device, align=args.align, onnx=args.onnx)
+                     operating_point=args.operating_point, flip=args.flip, device=args.device, align=args.align,
+                     onnx=args.onnx)
     if args.json:
         print(json.dumps(result, indent=2))
         return result

@@ -32,7 +32,7 @@ def _parse_unenrolled(text: Optional[str]):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..eval.metrics import DEFAULT_BINS
+    from ..eval.verification import DEFAULT_BINS
     from ..eval.pipeline import PROTOCOLS
 
     p = argparse.ArgumentParser(prog="evaluate", description="1:1 verification, 1:N identification and pairs-file "

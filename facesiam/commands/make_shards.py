@@ -75,13 +75,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite,
                    progress=not args.no_progress)
     if not args.align:
-        return writer.write_shards(args.src, args.dst, **options)
-    from ..data import align
+        from ..faces.record import read_alignment  # an aligned folder (align_faces) keeps its record in dataset.json
+
+        return writer.write_shards(args.src, args.dst, alignment=read_alignment(args.src), **options)
+    from ..faces.folder import align_shards
     from .align_faces import report_skipped
 
     bar = ProgressBar("align", disable=args.no_progress)
     try:
-        meta = align.align_shards(args.src, args.dst, align_progress=bar, **options, **alignment_options(args))
+        meta = align_shards(args.src, args.dst, align_progress=bar, **options, **alignment_options(args))
     finally:
         bar.close()
     report_skipped(meta["alignment"], "make_shards", args.dst / writer.METADATA_FILE)

@@ -1,4 +1,4 @@
-"""facesiam make-synthetic-faces: an ImageFolder of procedurally drawn faces (see facesiam/data/synthetic.py)."""
+"""facesiam make-synthetic-faces: an ImageFolder of procedurally drawn faces (see facesiam/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.synthetic import DEFAULT_SEED, DEFAULT_SIZE, make_synthetic_faces
+from ..synthetic import DEFAULT_SEED, DEFAULT_SIZE, make_synthetic_faces
 from . import command
 
 

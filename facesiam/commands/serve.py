@@ -19,14 +19,12 @@ from typing import Optional, Sequence
 
 from ..errors import InputError
 from . import command
-from .common import add_align_argument, log_to_stderr
+from .common import add_align_argument, add_threshold_arguments, log_to_stderr
 
 log = logging.getLogger("facesiam.serve")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..eval.compare import OPERATING_POINTS
-
     p = argparse.ArgumentParser(prog="serve", description="Face verification and gallery search over HTTP, with a "
                                 "web page at /. Binds to 127.0.0.1 and needs a bearer token for everything but "
                                 "/healthz.")
@@ -35,11 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
     p.add_argument("--gallery", help="gallery folder to search and enrol into (created on the first enrol; "
                    "without it the gallery lives in memory only)")
-    decide = p.add_mutually_exclusive_group(required=True)
-    decide.add_argument("--threshold", type=float, help="same person when cosine similarity >= THRESHOLD")
-    decide.add_argument("--report", help="take the threshold from REPORT/metrics.json (tools/evaluate.py)")
-    p.add_argument("--operating-point", default="far=1e-3", choices=OPERATING_POINTS,
-                   help="which threshold of the report (default: far=1e-3, the all-pairs FAR <= 1e-3 threshold)")
+    add_threshold_arguments(p, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", help="file holding the bearer token (default: $FACESIAM_TOKEN, else a new one "
@@ -76,14 +70,11 @@ def read_token(token_file: Optional[str]) -> tuple[str, str]:
 
 def build(args: argparse.Namespace):
     """(app, settings) from parsed arguments: loads the model, the threshold and the gallery."""
-    from ..eval.compare import threshold_from_report
+    from ..eval.compare import decision_threshold
     from ..service.app import ServiceSettings, check_settings, create_app
 
     token, token_source = read_token(args.token_file)
-    if args.report:
-        threshold, source = threshold_from_report(args.report, args.operating_point)
-    else:
-        threshold, source = args.threshold, "given (--threshold)"
+    threshold, source = decision_threshold(args.threshold, args.report, args.operating_point)
     from ..eval.embed import open_embedder
 
     embedder = open_embedder(args.checkpoint, args.onnx, device=args.device, threads=args.threads)
@@ -95,7 +86,7 @@ def build(args: argparse.Namespace):
                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name)
     check_settings(settings)
     if embedder.alignment and args.align:
-        from ..data.align import describe_alignment
+        from ..faces.aligner import describe_alignment
 
         log.info("uploads are aligned as the model was trained: %s", describe_alignment(embedder.alignment))
     return create_app(embedder, settings, args.gallery), settings, token_source

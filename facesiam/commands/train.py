@@ -11,19 +11,26 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional, Sequence
 
-from ..config import FLAG_FIELDS, config_from_overrides, field_docs
+from ..config import CHOICES, FLAG_FIELDS, REGISTRIES, config_from_overrides, field_docs
 from . import command
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --config and one flag per config field (default None: only given flags override)."""
+    """Add --config and one flag per config field (default None: only given flags override).
+
+    A field with a closed set of values (a registry's names, a Literal) gets argparse choices, so --help lists them
+    and a typo is refused with the list; a registry's entries add their one-line docs to the help.
+    """
     parser.add_argument("--config", help="experiment YAML (launch/configs/*.yaml); flags override it")
     docs = field_docs()
     for name, (section, _) in FLAG_FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        doc = docs.get(name, "").replace("%", "%%")
-        parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
-                            help=f"{section + '.' if section else ''}{name}{': ' + doc if doc else ''}")
+        key = f"{section}.{name}" if section else name
+        help = f"{key}: {docs[name]}" if docs.get(name) else key
+        if key in REGISTRIES:
+            help += f" Choices: {REGISTRIES[key].describe()}."
+        choices = ["none" if c is None else c for c in CHOICES[key]] if key in CHOICES else None
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
+                            metavar=None if choices else name.upper(), help=help.replace("%", "%%"))
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Face data: the shard format, its writer and readers, transforms, the per-class sampler, synthetic faces.
+"""Data: the shard format, its writer and readers, image decoding, ImageFolder listing, the per-class sampler.
 
 The names below are imported on first use (PEP 562), so that `facesiam.data.images` (PIL and numpy only) can be
 used without importing torch: the onnxruntime inference path (facesiam/onnx_runtime.py) depends on it.
@@ -16,9 +16,6 @@ _HOMES = {
     "build_stream": "readers",
     "apply_seeded": "readers",
     "write_shards": "writer",
-    "build_train_transform": "transforms",
-    "build_eval_transform": "transforms",
-    "make_synthetic_faces": "synthetic",
     "DistributedPerClassSampler": "sampler",
 }
 

@@ -30,8 +30,8 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import atomic_write
 
-FORMAT = "facesiam-shards"
-FORMAT_VERSION = 1
+SHARD_FORMAT = "facesiam-shards"
+SHARD_FORMAT_VERSION = 1
 METADATA_FILE = "dataset.json"
 INDEX_DIR = "index"
 IMAGE_EXTS = ("jpg", "png", "webp")  # the only image member extensions written (see images.PASS_THROUGH)
@@ -159,7 +159,7 @@ def read_metadata(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} not found: {root} is not a shard folder; write one with "
                                 f"tools/make_shards.py SRC {root}")
     meta = json.loads(path.read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT or meta.get("version", 0) > FORMAT_VERSION:
+    if meta.get("format") != SHARD_FORMAT or meta.get("version", 0) > SHARD_FORMAT_VERSION:
         raise InputError(f"{path}: unknown shard format {meta.get('format')!r} version {meta.get('version')!r}; "
-                         f"this facesiam reads {FORMAT!r} up to version {FORMAT_VERSION}")
+                         f"this facesiam reads {SHARD_FORMAT!r} up to version {SHARD_FORMAT_VERSION}")
     return meta

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..errors import InputError
 from ..fileio import staged_directory, write_json
 from .folder import FolderListing, available_cpus, check_destination, list_image_folder, printable_name
-from .format import FORMAT, FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
+from .format import SHARD_FORMAT, SHARD_FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
 from .images import BadImage, pack_image
 
 MAX_SAMPLES_PER_SHARD = 10_000
@@ -195,12 +195,14 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
-                 source: Optional[str] = None) -> dict:
+                 source: Optional[str] = None, alignment: Optional[dict] = None) -> dict:
     """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
 
-    An ``src`` made by align_faces (it holds alignment.json) has its alignment recorded in dataset.json under
-    "alignment": "info" (detector, template, size: what training exports for inference), "source" (the raw
-    photos), "counts" and "images" (every source image: kept or skipped with the reason, box, landmarks).
+    ``alignment``: the alignment record of an ``src`` made by align_faces (its alignment.json, read with
+    facesiam.faces.record.read_alignment), stored in dataset.json under "alignment": "info" (detector, template,
+    size: what training exports for inference), "source" (the raw photos), "counts" and "images" (every source
+    image: kept or skipped with the reason, box, landmarks). The shard layer does not read it itself: faces/
+    builds on data/, never the other way round.
 
     val_identities: hold out this many (int) or this fraction (float in (0, 1)) of the identities as a ``val``
         split (chosen with ``seed``); None or 0: no val split.
@@ -249,10 +251,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         skipped += packed["skipped"]
         options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples_per_shard,
                    "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop}
-        from .align import read_alignment
-
         meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, packed["kept_per_label"],
-                       listing, options, packed["converted"], skipped, read_alignment(src))
+                       listing, options, packed["converted"], skipped, alignment)
 
     _report(meta, dst, time.perf_counter() - start, len(jobs), progress)
     return meta
@@ -347,8 +347,8 @@ def _finish(staging: Path, source: str, writers: dict, classes: list[str], val_l
         if name == "val":
             splits[name]["identities"] = [classes[i] for i in val_labels]
     meta = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
+        "format": SHARD_FORMAT,
+        "version": SHARD_FORMAT_VERSION,
         "source": source,
         "options": options,
         "num_classes": len(classes),

@@ -17,9 +17,14 @@ import numpy as np
 from ..errors import InputError
 
 OPERATING_POINTS = ("best", "eer", "pairs", "far=1e-1", "far=1e-2", "far=1e-3", "far=1e-4", "far=1e-5", "far=1e-6")
+# The strict point a deployed verifier uses (one impostor pair in a thousand accepted). compare and serve share it,
+# so compare --report prints the decision the service makes with the same report; "best" balanced accuracy sits
+# where far more impostors pass, because over all pairs impostors outnumber genuine pairs by orders of magnitude.
+DEFAULT_OPERATING_POINT = "far=1e-3"
 
 
-def threshold_from_report(report: str | os.PathLike, operating_point: str = "best") -> tuple[float, str]:
+def threshold_from_report(report: str | os.PathLike,
+                          operating_point: str = DEFAULT_OPERATING_POINT) -> tuple[float, str]:
     """(threshold, description) for an operating point of an evaluation report (REPORT or REPORT/metrics.json).
 
     best: all-pairs threshold of best balanced accuracy; eer: the EER threshold; pairs: the mean 10-fold
@@ -47,23 +52,32 @@ def threshold_from_report(report: str | os.PathLike, operating_point: str = "bes
     else:
         raise InputError(f"unknown operating point {operating_point!r}: use one of {OPERATING_POINTS}")
     if value is None:
-        raise InputError(f"{path} has no threshold for operating point {operating_point!r} (too few pairs?)")
+        hint = " (too few pairs?)"
+        if operating_point != "pairs" and pairs.get("threshold") is not None:
+            hint = "; it has a pairs-file threshold: use --operating-point pairs"
+        raise InputError(f"{path} has no threshold for operating point {operating_point!r}{hint}")
     model = (metrics.get("source") or {}).get("checkpoint")
     return float(value), f"{path}: {operating_point} ({what})" + (f", model {model}" if model else "")
 
 
+def decision_threshold(threshold: Optional[float], report: Optional[str | os.PathLike],
+                       operating_point: str = DEFAULT_OPERATING_POINT) -> tuple[Optional[float], Optional[str]]:
+    """(threshold, where it came from): the one given, else the report's at ``operating_point``, else (None, None)."""
+    if threshold is not None:
+        return float(threshold), "given (--threshold)"
+    if report is not None:
+        return threshold_from_report(report, operating_point)
+    return None, None
+
+
 def compare(checkpoint: str | os.PathLike, image1: str, image2: str, *, threshold: Optional[float] = None,
-            report: Optional[str] = None, operating_point: str = "best", flip: bool = False,
+            report: Optional[str] = None, operating_point: str = DEFAULT_OPERATING_POINT, flip: bool = False,
             device: Optional[str] = None, align: bool = True, onnx: Optional[str | os.PathLike] = None) -> dict:
     """{"similarity", "threshold", "threshold_source", "same"} (same is None without a threshold).
 
     onnx: an ONNX export (facesiam export --onnx) to run on onnxruntime instead of the torch checkpoint.
     """
-    source = None
-    if threshold is not None:
-        source = "given (--threshold)"
-    elif report is not None:
-        threshold, source = threshold_from_report(report, operating_point)
+    threshold, source = decision_threshold(threshold, report, operating_point)
     if onnx is not None:
         from ..onnx_runtime import OnnxEmbedder  # no torch on this path (unless the faces must be aligned)
 

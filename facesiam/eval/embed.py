@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from ..device import resolve_device
 from ..embedder import FaceEmbedder
 from ..errors import InputError
 from ..fileio import atomic_write
@@ -28,6 +29,10 @@ from ..fileio import atomic_write
 log = logging.getLogger("facesiam.embed")
 
 REQUIRED_KEYS = ("embeddings", "labels")  # classes are derived when absent; paths only --pairs needs
+# Seconds a loader worker may take to deliver a batch before it counts as hung (dead, deadlocked): the loader then
+# raises in the main process instead of waiting forever. Generous: a batch takes well under a second when healthy.
+# Training's loader (training/setup.py) uses the same limit.
+LOADER_TIMEOUT = 600.0
 
 
 def _embed(model: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -38,12 +43,14 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Te
 
 
 def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num_workers: int = 0,
-                  flip: bool = False, accelerator: Any = None, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                  flip: bool = False, accelerator: Any = None, progress: bool = True,
+                  loader_timeout: float = LOADER_TIMEOUT) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings float32 N x D, labels int64 N) in dataset order.
 
     ``dataset[i] -> (image tensor, label)``. With an accelerate ``Accelerator``, process r embeds the r-th
     contiguous share and the shares are gathered, so every process returns all N rows. The model runs in eval
     mode (its previous mode is restored) on the accelerator's device, else on the device of its parameters.
+    With workers, a worker that delivers nothing for ``loader_timeout`` seconds is an error, not a hang.
     """
     n = len(dataset)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -52,7 +59,7 @@ def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
+                        persistent_workers=False, timeout=loader_timeout if num_workers else 0)
     show = progress and (accelerator is None or accelerator.is_main_process)
     from tqdm.auto import tqdm
 
@@ -137,10 +144,12 @@ def open_as_trained(data: str | os.PathLike, split: str, alignment: Optional[dic
     """(dataset, how it is aligned) for a model trained with ``alignment`` (None: on unaligned images).
 
     Data that records that it is aligned (dataset.json / alignment.json) is read as it is; raw images are detected
-    and aligned on the fly (data.align.AlignedView); ``align=False``: the images are used as they are.
+    and aligned on the fly (faces.view.AlignedView); ``align=False``: the images are used as they are.
     """
     from ..data import open_dataset
-    from ..data.align import AlignedView, describe_alignment, recorded_alignment
+    from ..faces.aligner import describe_alignment
+    from ..faces.record import recorded_alignment
+    from ..faces.view import AlignedView
 
     wanted = alignment if align else None
     if wanted is not None and recorded_alignment(data) is not None:
@@ -168,8 +177,7 @@ def embed_path(checkpoint: str | os.PathLike, data: str | os.PathLike, *, split:
     """
     from ..model import eval_transform_for, exported_alignment, load_exported
 
-    dev = accelerator.device if accelerator is not None else (device or ("cuda" if torch.cuda.is_available()
-                                                                          else "cpu"))
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
     model, cfg = load_exported(checkpoint, device=dev)
     dataset, aligned = open_as_trained(data, split, exported_alignment(checkpoint), align,
                                        transform=eval_transform_for(cfg),
@@ -229,7 +237,7 @@ def launched_accelerator(cpu: bool = False) -> Any:
     from accelerate import Accelerator
 
     # Without CUDA, ranks talk over gloo: Accelerator(cpu=True) (a MULTI_GPU launch config still starts them).
-    return Accelerator(cpu=cpu or not torch.cuda.is_available())
+    return Accelerator(cpu=cpu or resolve_device().type != "cuda")
 
 
 class TorchEmbedder(FaceEmbedder):
@@ -238,7 +246,7 @@ class TorchEmbedder(FaceEmbedder):
     def __init__(self, checkpoint: str | os.PathLike, *, device: Optional[str] = None):
         from ..model import eval_transform_for, exported_alignment, load_exported
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = str(resolve_device(device))  # a str: FaceEmbedder.device also goes to the face detector
         self.model, self.cfg = load_exported(checkpoint, device=self.device)
         self.transform = eval_transform_for(self.cfg)
         self.embedding_dim = self.cfg.embedding_dim

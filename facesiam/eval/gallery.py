@@ -25,13 +25,15 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
+import torch
 
+from ..device import resolve_device
 from ..errors import InputError
 from ..fileio import recover_directory, staged_directory, write_json
-from .metrics import resolve_device, topk_cosine
+from ._tensors import Array, normalize, progress_bar
 
 log = logging.getLogger("facesiam.gallery")
 
@@ -52,6 +54,52 @@ def _unit(x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise InputError(f"embeddings must be an N x D matrix, got shape {x.shape}")
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+
+
+def topk_cosine(queries: Array, reference: Array, k: int, *, exclude: Optional[Array] = None,
+                device: Union[str, torch.device, None] = None, normalized: bool = False,
+                query_block: Optional[int] = None, reference_block: Optional[int] = None,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k reference rows by cosine for each query: (scores float32 Q x k, indices int64 Q x k).
+
+    Blocked matmul + ``torch.topk`` (a partial selection, never a sort of the whole row), merged across reference
+    blocks. ``exclude[q]`` (optional) is a reference index that query q must not return (itself, for
+    leave-one-out searches). ``normalized=True``: rows are unit length already (no copies). Results are sorted
+    by decreasing score.
+    """
+    dev = resolve_device(device)
+    q = normalize(queries, dev, normalized=normalized)
+    ref = normalize(reference, dev, normalized=normalized)
+    nq, nr = q.shape[0], ref.shape[0]
+    k = int(min(k, nr - (exclude is not None)))
+    if k <= 0 or nq == 0:
+        return np.zeros((nq, max(k, 0)), np.float32), np.zeros((nq, max(k, 0)), np.int64)
+    qb = int(query_block or (8192 if dev.type == "cuda" else 2048))
+    rb = int(reference_block or max(k, (2**28 if dev.type == "cuda" else 2**26) // qb))
+    excl = None if exclude is None else torch.as_tensor(np.asarray(exclude), dtype=torch.int64, device=dev)
+    out_s = torch.empty(nq, k, dtype=torch.float32)
+    out_i = torch.empty(nq, k, dtype=torch.int64)
+    with torch.inference_mode(), progress_bar(nq, "search", progress, unit="query") as bar:
+        for q0 in range(0, nq, qb):
+            qq = q[q0:q0 + qb]
+            best_s = best_i = None
+            for c0 in range(0, nr, rb):
+                s = qq @ ref[c0:c0 + rb].T
+                if excl is not None:
+                    local = excl[q0:q0 + qb] - c0
+                    hit = (local >= 0) & (local < s.shape[1])
+                    rows = torch.nonzero(hit).squeeze(1)
+                    s[rows, local[rows]] = -torch.inf
+                vals, idx = torch.topk(s, min(k, s.shape[1]), dim=1)
+                idx += c0
+                if best_s is not None:
+                    vals, pick = torch.topk(torch.cat([best_s, vals], 1), k, dim=1)
+                    idx = torch.gather(torch.cat([best_i, idx], 1), 1, pick)
+                best_s, best_i = vals, idx
+            out_s[q0:q0 + qb] = best_s.cpu()
+            out_i[q0:q0 + qb] = best_i.cpu()
+            bar.update(qq.shape[0])
+    return out_s.numpy(), out_i.numpy()
 
 
 class Gallery:
@@ -251,7 +299,7 @@ class Gallery:
             if faiss.get_num_gpus() > 0:
                 gpu = faiss.index_cpu_to_all_gpus(self.index)
                 return gpu.search(q, k)
-            return topk_cosine(q, self.vectors(), k, device=resolve_device(device), normalized=True,
+            return topk_cosine(q, self.vectors(), k, device=device, normalized=True,
                                progress=progress)
         return self.index.search(q, k)
 

@@ -184,7 +184,7 @@ def best_threshold(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
 
 def pairs_metrics(embeddings: np.ndarray, resolved: Sequence[np.ndarray], source: str = "") -> dict:
     """10-fold accuracy (threshold from the other folds), AUC, EER and TAR@FAR over all pairs."""
-    from .metrics import score_metrics
+    from .verification import score_metrics
 
     emb = np.asarray(embeddings, dtype=np.float32)
     emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..errors import InputError
-from .metrics import DEFAULT_BINS, evaluate_embeddings
+from .metrics import evaluate_embeddings
+from .verification import DEFAULT_BINS
 
 PROTOCOLS = ("verification", "identification", "pairs")
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..fileio import write_json, write_text
-from .metrics import CMC_RANKS, DEFAULT_BINS, FAR_TARGETS, FPIR_TARGETS, far_key
+from .identification import FPIR_TARGETS
+from .neighbours import CMC_RANKS
+from .verification import DEFAULT_BINS, FAR_TARGETS, far_key
 
 log = logging.getLogger("facesiam.eval")
 

@@ -40,11 +40,15 @@ class BatchStats:
 
 
 class Batcher:
-    """``await batcher.embed([img, ...])`` -> one unit embedding or a NoFace per image, batched across callers."""
+    """``await batcher.embed([img, ...])`` -> one unit embedding or a NoFace per image, batched across callers.
+
+    ``clock``: monotonic seconds that decide when a batch's wait is over (tests pass a fake one).
+    """
 
     def __init__(self, embed_many: Callable[[Sequence[Image.Image]], list], *, max_batch: int = 32,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, clock: Callable[[], float] = time.monotonic):
         self.embed_many = embed_many
+        self.clock = clock
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.stats = BatchStats()
@@ -82,14 +86,14 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.max_wait
+            deadline = self.clock() + self.max_wait
             while len(batch) < self.max_batch:
                 try:  # whatever is already waiting joins at once; then wait out the time budget
                     batch.append(self._queue.get_nowait())
                     continue
                 except asyncio.QueueEmpty:
                     pass
-                left = deadline - time.monotonic()
+                left = deadline - self.clock()
                 if left <= 0:
                     break
                 try:

@@ -7,7 +7,7 @@
 loss in fp32 -> backward -> clip -> step, or a skip when anything was non-finite), then the cadence decides whether
 to validate (training/validation.py) and checkpoint (training/checkpoint.py). Everything is built by
 training/setup.py; what is logged lives in training/tracking.py. Everything needed to resume is explicit: the
-model, optimizer, scheduler (and scaler, EMA) states that Accelerate saves, plus ``TrainState``.
+model, optimizer, schedule (and scaler, EMA) states that Accelerate saves, plus ``TrainState``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 
 from ..config import TrainConfig, save_yaml
 from ..errors import FacesiamError
+from ..optim import build_optimizer, build_schedule, evaluation_weights
 from . import setup
 from .cadence import Cadence
 from .checkpoint import Checkpointer, TrainState
@@ -55,15 +56,16 @@ class Trainer:
 
         self.data = setup.build_data(cfg, acc)
         learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes))
-        optimizer = setup.build_optimizer(cfg, learner)
+        optimizer = build_optimizer(cfg, learner)
         self.total_steps = setup.total_steps(cfg, self.data.steps_per_epoch)
-        self.scheduler, self.scheduler_unit = setup.build_scheduler(cfg, optimizer, self.total_steps)
-        # The scheduler is not prepared: AcceleratedScheduler would step it once per process.
+        # The schedule is not prepared: AcceleratedScheduler would step it once per process. It knows its own unit:
+        # the loop calls all its hooks (optim.Schedule).
+        self.schedule = build_schedule(cfg, optimizer, self.total_steps)
         self.learner, self.optimizer = acc.prepare(learner, optimizer)
         self.state = TrainState(world_size=acc.num_processes, batch_size=cfg.batch_size)
         acc.register_for_checkpointing(self.state)
-        if self.scheduler is not None:
-            acc.register_for_checkpointing(self.scheduler)
+        if self.schedule.scheduler is not None:  # none for schedule-free: nothing to save, the layout stays as it was
+            acc.register_for_checkpointing(self.schedule)
         self.network = acc.unwrap_model(self.learner).model  # the embedding network being trained
         self.ema = None
         if cfg.optim.ema_decay:
@@ -111,8 +113,7 @@ class Trainer:
                 epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
                 if epoch_end:
                     s.epoch, s.batches_in_epoch = s.epoch + 1, 0
-                    if self.scheduler_unit == "epoch":
-                        self.scheduler.step()
+                    self.schedule.after_epoch()
                 last = s.step >= self.total_steps or s.epoch >= cfg.epochs
                 self.after_step(boundary=epoch_end or last, last=last)
                 if last:
@@ -149,8 +150,7 @@ class Trainer:
             self.consecutive_bad = 0
             if self.ema is not None:
                 self.ema.update(self.network, step=s.step + 1)
-            if self.scheduler_unit == "step":
-                self.scheduler.step()
+            self.schedule.after_optimizer_step()
         s.step += 1
         self.window.steps += 1
         return grad_norm
@@ -179,14 +179,9 @@ class Trainer:
                 f"(last checkpoint: {self.checkpointer.latest() or 'none'})")
 
     def _validate(self) -> None:
-        # Schedule-free optimizers evaluate at their averaged weights, which optimizer.eval() swaps in.
-        if hasattr(self.optimizer, "eval"):
-            self.optimizer.eval()
-        result = self.validator.run(self.evaluated, self.state)
-        if hasattr(self.optimizer, "train"):
-            self.optimizer.train()
-        if self.scheduler_unit == "validation":
-            self.scheduler.step(result["value"])
+        with evaluation_weights(self.optimizer, self.cfg.optim.optimizer):  # schedule-free: its averaged weights
+            result = self.validator.run(self.evaluated, self.state)
+        self.schedule.after_validation(result["value"])
 
     def _export_final(self) -> None:
         s = self.state

@@ -1,5 +1,6 @@
 """Everything the loop needs, built from a TrainConfig: the accelerator, data (datasets, sampler, loader), the
-learner (embedding model + criterion), optimizer, learning-rate schedule, and the imprinted class centres.
+learner (embedding model + criterion), the run's length in steps and the imprinted class centres (the optimizer and
+its schedule: facesiam/optim.py).
 
 The loop (training/loop.py) only wires these together; nothing here runs a training step.
 """
@@ -7,7 +8,6 @@ The loop (training/loop.py) only wires these together; nothing here runs a train
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +18,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
-from ..data import DistributedPerClassSampler, ShardDataset, build_eval_transform, build_train_transform
-from ..data.batch_augment import DeferredTrainTransform, ModelInput, collate
+from ..augment.transforms import build_eval_transform, build_train_transform
+from ..data import DistributedPerClassSampler, ShardDataset
+from ..augment.batch import DeferredTrainTransform, ModelInput, collate
 from ..data.format import METADATA_FILE, read_metadata
+from ..device import resolve_device
 from ..errors import InputError
+from ..eval.embed import LOADER_TIMEOUT
 from ..losses import Criterion
 from ..model import EmbeddingModel, batch_statistics, build_model
 
@@ -49,7 +52,7 @@ def build_accelerator(cfg: TrainConfig):
     """Accelerate on CUDA when there is one, else CPU (gloo between processes); accumulation is the loop's own."""
     from accelerate import Accelerator
 
-    use_cuda = torch.cuda.is_available()
+    use_cuda = resolve_device().type == "cuda"
     if cfg.mixed_precision == "fp16" and not use_cuda:
         raise InputError("mixed_precision fp16 needs CUDA (fp16 autocast does nothing on CPU); use bf16 or no")
     return Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision)
@@ -64,7 +67,7 @@ class TrainData:
     sampler: DistributedPerClassSampler
     loader: DataLoader
     accumulation: int
-    model_input: ModelInput  # a loader batch -> the model's input on the device (data/batch_augment.py)
+    model_input: ModelInput  # a loader batch -> the model's input on the device (augment/batch.py)
     alignment: Optional[dict] = None  # dataset.json's face alignment (detector, template, size), None: unaligned
 
     @property
@@ -94,8 +97,9 @@ class TrainData:
                 window = []
 
 
-def build_data(cfg: TrainConfig, accelerator) -> TrainData:
-    """Shards -> datasets (seeded augmentation), the distributed per-class sampler and the loader."""
+def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_TIMEOUT) -> TrainData:
+    """Shards -> datasets (seeded augmentation), the distributed per-class sampler and the loader (with workers, one
+    that delivers nothing for ``loader_timeout`` seconds is an error)."""
     if not (Path(cfg.data) / METADATA_FILE).is_file():
         raise InputError(f"{Path(cfg.data) / METADATA_FILE} not found; make shards first: "
                          f"python tools/make_shards.py FACES/ {cfg.data}")
@@ -136,7 +140,8 @@ def build_data(cfg: TrainConfig, accelerator) -> TrainData:
     loader = DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
-                        prefetch_factor=4 if cfg.num_workers else None)
+                        prefetch_factor=4 if cfg.num_workers else None,
+                        timeout=loader_timeout if cfg.num_workers else 0)  # a dead worker raises, not hangs
     data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps, model_input, alignment)
     if data.steps_per_epoch == 0:
         raise InputError(f"an epoch of {sampler.steps_per_epoch()} batches holds no whole accumulation window of "
@@ -158,71 +163,6 @@ def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: epochs x steps per epoch, or max_steps when that comes first."""
     steps = steps_per_epoch * cfg.epochs
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
-def build_optimizer(cfg: TrainConfig, learner: MetricLearner) -> torch.optim.Optimizer:
-    """AdamW / SGD / schedule-free AdamW over trunk, head and class centres (trunk and centres with lr multipliers)."""
-    o = cfg.optim
-
-    def trainable(module: nn.Module) -> list[nn.Parameter]:
-        return [p for p in module.parameters() if p.requires_grad]
-
-    # The head's group comes first: it runs at the base lr, which is what the logs report as "lr".
-    # Each group is named so the scheduler can find the trunk's without relying on this order.
-    groups = [{"name": "head", "params": trainable(learner.model.head), "lr": o.lr},
-              {"name": "trunk", "params": trainable(learner.model.trunk), "lr": o.lr * o.trunk_lr_mult}]
-    centres = trainable(learner.criterion)
-    if centres:
-        groups.append({"name": "centres", "params": centres, "lr": o.lr * cfg.loss.class_lr_mult})
-    if o.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps)
-    if o.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-    try:
-        import schedulefree
-    except ImportError:
-        raise InputError("optimizer schedulefree_adamw needs the schedulefree package: pip install schedulefree") from None
-    return schedulefree.AdamWScheduleFree(groups, lr=o.lr, weight_decay=o.weight_decay, eps=o.eps,
-                                          warmup_steps=o.warmup_steps)
-
-
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    """Return (scheduler or None, when it steps: 'step' | 'epoch' | 'validation')."""
-    o = cfg.optim
-    if cfg.optim.optimizer == "schedulefree_adamw":
-        return None, "none"
-    if o.scheduler == "cosine_epoch":  # the seed article's CosineAnnealingLR, stepped once per epoch
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=o.t_max, eta_min=o.eta_min), "epoch"
-    if o.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=o.gamma), "epoch"
-    if o.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=o.gamma,
-                                                          patience=o.patience), "validation"
-    warm = max(0, o.warmup_steps)
-    floor = o.eta_min / o.lr if o.lr > 0 else 0.0
-
-    def factor(step: int, start: int = 0) -> float:
-        """Linear warm-up from `start` (0 before it), then constant (with an optional linear cooldown to eta_min over
-        the last cooldown_steps) or cosine decay to eta_min over the whole run."""
-        if step < start:
-            return 0.0
-        ramp = min(1.0, (step - start + 1) / warm) if warm else 1.0
-        if o.scheduler == "constant":
-            left = max(1, total_steps - step)  # steps still to run, this one included
-            if not o.cooldown_steps or left > o.cooldown_steps:
-                return ramp
-            return ramp * (floor + (1 - floor) * (left - 1) / o.cooldown_steps)
-        progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
-        return ramp * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    # One factor per optimizer group. A frozen trunk gets lr 0 rather than requires_grad=False: DDP's set of
-    # parameters with gradients must not change mid-run, and AdamW with lr 0 leaves the weights exactly as they are
-    # (its decay is lr * weight_decay).
-    def trunk_factor(step: int) -> float:
-        return factor(step, o.trunk_frozen_steps)
-
-    factors = [trunk_factor if g.get("name") == "trunk" else factor for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors), "step"
 
 
 def imprint_centres(accelerator, learner: MetricLearner, data: TrainData) -> None:

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -102,33 +102,35 @@ DATA_WAIT_WARNING = 0.10  # above this share of a log window spent waiting for b
 
 class StepWindow:
     """Counters of the steps since the last log: time, time spent waiting for data, and the loss summed on the
-    device (read only at log steps: a host sync per step would stall a GPU)."""
+    device (read only at log steps: a host sync per step would stall a GPU). ``clock``: seconds, monotonic (tests
+    pass a fake one)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, clock: Callable[[], float] = time.perf_counter):
         self.device = device
+        self.clock = clock
         self.windows = 0
         self.warned_slow_data = False
         self.reset()
 
     def reset(self) -> None:
-        self.t0, self.wait, self.steps = time.time(), 0.0, 0
+        self.t0, self.wait, self.steps = self.clock(), 0.0, 0
         self.loss = torch.zeros((), device=self.device)
 
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from ``batches``, counting the time spent waiting for each as data wait."""
         it = iter(batches)
         while True:
-            t = time.time()
+            t = self.clock()
             try:
                 item = next(it)
             except StopIteration:
                 return
-            self.wait += time.time() - t
+            self.wait += self.clock() - t
             yield item
 
     def stats(self, images_per_step: int, processes: int) -> dict[str, float]:
         """Mean loss, images/s (all processes and per process) and the data-wait fraction of the window."""
-        elapsed = max(time.time() - self.t0, 1e-9)
+        elapsed = max(self.clock() - self.t0, 1e-9)
         rate = self.steps * images_per_step / elapsed
         self.windows += 1
         return {"loss": float(self.loss) / max(self.steps, 1), "images_per_s": rate * processes,

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 from ..config import TrainConfig
+from ..selection import selection_value
 from .checkpoint import Checkpointer, TrainState
 from .tracking import RunLogger
 
 log = logging.getLogger("facesiam.train")
-
-
-def metric_value(metrics: dict, name: str) -> Optional[float]:
-    """The value of a best_metric name (higher is better; EER is negated) in a metrics dict."""
-    v, i = metrics.get("verification", {}), metrics.get("identification", {})
-    value = {
-        "tar_at_far_1e-03": v.get("tar_at_far", {}).get("1e-03"),
-        "auc": v.get("auc"),
-        "neg_eer": None if v.get("eer") is None else -v["eer"],
-        "rank1": i.get("rank1"),
-        "map_at_r": i.get("map_at_r"),
-    }[name]
-    return None if value is None else float(value)
 
 
 class Validator:
@@ -64,10 +52,10 @@ class Validator:
         cfg = self.cfg
         metrics = evaluate({"embeddings": emb, "labels": labels, "paths": self.dataset.paths,
                             "classes": self.dataset.classes, "meta": {"data": cfg.data, "split": cfg.val_split}})
-        value = metric_value(metrics, cfg.best_metric)
+        value = selection_value(metrics, cfg.best_metric)
         if value is None:
             log.warning("validation metric %s undefined (too few pairs); selecting by auc", cfg.best_metric)
-            value = metric_value(metrics, "auc")
+            value = selection_value(metrics, "auc")
         improved = state.best_value is None or value > state.best_value
         if improved:
             state.best_value, state.best_step = value, state.step

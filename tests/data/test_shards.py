@@ -19,8 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-from facesiam.data import (ImageFolderDataset, ShardDataset, build_eval_transform, build_stream,
-                           build_train_transform, open_dataset, write_shards)
+from facesiam.augment.transforms import build_eval_transform, build_train_transform
+from facesiam.data import ImageFolderDataset, ShardDataset, build_stream, open_dataset, write_shards
 from facesiam.data import writer as writer_module
 from facesiam.data.images import load_rgb
 from facesiam.commands.make_shards import main
@@ -402,7 +402,7 @@ def test_random_access_equals_streaming_order(small):
 def test_stream_in_dataloader_workers(small):
     _, dst = small
     transform = build_eval_transform(16)
-    loader = DataLoader(build_stream(dst, transform=transform), batch_size=None, num_workers=2)
+    loader = DataLoader(build_stream(dst, transform=transform), batch_size=None, num_workers=2, timeout=120)
     got = sorted((path, label, x.shape) for x, label, path in loader)
     ds = ShardDataset(dst)
     assert got == sorted((p, int(y), torch.Size([3, 16, 16])) for p, y in zip(ds.paths, ds.labels))
@@ -415,7 +415,7 @@ def test_dataloader_with_two_workers_and_seeded_keys(small):
     clone = pickle.loads(pickle.dumps(ds))
     assert len(clone) == len(ds) and clone._files == {}
     keys = [(i, 1000 + i) for i in range(len(ds))]
-    loader = DataLoader(ds, batch_size=5, num_workers=2, sampler=keys)
+    loader = DataLoader(ds, batch_size=5, num_workers=2, sampler=keys, timeout=120)
     images = torch.cat([x for x, _ in loader])
     labels = torch.cat([y for _, y in loader])
     assert labels.tolist() == ds.labels.tolist()

@@ -15,14 +15,16 @@ from PIL import Image
 
 
 from facesiam.commands import main as facesiam_main
-from facesiam.data import align
-from facesiam.data.align import FaceAligner, align_folder, alignment_info
+from facesiam.faces.aligner import FaceAligner, alignment_info
+from facesiam.faces import detectors
+from facesiam.faces.detectors import MTCNN_INSTALL_HINT
+from facesiam.faces.folder import align_folder
 from facesiam.data.format import read_metadata
 from facesiam.eval.embed import embed_images, embed_path
 from facesiam.model import exported_alignment
 from tests.conftest import photo
 
-pytest.importorskip("facenet_pytorch", reason=f"face detection needs: {align.INSTALL_HINT}")
+pytest.importorskip("facenet_pytorch", reason=f"face detection needs: {MTCNN_INSTALL_HINT}")
 
 @pytest.fixture(scope="module")
 def raw_photos(tmp_path_factory) -> Path:
@@ -67,12 +69,12 @@ def test_make_shards_align_refuses_center_crop_in_one_line(raw_photos, tmp_path)
 
 def test_training_on_aligned_shards_exports_the_alignment(raw_photos, tmp_path, synthetic_shards, tiny_model_dir):
     from facesiam.commands.train import main as train
-    from facesiam.data.writer import write_shards
 
     faces = tmp_path / "faces"
     align_folder(raw_photos, faces, workers=1)
     shards = tmp_path / "shards"
-    write_shards(faces, shards, workers=1, progress=False)  # align_faces then make_shards: recorded the same
+    # align_faces then make_shards: the command reads the folder's alignment.json and records it the same
+    facesiam_main(["make-shards", str(faces), str(shards), "--workers", "1", "--no-progress"])
     assert read_metadata(shards)["alignment"]["info"] == alignment_info(FaceAligner())
     train(["--data", str(shards), "--output", str(tmp_path / "run"), "--backbone", "test_efficientnet",
            "--embedding-dim", "16", "--image-size", "32", "--batch-size", "8", "--m-per-class", "4",
@@ -110,7 +112,28 @@ def test_a_photo_without_a_face_is_a_one_line_error_naming_it(aligned_model, raw
     # with --no-align the same images are compared as they are
     result = facesiam_main(["compare", str(raw_photos / "person0" / "0.jpg"), str(noise), "--checkpoint",
                             str(aligned_model), "--device", "cpu", "--no-align", "--json"])
-    assert -1 <= result["similarity"] <= 1
+    want = _direct_embeddings(aligned_model, [Image.open(raw_photos / "person0" / "0.jpg"), Image.open(noise)])
+    assert result["similarity"] == pytest.approx(float(want[0] @ want[1]), abs=1e-5)
+    # with alignment (the default), two photos with faces score as their aligned crops do
+    a, b = raw_photos / "person1" / "0.jpg", raw_photos / "person2" / "1.jpg"
+    result = facesiam_main(["compare", str(a), str(b), "--checkpoint", str(aligned_model), "--device", "cpu",
+                            "--json"])
+    crops = [FaceAligner().align(Image.open(p).convert("RGB")).image for p in (a, b)]
+    want = _direct_embeddings(aligned_model, crops)
+    assert result["similarity"] == pytest.approx(float(want[0] @ want[1]), abs=1e-4)
+
+
+def _direct_embeddings(model_dir: Path, pictures: list) -> np.ndarray:
+    """Unit embeddings of PIL images through the exported network and its eval transform, nothing else."""
+    import torch
+
+    from facesiam.model import eval_transform_for, load_exported
+
+    model, cfg = load_exported(model_dir)
+    t = eval_transform_for(cfg)
+    with torch.no_grad():
+        e = model(torch.stack([t(p.convert("RGB")) for p in pictures])).numpy()
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
 def test_embed_aligns_raw_data_on_the_fly_and_reads_aligned_data_as_is(aligned_model, raw_photos, tmp_path, caplog):
@@ -151,6 +174,6 @@ def test_a_model_trained_unaligned_never_runs_the_detector(tiny_model_dir, raw_p
     def no_detector(*args, **kwargs):
         raise AssertionError("the detector ran for a model trained on unaligned images")
 
-    monkeypatch.setattr(align, "load_mtcnn", no_detector)
+    monkeypatch.setattr(detectors, "load_mtcnn", no_detector)
     embed_images(tiny_model_dir, [raw_photos / "person0" / "0.jpg"], device="cpu")
     assert embed_path(tiny_model_dir, raw_photos, device="cpu")["meta"]["alignment"].startswith("none")

@@ -43,6 +43,28 @@ def test_embed_dataset_order_eval_mode_and_flip(tiny_model_dir, face_folder):
     assert not np.allclose(emb_flip, emb, atol=1e-3)
 
 
+class _HungAfterFirst(torch.utils.data.Dataset):
+    """Image 0 arrives; the worker then hangs on image 1 (a deadlocked decoder, a stuck file system)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        if i:
+            import time
+
+            time.sleep(3600)
+        return torch.zeros(3, 32, 32), 0
+
+
+def test_a_hung_loader_worker_is_an_error_not_a_hang(tiny_model_dir):
+    from facesiam.model import load_exported
+
+    model, _ = load_exported(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="timed out after 2 seconds"):
+        embed_dataset(model, _HungAfterFirst(), batch_size=1, num_workers=1, loader_timeout=2, progress=False)
+
+
 def test_embed_command_on_folder_and_shard_split(tiny_model_dir, face_folder, synthetic_shards, tmp_path):
     from facesiam.data import open_dataset
 

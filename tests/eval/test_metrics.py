@@ -1,5 +1,6 @@
-"""facesiam.eval.metrics against independent references: scikit-learn's exact ROC, pytorch-metric-learning's MAP@R,
-brute-force NumPy for 1:N search, and the protocol definitions written out by hand."""
+"""facesiam.eval's metrics (metrics, verification, identification, gallery.topk_cosine) against independent
+references: scikit-learn's exact ROC, pytorch-metric-learning's MAP@R, brute-force NumPy for 1:N search, and the
+protocol definitions written out by hand."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from facesiam.eval.metrics import (FAR_TARGETS, equal_error_rate, score_metrics, evaluate_embeddings, far_key, identification_metrics,
-                              identification_split, mean_average_precision_at_r, pair_histograms, tar_at_far,
-                              topk_cosine, verification_metrics)
+from facesiam.eval.gallery import topk_cosine
+from facesiam.eval.identification import identification_split
+from facesiam.eval.metrics import (evaluate_embeddings, identification_metrics, mean_average_precision_at_r,
+                                   pair_histograms, verification_metrics)
+from facesiam.eval.verification import FAR_TARGETS, equal_error_rate, far_key, score_metrics, tar_at_far
 
 
 def unit(x):

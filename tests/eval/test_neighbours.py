@@ -1,4 +1,4 @@
-"""The one-pass evaluator (facesiam.eval.metrics.score_pass + facesiam.eval.neighbours) against references computed
+"""The one-pass evaluator (facesiam.eval.score_pass + facesiam.eval.neighbours) against references computed
 independently: pytorch-metric-learning's MAP@R, brute-force NumPy ranks over the full score matrix, scikit-learn's
 ROC; across block sizes (the mirrored half of off-diagonal blocks), worker threads, compaction and bad models."""
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from facesiam.eval import neighbours
-from facesiam.eval.metrics import (evaluate_embeddings, identification_split, score_pass,
-                                   verification_metrics)
+from facesiam.eval.identification import identification_split
+from facesiam.eval.metrics import evaluate_embeddings, verification_metrics
+from facesiam.eval.score_pass import score_pass
 
 from .test_metrics import assert_fnir_matches_brute_force, assert_matches_sklearn, clustered, exact_pairs, unit
 

@@ -29,12 +29,60 @@ async def run(batcher: Batcher, requests: list[list[int]]):
 def test_concurrent_requests_share_passes_and_keep_their_order(max_batch):
     calls: list[int] = []
     requests = [[i * 10 + j for j in range(1 + i % 3)] for i in range(12)]  # 24 images in 12 requests
-    out = asyncio.run(run(Batcher(fake_model(calls), max_batch=max_batch, max_wait_ms=50), requests))
+    # no time budget at all: what is already waiting when a batch starts joins it at once
+    out = asyncio.run(run(Batcher(fake_model(calls), max_batch=max_batch, max_wait_ms=0), requests))
     for req, res in zip(requests, out):
         assert [float(r[0]) for r in res] == [float(x) for x in req]
-    assert sum(calls) == 24 and max(calls) <= max_batch
-    # all 12 requests arrive together: full batches (max_batch 1: one pass per image)
-    assert len(calls) == -(-24 // max_batch)
+    # all 12 requests arrive together: full batches (max_batch 1: one pass per image), the last one the rest
+    full, rest = divmod(24, max_batch)
+    assert calls == [max_batch] * full + ([rest] if rest else [])
+
+
+class SteppingClock:
+    """A fake monotonic clock: frozen, or moving ``step`` seconds every time it is read."""
+
+    def __init__(self, step: float = 0.0):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+async def until(condition, tries: int = 1000) -> None:
+    """Let the event loop run until ``condition()`` holds (a bounded number of turns: never hangs)."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the batcher never got there")
+
+
+@pytest.mark.parametrize("clock_step,want", [(0.0, [2]), (7200.0, [1, 1])])
+def test_a_batch_waits_for_late_requests_until_its_clock_deadline(clock_step, want):
+    """max_wait one hour: a frozen clock never reaches the deadline, so a request that comes later joins the waiting
+    batch; a clock that moves two hours between reads is past it at once, so the first image goes alone."""
+    calls: list[int] = []
+
+    async def scenario():
+        b = Batcher(fake_model(calls), max_batch=2, max_wait_ms=3_600_000, clock=SteppingClock(clock_step))
+        await b.start()
+        try:
+            first = asyncio.ensure_future(b.embed([1]))
+            await until(lambda: b._queue.qsize() == 1)  # image 1 is queued
+            await until(lambda: b._queue.empty())  # and the worker has taken it
+            for _ in range(10):  # the worker is now waiting for more (or has gone with image 1 alone)
+                await asyncio.sleep(0)
+            if not clock_step:
+                assert not first.done()  # held back for company
+            second = await b.embed([2])  # a later request
+            return await first, second
+        finally:
+            await b.stop()
+
+    first, second = asyncio.run(scenario())
+    assert float(first[0][0]) == 1.0 and float(second[0][0]) == 2.0
+    assert calls == want
 
 
 def test_no_face_is_an_answer_and_a_model_error_fails_only_its_batch():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 from facesiam.commands.train import main
 from facesiam.losses import Criterion
 from facesiam.model import build_model
-from facesiam.training import setup
 
 from ..conftest import REPO, accelerate_launch, reset_accelerate
 TINY = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--batch-size", "16",
@@ -179,111 +177,6 @@ def test_training_beats_random_init(synthetic_shards, tmp_path):
         emb, labels = embed_dataset(model, val, batch_size=64, progress=False)
         aucs[name] = evaluate_embeddings(emb, labels)["verification"]["auc"]
     assert aucs["trained"] > aucs["random"] + 0.1, aucs
-
-
-def _learner_and_optimizer(overrides: dict, num_classes: int):
-    """A test_efficientnet MetricLearner (ArcFace, 16-d) and its optimizer, from config overrides."""
-    from facesiam.config import config_from_dict
-
-    cfg = config_from_dict({"model": {"backbone": "test_efficientnet", "embedding_dim": 16, **overrides.get("model", {})},
-                            "loss": {"loss": "arcface", **overrides.get("loss", {})},
-                            "optim": overrides.get("optim", {})})
-    learner = setup.MetricLearner(build_model(cfg.model), Criterion(cfg.loss, 16, num_classes=num_classes))
-    return cfg, learner, setup.build_optimizer(cfg, learner)
-
-
-def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers():
-    cfg, learner, optimizer = _learner_and_optimizer({"model": {"head": "face"}, "loss": {"class_lr_mult": 10.0},
-                                                      "optim": {"lr": 1e-3, "trunk_lr_mult": 0.1}}, num_classes=5)
-    model = learner.model
-    groups = optimizer.param_groups
-    grouped = [id(p) for g in groups for p in g["params"]]
-    assert sorted(grouped) == sorted(id(p) for p in learner.parameters()), "each trainable tensor in one group"
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    assert all(lr_of[id(p)] == pytest.approx(1e-4) for p in model.trunk.parameters())
-    assert all(lr_of[id(p)] == pytest.approx(1e-3) for p in model.head.parameters())
-    assert all(lr_of[id(p)] == pytest.approx(1e-2) for p in learner.criterion.parameters())
-    assert groups[0]["lr"] == pytest.approx(1e-3), "the logged lr (group 0) is the base lr"
-
-
-def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
-    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4,
-                                                          "eta_min": 0.0, "trunk_frozen_steps": 10}}, num_classes=5)
-    scheduler, _ = setup.build_scheduler(cfg, optimizer, total_steps=40)
-    lrs = []
-    for _ in range(40):
-        lrs.append([g["lr"] for g in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-    head, trunk, centres = (np.array(c) for c in zip(*lrs))
-    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * max(0, s - 4) / 36)) for s in range(40)]
-    np.testing.assert_allclose(head[4:], cosine[4:], rtol=1e-6)
-    np.testing.assert_allclose(head[:4], [1e-3 * (s + 1) / 4 for s in range(4)], rtol=1e-6)
-    np.testing.assert_allclose(centres, head)
-    assert (trunk[:10] == 0).all()
-    np.testing.assert_allclose(trunk[10:14], [cosine[s] * (s - 9) / 4 for s in range(10, 14)], rtol=1e-6)
-    np.testing.assert_allclose(trunk[14:], head[14:])
-
-
-def test_constant_schedule_cools_down_linearly_to_eta_min_over_its_last_steps():
-    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 4,
-                                                          "eta_min": 1e-5, "cooldown_steps": 10}}, num_classes=5)
-    scheduler, unit = setup.build_scheduler(cfg, optimizer, total_steps=30)
-    assert unit == "step"
-    lrs = []
-    for _ in range(30):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    expected = ([1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3] * 16
-                + [1e-5 + (1e-3 - 1e-5) * (9 - k) / 10 for k in range(10)])  # 9/10 of the way ... eta_min
-    np.testing.assert_allclose(lrs, expected, rtol=1e-6)
-
-
-def test_cooldown_belongs_to_the_constant_schedule():
-    from facesiam.config import config_from_dict
-
-    with pytest.raises(ValueError, match="cooldown_steps"):
-        config_from_dict({"optim": {"scheduler": "cosine", "cooldown_steps": 5}})
-
-
-def test_ema_is_refused_with_schedule_free_which_averages_its_own_weights():
-    from facesiam.config import config_from_dict
-
-    with pytest.raises(ValueError, match="ema_decay does not combine with schedulefree"):
-        config_from_dict({"optim": {"optimizer": "schedulefree_adamw", "ema_decay": 0.99}})
-    config_from_dict({"optim": {"optimizer": "adamw", "ema_decay": 0.99}})  # the plain optimizer keeps it
-
-
-def test_frozen_trunk_weights_do_not_move_until_unfrozen():
-    torch.manual_seed(0)
-    cfg, learner, optimizer = _learner_and_optimizer(
-        {"model": {"image_size": 32}, "optim": {"lr": 1e-2, "weight_decay": 0.1, "scheduler": "cosine",
-                                                "trunk_frozen_steps": 3}}, num_classes=4)
-    scheduler, _ = setup.build_scheduler(cfg, optimizer, total_steps=10)
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
-
-    def snapshot(module):
-        return {k: v.detach().clone() for k, v in module.named_parameters()}
-
-    start_trunk, start_head = snapshot(learner.model.trunk), snapshot(learner.model.head)
-    for step in range(4):
-        if step == 3:  # the last frozen step has run: nothing in the trunk moved, everything in the head did
-            assert all(torch.equal(v, start_trunk[k]) for k, v in snapshot(learner.model.trunk).items())
-            assert all(not torch.equal(v, start_head[k]) for k, v in snapshot(learner.model.head).items())
-        loss, _ = learner(images, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-    assert any(not torch.equal(v, start_trunk[k]) for k, v in snapshot(learner.model.trunk).items())
-
-
-def test_frozen_trunk_needs_a_per_step_schedule():
-    from facesiam.config import config_from_dict
-
-    with pytest.raises(ValueError, match="trunk_frozen_steps"):
-        config_from_dict({"optim": {"scheduler": "cosine_epoch", "trunk_frozen_steps": 5}})
 
 
 def test_imprinted_centres_start_training_at_a_lower_loss(synthetic_shards, tmp_path):

@@ -1,4 +1,4 @@
-"""Face detection and alignment (facesiam.data.align) and its command (facesiam.commands.align_faces).
+"""Face detection and alignment (facesiam.faces) and its command (facesiam.commands.align_faces).
 
 Real faces: the astronaut photo shipped with scikit-image (Eileen Collins, NASA, public domain), pasted into
 canvases at known scales, rotations and offsets with skimage's own warp (an implementation independent of the
@@ -23,9 +23,12 @@ from skimage.transform import warp as skimage_warp
 
 from facesiam.commands import main as facesiam_main
 from facesiam.commands.align_faces import main
-from facesiam.data import align
-from facesiam.data.align import (ARCFACE_TEMPLATE_112, Face, FaceAligner, alignment_info, align_folder,
-                                 arcface_template, center_crop, estimate_transform, warp)
+from facesiam.faces import folder as folder_job
+from facesiam.faces.aligner import FaceAligner, alignment_info
+from facesiam.faces.detectors import MTCNN_INSTALL_HINT, Face
+from facesiam.faces.folder import align_folder
+from facesiam.faces.record import ALIGNMENT_FILE
+from facesiam.faces.template import ARCFACE_TEMPLATE_112, arcface_template, center_crop, estimate_transform, warp
 from facesiam.data.folder import list_image_folder
 from facesiam.errors import InputError
 
@@ -69,7 +72,7 @@ def correlation(a: Image.Image, b: Image.Image, border: int = 16) -> float:
 @pytest.fixture(scope="module")
 def mtcnn() -> None:
     """Skips a test that runs the detector when facenet-pytorch is not installed (the rest still run)."""
-    pytest.importorskip("facenet_pytorch", reason=f"face detection needs: {align.INSTALL_HINT}")
+    pytest.importorskip("facenet_pytorch", reason=f"face detection needs: {MTCNN_INSTALL_HINT}")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +244,7 @@ def test_missing_facenet_pytorch_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # import raises ImportError
     with pytest.raises(InputError) as err:
         FaceAligner()
-    assert align.INSTALL_HINT in str(err.value) and "\n" not in str(err.value)
+    assert MTCNN_INSTALL_HINT in str(err.value) and "\n" not in str(err.value)
 
 
 def test_lfw_faces_align(aligner):
@@ -284,7 +287,7 @@ def raw_folder(tmp_path_factory) -> Path:
 
 
 def _outputs(dst: Path) -> set[str]:
-    return {p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file() and p.name != align.ALIGNMENT_FILE}
+    return {p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file() and p.name != ALIGNMENT_FILE}
 
 
 def test_align_folder_writes_a_complete_imagefolder(mtcnn, raw_folder, tmp_path):
@@ -293,7 +296,7 @@ def test_align_folder_writes_a_complete_imagefolder(mtcnn, raw_folder, tmp_path)
     meta = align_folder(raw_folder, dst, workers=2, batch_size=2, progress=lambda n, total: seen.append((n, total)))
     sources = [rel for rel, _ in list_image_folder(raw_folder).samples]
     assert sum(n for n, _ in seen) == len(sources) == 7 and {t for _, t in seen} == {7}
-    on_disk = json.loads((dst / align.ALIGNMENT_FILE).read_text(encoding="utf-8"))
+    on_disk = json.loads((dst / ALIGNMENT_FILE).read_text(encoding="utf-8"))
     assert on_disk == meta
     records = {r["path"]: r for r in meta["images"]}
     assert sorted(records) == sorted(sources)  # every source image, notes.txt is no image
@@ -348,8 +351,8 @@ def test_align_folder_is_all_or_nothing(mtcnn, raw_folder, tmp_path, monkeypatch
             raise KeyboardInterrupt  # the run stops half-way (Ctrl-C, a crash)
         return original(self, chunk, loaded)
 
-    original = align._Job.align
-    monkeypatch.setattr(align._Job, "align", failing)
+    original = folder_job._Job.align
+    monkeypatch.setattr(folder_job._Job, "align", failing)
     with pytest.raises(KeyboardInterrupt):
         align_folder(raw_folder, tmp_path / "aligned", workers=1, batch_size=1)
     assert list(tmp_path.iterdir()) == []  # neither DST nor its staging folder

@@ -1,4 +1,4 @@
-"""Tests for the synthetic face generator (facesiam.data.synthetic and tools/make_synthetic_faces.py)."""
+"""Tests for the synthetic face generator (facesiam.synthetic and tools/make_synthetic_faces.py)."""
 
 import itertools
 import json
@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from facesiam.commands.make_synthetic_faces import main
-from facesiam.data.synthetic import make_synthetic_faces, synthetic_face
+from facesiam.synthetic import make_synthetic_faces, synthetic_face
 
-from ..conftest import REPO, run_python
+from .conftest import REPO, run_python
 
 
 

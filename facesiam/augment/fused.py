@@ -14,12 +14,12 @@ reference would, and exact resume is unchanged); then
   colour matrix, applied by one ``cv2.transform`` on uint8 (the reference clips to 0..255 after each stage, this
   once at the end: images differ only where a stage saturates);
 - the result stays uint8 (a CHW view of the HWC array; the DataLoader's collate does the one copy into the
-  batch): the training step normalises the batch on its device (data/batch_augment.py), so the loader moves a
+  batch): the training step normalises the batch on its device (augment/batch.py), so the loader moves a
   quarter of the bytes. With ``augment_device`` cuda (or cpu) the workers stop after ``prepare`` (parameters,
-  reduced source) and the warp and colour run on the whole batch on that device (data/batch_augment.py).
+  reduced source) and the warp and colour run on the whole batch on that device (augment/batch.py).
 
 Hand-written on OpenCV because no library fuses these stages: torchvision.transforms.v2 and albumentations
-still resample once per geometric stage. tests/data/test_fused_transforms.py checks, per seed, that the fused
+still resample once per geometric stage. tests/augment/test_fused.py checks, per seed, that the fused
 output matches the reference for the same drawn parameters, and that the two paths' image statistics agree.
 """
 
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from .images import opencv as _cv2
+from ..data.images import opencv as _cv2
 
 GREY_WEIGHTS = np.array([0.299, 0.587, 0.114])  # PIL's "L" conversion (ITU-R 601-2), used by ImageEnhance
 RATIO = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
@@ -110,7 +110,7 @@ class FusedTrainTransform:
     def prepare(self, img: Image.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, Optional[tuple]]:
         """Draw the parameters and reduce the source: (uint8 H x W x 3 source, 2x3 map from output pixel indices to
         source pixel indices, the drawn jitter or None). The half of the work that stays on the loader's CPU when
-        the rest runs on the batch (data/batch_augment.py)."""
+        the rest runs on the batch (augment/batch.py)."""
         cv2 = _cv2()
         if isinstance(img, np.ndarray):  # H x W x 3 uint8 RGB (images.decode_rgb_array: what the loader gives)
             src = img

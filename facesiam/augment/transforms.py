@@ -62,7 +62,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
     crop_scale: RandomResizedCrop area range; None or 0 resizes the whole image instead.
     rotation: RandomRotation range in degrees (±); hflip: flip probability; color_jitter: brightness, contrast
     and saturation strength. 0 disables each. center_crop: see CenterCropFraction; None keeps the whole image.
-    implementation: "torchvision" (these stages) or "fused" (data/fused_transforms.py: the same parameters,
+    implementation: "torchvision" (these stages) or "fused" (augment/fused.py: the same parameters,
     one warp and one colour matrix).
     """
     _check_size(image_size)
@@ -74,7 +74,7 @@ def build_train_transform(image_size: int, *, crop_scale: Optional[Sequence[floa
     if center_crop and not 0 < center_crop <= 1:
         raise InputError(f"center_crop must be a fraction in (0, 1], got {center_crop}")
     if implementation == "fused":
-        from .fused_transforms import FusedTrainTransform
+        from .fused import FusedTrainTransform
 
         return FusedTrainTransform(image_size, crop_scale=crop_scale or None, rotation=rotation, hflip=hflip,
                                    color_jitter=color_jitter, center_crop=center_crop)

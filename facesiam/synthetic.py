@@ -19,14 +19,15 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from ..errors import InputError
-from ..fileio import staged_directory, write_json
-from .folder import available_cpus
+from .data.folder import available_cpus
+from .errors import InputError
+from .fileio import staged_directory, write_json
 
 # -----------------------------------------------------------------------------
 # defaults (the README demo uses ~200 identities x 10 images at 112 px; tests use 20 x 8 at 64 px)
@@ -257,24 +258,53 @@ def _background(canvas: int, v: ImageVariation, r: np.random.Generator) -> Image
     return im
 
 
+@dataclass
+class _Scene:
+    """What every part of one face drawing needs: the painter, the traits and variation, derived colours."""
+
+    P: _Painter
+    t: FaceTraits
+    v: ImageVariation
+    r: np.random.Generator  # minor random details, drawn in a fixed order (background, stubble, occluder, noise)
+    skin: np.ndarray
+    shade: np.ndarray
+    hair: np.ndarray
+    fx: float  # sideways shift of the eyes/mouth with yaw; the nose tip moves further (it sticks out)
+    outline: Optional[np.ndarray] = None  # the head's outline (set by _draw_head)
+
+    @property
+    def fw(self) -> float:
+        return self.t.face_w
+
+    @property
+    def fh(self) -> float:
+        return self.t.face_h
+
+    @property
+    def mouth_c(self) -> np.ndarray:
+        return np.array([self.fx, self.t.mouth_y * self.fh])
+
+
 def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE, *, detail_seed: int = 0) -> Image.Image:
     """Draw one face image (RGB, size x size). `detail_seed` seeds the minor random details
     (background shapes, stubble, occluder position)."""
     canvas = 2 * size  # draw at 2x, then box-downsample: cheap antialiasing
     r = np.random.default_rng(detail_seed)
     im = _background(canvas, v, r)
-    d = ImageDraw.Draw(im)
-    P = _Painter(d, canvas, v)
-    t = traits
-    skin = np.asarray(t.skin) * np.asarray(v.skin_jitter)
-    shade = skin * 0.78
-    hair = np.asarray(t.hair_color)
-    style = t.hair_style
-    fw, fh = t.face_w, t.face_h
-    yaw = v.yaw
-    fx = 0.045 * yaw  # sideways shift of the eyes/mouth; the nose tip moves further (it sticks out)
+    skin = np.asarray(traits.skin) * np.asarray(v.skin_jitter)
+    s = _Scene(P=_Painter(ImageDraw.Draw(im), canvas, v), t=traits, v=v, r=r, skin=skin, shade=skin * 0.78,
+               hair=np.asarray(traits.hair_color), fx=0.045 * v.yaw)
+    # back to front: what is drawn later covers what was drawn before
+    for part in (_draw_back_hair, _draw_neck, _draw_ears, _draw_head, _draw_skin_marks, _draw_facial_hair,
+                 _draw_eyes, _draw_brows, _draw_nose, _draw_mouth, _draw_top_hair, _draw_glasses, _draw_occluder):
+        part(s)
+    return _photometric(im.reduce(2), v, r, size)
 
-    # hair behind the head
+
+def _draw_back_hair(s: _Scene) -> None:
+    """Hair behind the head."""
+    P, t, fw, fh, hair = s.P, s.t, s.fw, s.fh, s.hair
+    style = t.hair_style
     top = -fh * (1.04 + t.hair_volume)
     if style == "long":
         back = np.array([[-fw * 1.22, top * 0.6], [fw * 1.22, top * 0.6], [fw * 1.32, fh * 1.35], [-fw * 1.32, fh * 1.35]])
@@ -287,27 +317,38 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
     elif style == "bun":
         P.poly(_ellipse(0, top - fw * 0.25, fw * 0.42, fw * 0.36, n=24), hair)
 
-    # neck and shoulders
+
+def _draw_neck(s: _Scene) -> None:
+    """Neck and shoulders."""
+    P, fw, fh, shade = s.P, s.fw, s.fh, s.shade
     neck_w = fw * 0.55
     P.poly(np.array([[-neck_w, fh * 0.3], [neck_w, fh * 0.3], [neck_w * 1.05, fh * 1.5], [-neck_w * 1.05, fh * 1.5]]), shade)
-    P.poly(_ellipse(0, fh * 1.55 + 0.18, fw * 2.4, 0.24, n=40), v.clothing)
+    P.poly(_ellipse(0, fh * 1.55 + 0.18, fw * 2.4, 0.24, n=40), s.v.clothing)
     P.poly(_ellipse(0, fh * 1.2, neck_w * 1.05, fh * 0.18, n=20), shade)  # neckline
 
-    # ears (the far one hides as the head turns)
+
+def _draw_ears(s: _Scene) -> None:
+    """Ears (the far one hides as the head turns)."""
+    P, t, fw, fh, yaw = s.P, s.t, s.fw, s.fh, s.v.yaw
     for side in (-1, 1):
         vis = 1 - max(0.0, -side * yaw) * 0.9
         if vis < 0.25:
             continue
         ex = side * (fw * (1 - 0.08 * t.jaw_taper) + t.ear_size * 0.35 * vis - 0.01 * side * yaw)
-        P.poly(_ellipse(ex, t.ear_y * fh, t.ear_size * 0.55 * vis, t.ear_size, n=20), skin)
-        P.poly(_ellipse(ex, t.ear_y * fh, t.ear_size * 0.28 * vis, t.ear_size * 0.6, n=16), shade)
+        P.poly(_ellipse(ex, t.ear_y * fh, t.ear_size * 0.55 * vis, t.ear_size, n=20), s.skin)
+        P.poly(_ellipse(ex, t.ear_y * fh, t.ear_size * 0.28 * vis, t.ear_size * 0.6, n=16), s.shade)
 
-    # head
-    outline = _face_outline(t)
-    outline[:, 0] += 0.3 * fx * (1 - np.abs(outline[:, 0]) / fw)
-    P.poly(outline, skin)
 
-    # freckles, blush, moles
+def _draw_head(s: _Scene) -> None:
+    outline = _face_outline(s.t)
+    outline[:, 0] += 0.3 * s.fx * (1 - np.abs(outline[:, 0]) / s.fw)
+    s.P.poly(outline, s.skin)
+    s.outline = outline
+
+
+def _draw_skin_marks(s: _Scene) -> None:
+    """Freckles, blush, moles."""
+    P, t, fw, fh, fx, skin = s.P, s.t, s.fw, s.fh, s.fx, s.skin
     if t.blush:
         for side in (-1, 1):
             P.poly(_ellipse(side * t.eye_spacing * 1.15 + fx, t.mouth_y * fh * 0.45, 0.035, 0.022, n=16),
@@ -319,9 +360,12 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
     for mx, my, mr in t.moles:
         P.poly(_ellipse(mx * fw * 0.9 + fx, my * fh, mr * 0.5, mr * 0.5, n=10), skin * 0.4)
 
-    # facial hair (drawn before the mouth, which sits on top of it)
-    mouth_c = np.array([fx, t.mouth_y * fh])
-    beard_col = hair * 0.85
+
+def _draw_facial_hair(s: _Scene) -> None:
+    """Beards and moustaches, drawn before the mouth, which sits on top of them."""
+    P, t, fw, fh, fx, skin, outline = s.P, s.t, s.fw, s.fh, s.fx, s.skin, s.outline
+    mouth_c = s.mouth_c
+    beard_col = s.hair * 0.85
     if t.beard == "full":
         low = outline[outline[:, 1] > fh * 0.12]
         low = low[np.argsort(-np.arctan2(low[:, 1], low[:, 0]))]
@@ -333,11 +377,13 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
     if t.beard == "goatee":
         P.poly(_ellipse(mouth_c[0], mouth_c[1] + 0.045, t.mouth_w * 0.55, 0.03, n=20), beard_col)
     if t.beard == "stubble":
-        for x, y in zip(r.uniform(-0.85, 0.85, 160), r.uniform(0.1, 1.0, 160)):
+        for x, y in zip(s.r.uniform(-0.85, 0.85, 160), s.r.uniform(0.1, 1.0, 160)):
             if abs(x) < 1 - 0.6 * y**2:
                 P.poly(_ellipse(x * fw + fx, y * fh, 0.003, 0.003, n=4), _mix(skin, beard_col, 0.6))
 
-    # eyes
+
+def _draw_eyes(s: _Scene) -> None:
+    P, t, v, fh, fx, skin, yaw = s.P, s.t, s.v, s.fh, s.fx, s.skin, s.v.yaw
     for side in (-1, 1):
         c = np.array([side * t.eye_spacing + fx, t.eye_y * fh])
         ew, eh = t.eye_w * (1 - 0.15 * side * yaw), t.eye_h * v.eye_open
@@ -359,13 +405,17 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
         P.poly(np.vstack([lower, [[c[0] - ew - m, c[1] + eh + m], [c[0] + ew + m, c[1] + eh + m]]]), skin)
         P.line(np.vstack([upper, rim[:1]]), skin * 0.4, 0.004)
 
-    # brows
-    for side in (-1, 1):
-        inner = np.array([side * t.eye_spacing * 0.35 + fx, t.brow_y * fh - 0.012 * v.brow_raise])
-        outer = inner + np.array([side * t.brow_len, -t.brow_tilt * t.brow_len - 0.006 * v.brow_raise])
-        P.line(_arc(inner, outer, -t.brow_arch, n=8), hair * 0.8, t.brow_thick)
 
-    # nose
+def _draw_brows(s: _Scene) -> None:
+    t, v = s.t, s.v
+    for side in (-1, 1):
+        inner = np.array([side * t.eye_spacing * 0.35 + s.fx, t.brow_y * s.fh - 0.012 * v.brow_raise])
+        outer = inner + np.array([side * t.brow_len, -t.brow_tilt * t.brow_len - 0.006 * v.brow_raise])
+        s.P.line(_arc(inner, outer, -t.brow_arch, n=8), s.hair * 0.8, t.brow_thick)
+
+
+def _draw_nose(s: _Scene) -> None:
+    P, t, fh, fx, shade = s.P, s.t, s.fh, s.fx, s.shade
     tip = np.array([fx * 2.0, t.eye_y * fh + t.nose_len + 0.02])
     if t.nose_style == 0:
         P.line(np.array([[fx * 0.8 + 0.01, t.eye_y * fh], tip + (0.008, -0.01)]), shade, 0.006)
@@ -373,9 +423,12 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
         P.poly(np.array([[fx + 0.004, t.eye_y * fh + 0.01], tip + (t.nose_w * 0.6, 0), tip + (-t.nose_w * 0.2, 0.004)]), shade * 1.1)
     P.line(_arc(tip - (t.nose_w, 0.005), tip + (t.nose_w, -0.005), 0.01), shade * 0.85, 0.006)
     for side in (-1, 1):
-        P.poly(_ellipse(tip[0] + side * t.nose_w * 0.5, tip[1] - 0.002, t.nose_w * 0.22, t.nose_w * 0.13, n=10), skin * 0.45)
+        P.poly(_ellipse(tip[0] + side * t.nose_w * 0.5, tip[1] - 0.002, t.nose_w * 0.22, t.nose_w * 0.13, n=10), s.skin * 0.45)
 
-    # mouth: corners rise with the smile; an open mouth shows a dark inside and teeth
+
+def _draw_mouth(s: _Scene) -> None:
+    """The corners rise with the smile; an open mouth shows a dark inside and teeth."""
+    P, t, v, mouth_c = s.P, s.t, s.v, s.mouth_c
     w = t.mouth_w * (1 + 0.15 * max(v.smile, 0))
     left, right = mouth_c + (-w, -0.02 * v.smile), mouth_c + (w, -0.02 * v.smile)
     gap = 0.035 * v.mouth_open
@@ -390,54 +443,66 @@ def render_face(traits: FaceTraits, v: ImageVariation, size: int = DEFAULT_SIZE,
     P.poly(np.vstack([seam_bot, lower_lip[::-1]]), _mix(t.lip_color, (255, 255, 255), 0.08))
     P.line(seam_top, np.asarray(t.lip_color) * 0.55, 0.004)
 
-    # hair on top: a cap between an outer arc and the hairline
-    if style != "bald":
-        vol = 0.01 if style in ("buzz", "receding") else t.hair_volume
-        hl = 0.1 + 0.6 * t.hairline if style != "receding" else 0.75 + 0.1 * t.hairline
-        if style == "fringe":
-            hl = 0.2 + 0.2 * t.hairline
-        a = np.linspace(math.pi - 0.15, 2 * math.pi + 0.15, 40)
-        outer = np.stack([fw * (1.03 + vol) * np.cos(a), fh * (1.03 + vol) * np.sin(a)], 1)
-        xs = np.linspace(1, -1, 24)
-        side_y = fh * 0.12 if style != "receding" else -fh * 0.3
-        hairline_y = -fh * hl - t.part_side * 0.08 * fh * xs * (style == "side_part")
-        p = 6.0 if style == "fringe" else 2.0
-        inner = np.stack([xs * fw * 0.98, side_y + (hairline_y - side_y) * (1 - np.abs(xs) ** p)], 1)
-        if style == "receding":  # M-shaped hairline
-            inner[:, 1] -= 0.12 * fh * np.sin(np.abs(xs) * math.pi) * (np.abs(xs) < 1)
-        col = _mix(hair, skin, 0.45) if style == "buzz" else hair
-        P.poly(np.vstack([outer, inner]), col)
-        if style == "long":
+
+def _draw_top_hair(s: _Scene) -> None:
+    """Hair on top: a cap between an outer arc and the hairline (or, bald on top, a fringe on the sides)."""
+    P, t, fw, fh, hair = s.P, s.t, s.fw, s.fh, s.hair
+    style = t.hair_style
+    if style == "bald":
+        if t.hairline > 0.45:
             for side in (-1, 1):
-                P.poly(np.array([[side * fw * 0.8, -fh * 0.5], [side * fw * 1.25, -fh * 0.3],
-                                 [side * fw * 1.3, fh * 1.1], [side * fw * 0.98, fh * 1.0], [side * fw * 0.92, fh * 0.2]]), hair)
-    elif t.hairline > 0.45:  # bald on top, a fringe of hair on the sides
+                P.poly(np.array([[side * fw * 0.92, -fh * 0.35], [side * fw * 1.06, -fh * 0.4],
+                                 [side * fw * 1.06, fh * 0.05], [side * fw * 0.94, fh * 0.05]]), hair)
+        return
+    vol = 0.01 if style in ("buzz", "receding") else t.hair_volume
+    hl = 0.1 + 0.6 * t.hairline if style != "receding" else 0.75 + 0.1 * t.hairline
+    if style == "fringe":
+        hl = 0.2 + 0.2 * t.hairline
+    a = np.linspace(math.pi - 0.15, 2 * math.pi + 0.15, 40)
+    outer = np.stack([fw * (1.03 + vol) * np.cos(a), fh * (1.03 + vol) * np.sin(a)], 1)
+    xs = np.linspace(1, -1, 24)
+    side_y = fh * 0.12 if style != "receding" else -fh * 0.3
+    hairline_y = -fh * hl - t.part_side * 0.08 * fh * xs * (style == "side_part")
+    p = 6.0 if style == "fringe" else 2.0
+    inner = np.stack([xs * fw * 0.98, side_y + (hairline_y - side_y) * (1 - np.abs(xs) ** p)], 1)
+    if style == "receding":  # M-shaped hairline
+        inner[:, 1] -= 0.12 * fh * np.sin(np.abs(xs) * math.pi) * (np.abs(xs) < 1)
+    col = _mix(hair, s.skin, 0.45) if style == "buzz" else hair
+    P.poly(np.vstack([outer, inner]), col)
+    if style == "long":
         for side in (-1, 1):
-            P.poly(np.array([[side * fw * 0.92, -fh * 0.35], [side * fw * 1.06, -fh * 0.4], [side * fw * 1.06, fh * 0.05],
-                             [side * fw * 0.94, fh * 0.05]]), hair)
+            P.poly(np.array([[side * fw * 0.8, -fh * 0.5], [side * fw * 1.25, -fh * 0.3],
+                             [side * fw * 1.3, fh * 1.1], [side * fw * 0.98, fh * 1.0], [side * fw * 0.92, fh * 0.2]]), hair)
 
-    # glasses
-    if t.glasses and v.glasses_on:
-        gw = t.eye_w * 1.5
-        for side in (-1, 1):
-            c = np.array([side * t.eye_spacing + fx, t.eye_y * fh])
-            if t.glasses == 1:
-                rim = _ellipse(c[0], c[1], gw, gw * 0.85, n=28)
-            else:
-                rim = np.array([[c[0] - gw, c[1] - gw * 0.65], [c[0] + gw, c[1] - gw * 0.65],
-                                [c[0] + gw, c[1] + gw * 0.6], [c[0] - gw, c[1] + gw * 0.6]])
-            P.line(rim, t.glasses_color, 0.008, closed=True)
-            P.line(np.array([[c[0] + side * gw, c[1] - 0.01], [side * fw * 1.0, t.ear_y * fh - 0.01]]), t.glasses_color, 0.007)
-        P.line(_arc((fx - t.eye_spacing + gw, t.eye_y * fh - 0.01), (fx + t.eye_spacing - gw, t.eye_y * fh - 0.01), -0.006),
-               t.glasses_color, 0.007)
 
-    # occasional occluder (a hand, a microphone, a scarf...)
-    if v.occluder:
+def _draw_glasses(s: _Scene) -> None:
+    P, t, fh, fx = s.P, s.t, s.fh, s.fx
+    if not (t.glasses and s.v.glasses_on):
+        return
+    gw = t.eye_w * 1.5
+    for side in (-1, 1):
+        c = np.array([side * t.eye_spacing + fx, t.eye_y * fh])
+        if t.glasses == 1:
+            rim = _ellipse(c[0], c[1], gw, gw * 0.85, n=28)
+        else:
+            rim = np.array([[c[0] - gw, c[1] - gw * 0.65], [c[0] + gw, c[1] - gw * 0.65],
+                            [c[0] + gw, c[1] + gw * 0.6], [c[0] - gw, c[1] + gw * 0.6]])
+        P.line(rim, t.glasses_color, 0.008, closed=True)
+        P.line(np.array([[c[0] + side * gw, c[1] - 0.01], [side * s.fw * 1.0, t.ear_y * fh - 0.01]]), t.glasses_color, 0.007)
+    P.line(_arc((fx - t.eye_spacing + gw, t.eye_y * fh - 0.01), (fx + t.eye_spacing - gw, t.eye_y * fh - 0.01), -0.006),
+           t.glasses_color, 0.007)
+
+
+def _draw_occluder(s: _Scene) -> None:
+    """An occasional occluder (a hand, a microphone, a scarf...)."""
+    if s.v.occluder:
+        r = s.r
         ox, oy = r.uniform(-0.25, 0.25), r.uniform(0.0, 0.35)
-        P.poly(_ellipse(ox, oy, r.uniform(0.06, 0.14), r.uniform(0.05, 0.12), r.uniform(0, math.pi)), r.uniform(0, 255, 3))
+        s.P.poly(_ellipse(ox, oy, r.uniform(0.06, 0.14), r.uniform(0.05, 0.12), r.uniform(0, math.pi)), r.uniform(0, 255, 3))
 
-    # photometric: box-downsample, lighting gradient, brightness, colour cast, contrast, blur, noise
-    im = im.reduce(2)
+
+def _photometric(im: Image.Image, v: ImageVariation, r: np.random.Generator, size: int) -> Image.Image:
+    """Lighting gradient, brightness, colour cast, contrast, blur, noise (on the downsampled image)."""
     x = np.asarray(im, np.float32)
     g = np.linspace(-1, 1, size, dtype=np.float32)
     ramp = np.cos(v.light_angle) * g[None, :] + np.sin(v.light_angle) * g[:, None]
@@ -513,7 +578,7 @@ def make_synthetic_faces(out: str | os.PathLike, identities: int, images_per_ide
                 for n in pool.imap_unordered(_write_identity, jobs, chunksize=chunk):
                     bar.update(n)
         bar.close()
-        meta = {"generator": "facesiam.data.synthetic", "version": GENERATOR_VERSION, "identities": identities,
+        meta = {"generator": "facesiam.synthetic", "version": GENERATOR_VERSION, "identities": identities,
                 "images_per_identity": images_per_identity, "size": size, "seed": seed}
         write_json(staging / METADATA_FILE, meta)
     return out

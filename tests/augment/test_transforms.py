@@ -1,4 +1,4 @@
-"""Tests for facesiam.data.transforms (train/eval recipes, centre crop) and seeded transform application."""
+"""Tests for facesiam.augment.transforms (train/eval recipes, centre crop) and seeded transform application."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from facesiam.data import apply_seeded, build_eval_transform, build_train_transform
-from facesiam.data.transforms import IMAGENET_MEAN, IMAGENET_STD, CenterCropFraction
+from facesiam.augment.transforms import build_eval_transform, build_train_transform
+from facesiam.data import apply_seeded
+from facesiam.augment.transforms import IMAGENET_MEAN, IMAGENET_STD, CenterCropFraction
 
 
 def _face(width=250, height=250, seed=0) -> Image.Image:

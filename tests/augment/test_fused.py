@@ -17,11 +17,11 @@ from torchvision import transforms as T
 
 import skimage.data
 
-from facesiam.data.batch_augment import normalise
-from facesiam.data.fused_transforms import RATIO, FusedTrainTransform
+from facesiam.augment.batch import normalise
+from facesiam.augment.fused import RATIO, FusedTrainTransform
 from facesiam.data.images import decode_rgb, decode_rgb_array, jpeg_size
 from facesiam.data.readers import apply_seeded
-from facesiam.data.transforms import build_train_transform
+from facesiam.augment.transforms import build_train_transform
 
 pytest.importorskip("cv2")
 

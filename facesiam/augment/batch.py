@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from ..errors import InputError
-from .fused_transforms import GREY_WEIGHTS, FusedTrainTransform
+from .fused import GREY_WEIGHTS, FusedTrainTransform
 
 AUGMENT_DEVICES = ("loader", "cuda", "cpu")
 

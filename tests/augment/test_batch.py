@@ -15,10 +15,10 @@ from PIL import Image
 import skimage.data
 
 from facesiam.data import ShardDataset
-from facesiam.data.batch_augment import (AugmentBatch, BatchAugment, DeferredTrainTransform, ModelInput, collate,
+from facesiam.augment.batch import (AugmentBatch, BatchAugment, DeferredTrainTransform, ModelInput, collate,
                                          normalise)
 from facesiam.data.readers import apply_seeded
-from facesiam.data.transforms import build_train_transform
+from facesiam.augment.transforms import build_train_transform
 from facesiam.errors import InputError
 
 pytest.importorskip("cv2")
@@ -125,7 +125,7 @@ def test_loader_workers_ship_deferred_samples_that_collate_into_a_batch(syntheti
     size, kw = RECIPES["seed-112"]
     fused = build_train_transform(size, implementation="fused", **kw)
     ds = ShardDataset(synthetic_shards, "train", transform=DeferredTrainTransform(fused))
-    loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, collate_fn=collate, timeout=120)
     batch, labels = next(iter(loader))
     assert isinstance(batch, AugmentBatch) and len(batch) == len(labels) == 6
     assert batch.sources.dtype == torch.uint8 and batch.theta.shape == (6, 2, 3) and batch.colour.shape == (6, 8)
