@@ -45,7 +45,8 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout before the head's Linear (``face`` head only)."""
     pretrained: str = "none"
-    """``none`` (random init), ``hub`` (timm's weights, needs the network) or a local .safetensors/.pth file."""
+    """``none`` (random init), ``hub`` (timm's weights, needs the network), a local .safetensors/.pth file of trunk
+    weights, or a facesiam export directory (RUN/best, e.g. a distilled student: trunk, and head when it fits)."""
     image_size: int = 224
     """Square input size in pixels, for training and inference."""
     center_crop: Optional[float] = None
@@ -155,6 +156,34 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a face teacher (facesiam/distill.py): set ``teacher`` and the run learns to reproduce the
+    teacher's embedding of each training photo instead of a metric loss on labels (the ``loss`` section is unused)."""
+
+    teacher: Optional[str] = None
+    """None: a metric-learning run. ``dlib`` (dlib's ResNet face descriptor, pip install 'facesiam[teacher-dlib]') or
+    ``onnx:PATH`` (any ONNX face embedder; a facesiam export configures itself)."""
+    teacher_size: Optional[int] = None
+    """Input size of an ONNX teacher that is not a facesiam export."""
+    teacher_mean: Optional[tuple[float, float, float]] = None
+    """Per-channel mean of an ONNX teacher that is not a facesiam export (RGB in [0, 1])."""
+    teacher_std: Optional[tuple[float, float, float]] = None
+    """Per-channel standard deviation of an ONNX teacher that is not a facesiam export."""
+    teacher_align: Literal["auto", "arcface112", "none"] = "auto"
+    """How an ONNX teacher wants its faces: arcface112 (5 points onto the ArcFace template at teacher_size), none
+    (the whole photo resized), or auto (what a facesiam export's metadata says; other ONNX files must choose)."""
+    teacher_source: Literal["auto", "originals", "shards"] = "auto"
+    """Photos the teacher embeds. originals: the raw photos that aligned shards were made from (dataset.json records
+    their folder and each one's landmarks: the teacher preprocesses them its own way). shards: the stored images.
+    auto: originals when the shards are aligned and their source folder is there, else the stored images."""
+    teacher_batch_size: int = 32
+    """Photos per teacher call in the (cached, once per data set) teacher pass."""
+    relational_weight: float = 0.0
+    """Weight of the relational term: the batch's student cosine-similarity matrix matched to the teacher's (mean
+    squared difference); 0 disables it."""
+
+
+@dataclass
 class TrainConfig:
     """Everything a training run needs; saved as RUN/config.yaml."""
 
@@ -166,6 +195,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train_split: str = "train"
     """Split of the shards to train on."""
     val_split: str = "val"
@@ -214,7 +244,8 @@ class TrainConfig:
     """Write TensorBoard event files to RUN/tensorboard."""
 
 
-SECTIONS = {"model": ModelConfig, "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig}
+SECTIONS = {"model": ModelConfig, "augment": AugmentConfig, "loss": LossConfig, "optim": OptimConfig,
+            "distill": DistillConfig}
 
 
 def _flag_fields() -> dict[str, tuple[Optional[str], dataclasses.Field]]:
@@ -428,5 +459,13 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError("optim.ema_decay must be in [0, 1) (0 disables the moving average)")
     if cfg.grad_accum_steps < 1:
         raise InputError("grad_accum_steps must be >= 1")
+    d = cfg.distill
+    if d.relational_weight < 0:
+        raise InputError("distill.relational_weight must be >= 0")
+    if d.teacher_batch_size < 1:
+        raise InputError("distill.teacher_batch_size must be >= 1")
+    if d.teacher is not None and cfg.loss.init_centres == "imprint":
+        raise InputError("loss.init_centres imprint has no class centres to imprint in a distillation run "
+                         "(distill.teacher is set); drop one of them")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:
         raise InputError("model.center_crop must be in (0, 1]")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import FacesiamError, InputError
 from .fileio import staged_directory
+
+log = logging.getLogger("facesiam.model")
 
 EXPORT_FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -135,10 +138,38 @@ def build_model(cfg: ModelConfig) -> EmbeddingModel:
             trunk = timm.create_model(cfg.backbone, pretrained=False, num_classes=0)
         except RuntimeError as err:
             raise InputError(f"unknown backbone {cfg.backbone!r}: see timm.list_models() ({err})") from None
-        if pretrained != "none":
+        if pretrained != "none" and not Path(pretrained).is_dir():
             load_trunk_weights(trunk, pretrained)
-    head = build_head(cfg.head, trunk.num_features, cfg.embedding_dim, cfg.dropout)
-    return EmbeddingModel(trunk, head)
+    model = EmbeddingModel(trunk, build_head(cfg.head, trunk.num_features, cfg.embedding_dim, cfg.dropout))
+    if pretrained not in ("none", "hub") and Path(pretrained).is_dir():
+        load_checkpoint_weights(model, cfg, pretrained)
+    return model
+
+
+def load_checkpoint_weights(model: EmbeddingModel, cfg: ModelConfig, path: str | Path) -> None:
+    """``--pretrained RUN/best``: start from a facesiam export (e.g. a distilled student): its trunk always, its head
+    when it has this run's head type and embedding size; otherwise the head keeps its fresh initialisation, with a
+    warning (fine-tuning a 128-d distilled student into a 512-d model trains a new head on the learned trunk)."""
+    export = _export_dir(path)
+    source = read_exported_config(export)
+    if source.backbone != cfg.backbone:
+        raise PretrainedWeightsError(f"{export} is a {source.backbone} model, this run's backbone is {cfg.backbone}; "
+                                     f"set --backbone {source.backbone} to start from it")
+    state = _read_weights(export / WEIGHTS_FILE)
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    try:
+        model.trunk.load_state_dict(trunk, strict=True)
+    except RuntimeError as err:
+        raise PretrainedWeightsError(f"{export / WEIGHTS_FILE}: its trunk does not fit {cfg.backbone} "
+                                     f"({str(err).splitlines()[0]}); re-export the model") from None
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    own = model.head.state_dict()
+    if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+        model.head.load_state_dict(head, strict=True)
+        log.info("started from %s: trunk and %s head (%d-d)", export, cfg.head, cfg.embedding_dim)
+    else:
+        log.warning("started from %s: trunk only; its head (%s, %d-d) does not fit this run's (%s, %d-d), so the head "
+                    "is newly initialised", export, source.head, source.embedding_dim, cfg.head, cfg.embedding_dim)
 
 
 def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, extra: dict | None = None,

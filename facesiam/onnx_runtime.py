@@ -18,8 +18,8 @@ from PIL import Image
 
 from .embedder import FaceEmbedder
 from .errors import InputError
+from .onnx_session import METADATA_KEY, open_session
 
-METADATA_KEY = "facesiam"  # the key facesiam/export.py writes (kept apart so this module never imports torch)
 
 
 class OnnxEmbedder(FaceEmbedder):
@@ -27,23 +27,10 @@ class OnnxEmbedder(FaceEmbedder):
 
     def __init__(self, path: str | os.PathLike, *, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise InputError("--onnx needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file; write one with `facesiam export RUN/best --onnx {path}`")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), options,
-                                                providers=list(providers or ort.get_available_providers()))
-        except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-            raise InputError(f"{path}: not a readable ONNX model ({str(err).splitlines()[0]}); "
-                             "export it again with `facesiam export RUN/best --onnx FILE`") from None
+        self.session = open_session(path, threads=threads, providers=providers,
+                                    missing_hint=f"write one with `facesiam export RUN/best --onnx {path}`",
+                                    unreadable_hint="export it again with `facesiam export RUN/best --onnx FILE`")
         props = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in props:
             raise InputError(f"{path}: no facesiam metadata (input size, mean/std, alignment); "

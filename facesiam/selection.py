@@ -29,6 +29,8 @@ SELECTION_METRICS.register("rank1", _reader("identification", "rank1"), doc="ide
 SELECTION_METRICS.register("map_at_r", _reader("identification", "map_at_r"), doc="identification: MAP@R")
 SELECTION_METRICS.register("neg_eer", _reader("verification", "eer", sign=-1.0),
                            doc="verification: minus the equal error rate")
+SELECTION_METRICS.register("teacher_cosine", _reader("distillation", "teacher_cosine"),
+                           doc="distillation: mean student-teacher cosine on the held-out photos")
 
 
 def selection_value(metrics: dict[str, Any], name: str) -> Optional[float]:

@@ -100,3 +100,57 @@ def test_batch_statistics_normalise_like_training_and_restore_the_model():
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed"
+
+
+# ------------------------------------------------------------------------------------------------ --pretrained RUN/best
+
+def _export(tmp_path, name: str, **model) -> tuple:
+    from facesiam.config import ModelConfig
+    from facesiam.model import build_model, export_model
+
+    torch.manual_seed(len(name))
+    cfg = ModelConfig(**{"backbone": "test_efficientnet", "embedding_dim": 16, "image_size": 32, **model})
+    net = build_model(cfg)
+    return net, export_model(net, cfg, tmp_path / name / "best")
+
+
+def test_pretrained_from_a_facesiam_export_loads_trunk_and_head(tmp_path):
+    from facesiam.config import ModelConfig
+    from facesiam.model import build_model
+
+    source, path = _export(tmp_path, "student")
+    model = build_model(ModelConfig(backbone="test_efficientnet", embedding_dim=16, image_size=32,
+                                    pretrained=str(path.parent)))  # RUN or RUN/best
+    for (k, a), (_, b) in zip(source.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_a_head_of_another_size_is_reinitialised_with_a_warning(tmp_path, caplog):
+    from facesiam.config import ModelConfig
+    from facesiam.model import build_model
+
+    source, path = _export(tmp_path, "student128", embedding_dim=8)
+    torch.manual_seed(123)
+    fresh = build_model(ModelConfig(backbone="test_efficientnet", embedding_dim=16, image_size=32))
+    torch.manual_seed(123)
+    with caplog.at_level("WARNING", logger="facesiam.model"):
+        model = build_model(ModelConfig(backbone="test_efficientnet", embedding_dim=16, image_size=32,
+                                        pretrained=str(path)))
+    assert "head is newly initialised" in caplog.text and "8-d" in caplog.text
+    for k, v in model.trunk.state_dict().items():
+        assert torch.equal(v, source.trunk.state_dict()[k]), k
+    for k, v in model.head.state_dict().items():
+        assert torch.equal(v, fresh.head.state_dict()[k]), k  # untouched by the checkpoint
+
+
+def test_pretrained_export_of_another_backbone_is_one_line(tmp_path):
+    from facesiam.config import ModelConfig
+    from facesiam.model import PretrainedWeightsError, build_model
+
+    _, path = _export(tmp_path, "other")
+    with pytest.raises(PretrainedWeightsError, match="set --backbone test_efficientnet") as err:
+        build_model(ModelConfig(backbone="resnet18", embedding_dim=16, pretrained=str(path)))
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        build_model(ModelConfig(backbone="test_efficientnet", pretrained=str(tmp_path / "empty")))

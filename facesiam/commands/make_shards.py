@@ -61,6 +61,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--center-crop", type=float, default=None, metavar="FRACTION",
                         help="keep the central square of FRACTION of the shorter side before --resize "
                              "(LFW: 0.6); off by default")
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="SRC holds photos without identities (any folder layout): each photo is its own "
+                             "identity; for distillation (launch/train.py --teacher), which needs no labels")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     face = parser.add_argument_group("face alignment (--align)")
@@ -72,7 +75,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parser.parse_args(argv)
     options = dict(val_identities=args.val_identities, max_samples_per_shard=args.max_samples_per_shard,
                    max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
-                   resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite,
+                   resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite, unlabeled=args.unlabeled,
                    progress=not args.no_progress)
     if not args.align:
         from ..faces.record import read_alignment  # an aligned folder (align_faces) keeps its record in dataset.json

@@ -48,11 +48,18 @@ def printable_name(name: str) -> str:
     return name if _is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def list_image_folder(root: str | os.PathLike) -> FolderListing:
-    """List identities and images of an ImageFolder with torchvision's rules (see module docstring)."""
+def list_image_folder(root: str | os.PathLike, unlabeled: bool = False) -> FolderListing:
+    """List identities and images of an ImageFolder with torchvision's rules (see module docstring).
+
+    ``unlabeled``: ``root`` is a folder of photos without identities (sub-folders are just folders): every image
+    anywhere below it is an identity of its own, named by its relative path. Distillation trains on such photos
+    (it needs no labels), and the per-class sampler with m_per_class 1 then draws each photo once an epoch.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; expected an ImageFolder (one sub-folder per identity)")
+    if unlabeled:
+        return _list_unlabeled(root)
     with os.scandir(root) as it:
         entries = list(it)
     classes = sorted(e.name for e in entries if e.is_dir())
@@ -71,6 +78,24 @@ def list_image_folder(root: str | os.PathLike) -> FolderListing:
                     listing.samples.append((rel, label))
                 else:
                     listing.bad_names.append(printable_name(rel))
+    return listing
+
+
+def _list_unlabeled(root: Path) -> FolderListing:
+    listing = FolderListing(root, [], [])
+    base = str(root)
+    for dirpath, _, fnames in sorted(os.walk(base, followlinks=True)):
+        rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
+        for fname in sorted(fnames):
+            if not is_image_file(fname):
+                listing.ignored_files += 1
+                continue
+            rel = fname if rel_dir == "." else f"{rel_dir}/{fname}"
+            if _is_utf8(rel):
+                listing.samples.append((rel, len(listing.classes)))
+                listing.classes.append(rel)
+            else:
+                listing.bad_names.append(printable_name(rel))
     return listing
 
 

@@ -46,6 +46,7 @@ class _FaceDataset(Dataset):
     transform: Optional[Callable]
     labels: np.ndarray
     classes: list[str]
+    return_index: bool = False  # yield (image, dataset index) instead of (image, label): distillation's targets
 
     @property
     def num_classes(self) -> int:
@@ -63,7 +64,7 @@ class _FaceDataset(Dataset):
         image = self._image(index)
         if self.transform is not None:
             image = self.transform(image) if seed is None else apply_seeded(self.transform, image, int(seed))
-        return image, int(self.labels[index])
+        return image, (index if self.return_index else int(self.labels[index]))
 
     def _image(self, index: int):
         raise NotImplementedError

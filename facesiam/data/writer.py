@@ -195,7 +195,7 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
-                 source: Optional[str] = None, alignment: Optional[dict] = None) -> dict:
+                 source: Optional[str] = None, alignment: Optional[dict] = None, unlabeled: bool = False) -> dict:
     """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
 
     ``alignment``: the alignment record of an ``src`` made by align_faces (its alignment.json, read with
@@ -214,6 +214,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     progress: show a progress bar and a summary on stderr (skipped files are always reported).
     source: what dataset.json names as the source (default: ``src``), e.g. the raw photos behind a temporary
         aligned folder.
+    unlabeled: ``src`` holds photos without identities (any folder layout): each photo is an identity of its own
+        (data/folder.list_image_folder); for distillation, which needs no labels. No val split can be held out.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -228,9 +230,14 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     check_destination(src, dst, overwrite, marker=METADATA_FILE, what="a shard folder")
     workers = available_cpus() if workers is None else workers
 
-    listing = list_image_folder(src)
+    if unlabeled and val_identities:
+        raise InputError("--val-identities needs identities, and unlabelled photos have none: validate on labelled "
+                         "shards (distillation's --val-split, or make them separately) or drop --val-identities")
+    listing = list_image_folder(src, unlabeled=unlabeled)
     if not listing.classes:
-        raise InputError(f"source {src} has no identity sub-folders; expected SRC/<identity>/<image>")
+        raise InputError(f"source {src} has no image files" if unlabeled else
+                         f"source {src} has no identity sub-folders; expected SRC/<identity>/<image> "
+                         "(photos without identities: --unlabeled)")
     classes = [printable_name(c) for c in listing.classes]
     split_of, val_labels = _assign_splits(listing, len(classes), val_identities, seed)
     split_names = ["train", "val"] if val_labels else ["train"]
@@ -250,7 +257,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         skipped = [{"path": p, "reason": "file name is not valid UTF-8; rename the file"} for p in listing.bad_names]
         skipped += packed["skipped"]
         options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples_per_shard,
-                   "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop}
+                   "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop,
+                   "unlabeled": unlabeled}
         meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, packed["kept_per_label"],
                        listing, options, packed["converted"], skipped, alignment)
 

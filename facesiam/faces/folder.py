@@ -130,7 +130,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
                  workers: Optional[int] = None, device: str = "cpu", on_no_face: str = "skip",
                  multi: str = "largest", min_face_size: int = 20, batch_size: Optional[int] = None,
                  detector: str = DEFAULT_DETECTOR, overwrite: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None) -> dict[str, Any]:
+                 progress: Optional[Callable[[int, int], None]] = None, unlabeled: bool = False) -> dict[str, Any]:
     """Align every image of the ImageFolder ``src`` into the ImageFolder ``dst``; return alignment.json's contents.
 
     Each kept face goes to its source's relative path with a .png extension (see OUTPUT_EXT). ``dst`` is built
@@ -143,6 +143,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     detector: a registered detector (faces/detectors.py: DETECTORS).
     progress: called after each batch with (images just done, images in all), e.g. to drive a tqdm bar.
     overwrite: replace a non-empty dst that holds a previous alignment.json (never anything else).
+    unlabeled: ``src`` is a folder of photos without identities (any layout; data/folder.list_image_folder).
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -152,9 +153,11 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     options = {"size": size, "device": device, "min_face_size": min_face_size, "multi": multi,
                "on_no_face": on_no_face, "batch_size": batch_size, "detector": detector}
     probe = FaceAligner(**options)  # checks the options and the install before any work
-    listing = list_image_folder(src)
+    listing = list_image_folder(src, unlabeled=unlabeled)
     if not listing.classes:
-        raise InputError(f"source {src} has no identity sub-folders; expected SRC/<identity>/<image>")
+        raise InputError(f"source {src} has no image files" if unlabeled else
+                         f"source {src} has no identity sub-folders; expected SRC/<identity>/<image> "
+                         "(photos without identities: --unlabeled)")
     rels = [rel for rel, _ in listing.samples]
     files = list(zip(rels, output_paths(rels)))
     chunks = [files[i:i + probe.batch_size] for i in range(0, len(files), probe.batch_size)]
@@ -177,7 +180,9 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
             "counts": count_results(records),
             "seconds": round(time.perf_counter() - start, 3),
             "classes": [printable_name(c) for c in listing.classes],
-            "identities_without_images": [printable_name(c) for c in listing.classes if c not in kept],
+            "identities_without_images": [] if unlabeled else [printable_name(c) for c in listing.classes
+                                                                if c not in kept],
+            "unlabeled": unlabeled,
             "ignored_files": listing.ignored_files,
             "loose_images": listing.loose_images,
             "images": records,
@@ -231,6 +236,6 @@ def align_shards(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
         faces = Path(tmp) / "faces"
         record = align_folder(src, faces, size=size, workers=workers, device=device, on_no_face=on_no_face,
                               multi=multi, min_face_size=min_face_size, batch_size=batch_size, detector=detector,
-                              progress=align_progress)
+                              progress=align_progress, unlabeled=shard_options.get("unlabeled", False))
         return write_shards(faces, dst, workers=workers, overwrite=overwrite, source=str(src.resolve()),
                             alignment=record, **shard_options)

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ..config import TrainConfig, save_yaml
+from ..distill import teacher_cosine
 from ..errors import FacesiamError
 from ..optim import build_optimizer, build_schedule, evaluation_weights
 from . import setup
@@ -55,7 +57,9 @@ class Trainer:
         set_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
         self.data = setup.build_data(cfg, acc)
-        learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes))
+        self.distillation = setup.build_distillation(cfg, acc, self.data)  # None unless distill.teacher is set
+        learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes), distillation=self.distillation,
+                                      device=acc.device)
         optimizer = build_optimizer(cfg, learner)
         self.total_steps = setup.total_steps(cfg, self.data.steps_per_epoch)
         # The schedule is not prepared: AcceleratedScheduler would step it once per process. It knows its own unit:
@@ -84,7 +88,8 @@ class Trainer:
         elif cfg.loss.init_centres == "imprint":
             setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data)
         self.logger = RunLogger(acc, cfg, self.run, resumed_step=self.state.step if resume_from else None)
-        self.validator = (Validator(acc, cfg, self.data.val, self.checkpointer, self.logger)
+        self.validator = (Validator(acc, cfg, self.data.val, self.checkpointer, self.logger,
+                                    probe=self._teacher_probe())
                           if self.data.val is not None else None)
         self.cadence = Cadence(cfg.val_every_steps, cfg.checkpoint_every_steps, validation=self.validator is not None)
         if resume_from is not None:
@@ -93,6 +98,20 @@ class Trainer:
         self.window = StepWindow(acc.device)
         self.consecutive_bad = 0
         self.final_exported = False
+
+    def _teacher_probe(self) -> Optional[Callable[[np.ndarray], dict[str, Any]]]:
+        """In a distillation run, what validation adds: the mean student-teacher cosine on the held-out photos."""
+        if self.distillation is None or self.distillation.val is None:
+            return None
+        criterion = self.accelerator.unwrap_model(self.learner).criterion
+        targets, found = self.distillation.val
+
+        def probe(embeddings: np.ndarray) -> dict[str, Any]:
+            return {"teacher": self.distillation.teacher, "teacher_cosine": teacher_cosine(criterion, embeddings,
+                                                                                          targets, found),
+                    "photos_with_target": int(found.sum())}
+
+        return probe
 
     # ------------------------------------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:

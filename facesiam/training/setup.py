@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -23,6 +24,7 @@ from ..data import DistributedPerClassSampler, ShardDataset
 from ..augment.batch import DeferredTrainTransform, ModelInput, collate
 from ..data.format import METADATA_FILE, read_metadata
 from ..device import resolve_device
+from ..distill import DistillCriterion
 from ..errors import InputError
 from ..eval.embed import LOADER_TIMEOUT
 from ..losses import Criterion
@@ -36,7 +38,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class MetricLearner(nn.Module):
     """The module handed to DDP: embedding model + criterion, so class centres are synchronised like weights."""
 
-    def __init__(self, model: EmbeddingModel, criterion: Criterion):
+    def __init__(self, model: EmbeddingModel, criterion: Criterion | DistillCriterion):
         super().__init__()
         self.model = model
         self.criterion = criterion
@@ -105,6 +107,12 @@ def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_
                          f"python tools/make_shards.py FACES/ {cfg.data}")
     m, a = cfg.model, cfg.augment
     meta = read_metadata(cfg.data)
+    if (meta.get("options") or {}).get("unlabeled"):
+        if cfg.distill.teacher is None:
+            raise InputError(f"{cfg.data} holds unlabelled photos (make_shards --unlabeled): a metric loss needs "
+                             "identities; distil a teacher from them (--teacher dlib) or pack labelled folders")
+        if cfg.m_per_class != 1:
+            raise InputError(f"{cfg.data} holds unlabelled photos, each its own identity: set --m-per-class 1")
     alignment = (meta.get("alignment") or {}).get("info")
     if alignment and m.center_crop:
         log.warning("center_crop %.2f on faces aligned onto the template (%s/dataset.json) cuts into the face; "
@@ -149,14 +157,50 @@ def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_
     return data
 
 
-def build_learner(cfg: TrainConfig, num_classes: int) -> MetricLearner:
-    """The embedding model (random, hub or local weights; channels-last, compiled as asked) and its criterion."""
+@dataclass
+class Distillation:
+    """A distillation run's teacher targets: (embeddings N x D, found N bool) per split, row i = dataset index i."""
+
+    teacher: str
+    dim: int
+    train: tuple[np.ndarray, np.ndarray]
+    val: Optional[tuple[np.ndarray, np.ndarray]]
+
+
+def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Optional[Distillation]:
+    """The teacher's embeddings of the train (and val) photos, from the cache beside the shards or computed once;
+    None for a metric-learning run. The training split then yields sample indices instead of labels."""
+    d = cfg.distill
+    if d.teacher is None:
+        return None
+    from ..faces.teachers import build_teacher
+    from .teacher_pass import teacher_targets
+
+    teacher = build_teacher(d.teacher, size=d.teacher_size, mean=d.teacher_mean, std=d.teacher_std,
+                            align=None if d.teacher_align == "auto" else d.teacher_align)
+    train = teacher_targets(cfg, teacher, cfg.train_split, accelerator)
+    val = teacher_targets(cfg, teacher, cfg.val_split, accelerator) if data.val is not None else None
+    if not train[1].any():
+        raise InputError(f"teacher {teacher.name} found no face in any of the {len(train[1])} training photos of "
+                         f"{cfg.data}; check the photos or the teacher's options (--teacher-align, --teacher-size)")
+    data.train.return_index = True  # before the loader starts its workers: they pickle the dataset
+    return Distillation(teacher.name, teacher.dim, train, val)
+
+
+def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Distillation] = None,
+                  device: torch.device | str = "cpu") -> MetricLearner:
+    """The embedding model (random, hub, local or facesiam-checkpoint weights; channels-last, compiled as asked) and
+    its criterion: the metric loss, or with a teacher the distillation loss (its targets on ``device``)."""
     model = build_model(cfg.model)  # fails here, before any training, when pretrained weights are unreachable
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model = torch.compile(model)
-    return MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
+    if distillation is None:
+        return MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
+    criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight)
+    criterion.set_targets(*distillation.train, device=device)
+    return MetricLearner(model, criterion)
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:

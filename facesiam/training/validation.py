@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from ..config import TrainConfig
 from ..selection import selection_value
@@ -21,8 +23,10 @@ log = logging.getLogger("facesiam.train")
 class Validator:
     """Scores the validation split and keeps RUN/best/ at the best value of ``cfg.best_metric``."""
 
-    def __init__(self, accelerator, cfg: TrainConfig, dataset, checkpointer: Checkpointer, logger: RunLogger):
+    def __init__(self, accelerator, cfg: TrainConfig, dataset, checkpointer: Checkpointer, logger: RunLogger,
+                 probe: Optional[Callable[[np.ndarray], dict[str, Any]]] = None):
         self.accelerator = accelerator
+        self.probe = probe  # embeddings -> more metrics (a distillation run's student-teacher cosine)
         self.cfg = cfg
         self.dataset = dataset
         self.checkpointer = checkpointer
@@ -52,6 +56,8 @@ class Validator:
         cfg = self.cfg
         metrics = evaluate({"embeddings": emb, "labels": labels, "paths": self.dataset.paths,
                             "classes": self.dataset.classes, "meta": {"data": cfg.data, "split": cfg.val_split}})
+        if self.probe is not None:
+            metrics["distillation"] = self.probe(emb)
         value = selection_value(metrics, cfg.best_metric)
         if value is None:
             log.warning("validation metric %s undefined (too few pairs); selecting by auc", cfg.best_metric)
@@ -67,10 +73,13 @@ class Validator:
         self.logger.log({"epoch": state.epoch, "val/auc": v["auc"], "val/eer": v["eer"],
                          "val/tar_at_far_1e-03": v["tar_at_far"]["1e-03"], "val/rank1": i["rank1"],
                          "val/map_at_r": i["map_at_r"], f"val/best_{cfg.best_metric}": state.best_value,
-                         "val/seconds": seconds}, step=state.step)
+                         "val/seconds": seconds, **({"val/teacher_cosine": metrics["distillation"]["teacher_cosine"]}
+                                                    if "distillation" in metrics else {})}, step=state.step)
         self._log_roc(metrics, state.step)
-        log.info("validation at step %d: AUC %.4f, EER %.4f, TAR@FAR=1e-3 %s, rank-1 %.4f (%.1fs)%s",
-                 state.step, v["auc"], v["eer"], v["tar_at_far"]["1e-03"], i["rank1"], seconds,
+        teacher = (f", student-teacher cosine {metrics['distillation']['teacher_cosine']:.4f}"
+                   if metrics.get("distillation", {}).get("teacher_cosine") is not None else "")
+        log.info("validation at step %d: AUC %.4f, EER %.4f, TAR@FAR=1e-3 %s, rank-1 %.4f%s (%.1fs)%s",
+                 state.step, v["auc"], v["eer"], v["tar_at_far"]["1e-03"], i["rank1"], teacher, seconds,
                  " -> new best, exported to best/" if improved else "")
         return {"value": value, "best_value": state.best_value, "best_step": state.best_step}
 

@@ -502,3 +502,25 @@ def test_real_faces_orl_and_yale(tmp_path):
         # the stored formats are ones every WebDataset consumer selects
         sample = _read_tar_samples(tmp_path / name)[0]
         assert {"png", "cls", "json", "__key__"} == set(sample)
+
+
+def test_unlabeled_photos_are_each_an_identity_of_their_own(tmp_path):
+    """make_shards --unlabeled: any folder layout, every photo its own identity (distillation needs no labels)."""
+    from PIL import Image
+
+    from facesiam.commands.make_shards import main
+
+    src = tmp_path / "photos"
+    for rel in ("a.jpg", "trip/b.png", "trip/day2/c.jpg", "notes.txt"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (src / rel).write_text("not a photo")
+        else:
+            Image.new("RGB", (20, 20), (len(rel) * 9, 40, 90)).save(src / rel)
+    meta = main([str(src), str(tmp_path / "shards"), "--unlabeled", "--workers", "1", "--no-progress"])
+    assert meta["classes"] == ["a.jpg", "trip/b.png", "trip/day2/c.jpg"] and meta["options"]["unlabeled"] is True
+    assert meta["ignored_files"] == 1
+    ds = ShardDataset(tmp_path / "shards", "train")
+    assert sorted(ds.paths) == meta["classes"] and len(set(ds.labels.tolist())) == 3
+    with pytest.raises(SystemExit):  # --val-identities has no identities to hold out: one line, exit 1
+        main([str(src), str(tmp_path / "s2"), "--unlabeled", "--val-identities", "1", "--workers", "1"])

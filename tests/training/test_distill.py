@@ -1,0 +1,249 @@
+"""Distillation: the teacher pass and its cache, the distillation loss, and starting from a facesiam checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from facesiam.data import ShardDataset
+from facesiam.distill import DistillCriterion, teacher_cosine
+from facesiam.training import teacher_pass
+from tests.conftest import run_distributed, run_python
+from tests.training.distill_helpers import FakeTeacher, OneProcess, config, fill_on_rank
+
+
+@pytest.fixture
+def shards(synthetic_shards, tmp_path):
+    """A private copy of the synthetic shards: the cache is written beside them."""
+    return shutil.copytree(synthetic_shards, tmp_path / "shards")
+
+
+def expected(shards, split="train"):
+    """What the teacher gives each photo, computed directly (no cache, no chunks)."""
+    ds, teacher = ShardDataset(shards, split), FakeTeacher()
+    emb, found = np.zeros((len(ds), teacher.dim), np.float32), np.zeros(len(ds), bool)
+    for i in range(len(ds)):
+        p = teacher.prepare(ds[i][0])
+        if p.input is not None:
+            emb[i], found[i] = teacher.embed([p.input])[0], True
+    return emb, found
+
+
+def test_the_teacher_pass_embeds_every_photo_once_and_reuses_its_cache(shards, monkeypatch):
+    monkeypatch.setattr(teacher_pass, "CHUNK", 16)
+    want_emb, want_found = expected(shards)
+    assert 0 < want_found.sum() < len(want_found), "the stand-in teacher must miss some photos and find others"
+    teacher = FakeTeacher()
+    emb, found = teacher_pass.teacher_targets(config(shards, batch_size=5), teacher, "train", OneProcess())
+    np.testing.assert_allclose(emb[found], want_emb[want_found], atol=1e-6)
+    np.testing.assert_array_equal(found, want_found)
+    assert teacher.prepared == len(found) and teacher.embed_calls >= want_found.sum() / 5
+
+    (cache,) = (shards / teacher_pass.CACHE_DIR).iterdir()
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["found_by"] == {"none": int((~want_found).sum()), "teacher": int(want_found.sum()), "landmarks": 0}
+    ds = ShardDataset(shards, "train")
+    assert meta["no_face"] == [ds.paths[i] for i in np.flatnonzero(~want_found)]  # reported, never dropped silently
+    assert not list(cache.glob("chunk-*"))
+
+    again = FakeTeacher()
+    emb2, found2 = teacher_pass.teacher_targets(config(shards), again, "train", OneProcess())
+    assert again.prepared == 0 and np.array_equal(emb2, emb) and np.array_equal(found2, found)  # from the cache
+
+    other = FakeTeacher(tag="b")  # another teacher (its fingerprint differs): a cache of its own
+    teacher_pass.teacher_targets(config(shards), other, "train", OneProcess())
+    assert other.prepared == len(found) and len(list((shards / teacher_pass.CACHE_DIR).iterdir())) == 2
+
+
+def test_remade_shards_invalidate_the_cache(shards):
+    teacher_pass.teacher_targets(config(shards), FakeTeacher(), "train", OneProcess())
+    meta = shards / "dataset.json"
+    meta.write_text(meta.read_text().replace('"options"', '"remade": 1, "options"', 1))
+    teacher = FakeTeacher()
+    teacher_pass.teacher_targets(config(shards), teacher, "train", OneProcess())
+    assert teacher.prepared == len(ShardDataset(shards, "train"))
+
+
+def test_a_pass_killed_mid_way_resumes_at_its_first_missing_chunk(shards, monkeypatch):
+    n = len(ShardDataset(shards, "train"))
+    proc = run_python(["-m", "tests.training.distill_helpers", str(shards), "16", "3"], check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    (cache,) = (shards / teacher_pass.CACHE_DIR).iterdir()
+    left = sorted(cache.glob("chunk-*.npz"))
+    assert 0 < len(left) < -(-n // 16) and not (cache / "meta.json").exists()
+    assert not list(cache.glob(".*.tmp")), "a chunk is written whole or not at all"
+
+    monkeypatch.setattr(teacher_pass, "CHUNK", 16)
+    teacher = FakeTeacher()
+    emb, found = teacher_pass.teacher_targets(config(shards), teacher, "train", OneProcess())
+    assert teacher.prepared == n - 16 * len(left)  # only the missing chunks
+    want_emb, want_found = expected(shards)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_allclose(emb, want_emb, atol=1e-6)
+
+
+def test_two_ranks_split_the_pass_and_load_the_same_cache(shards):
+    results = run_distributed(fill_on_rank, 2, str(shards), 16)
+    n = len(ShardDataset(shards, "train"))
+    (emb0, found0, prepared0), (emb1, found1, prepared1) = results
+    assert prepared0 + prepared1 == n and prepared0 > 0 and prepared1 > 0  # each rank did its share, once
+    want_emb, want_found = expected(shards)
+    for emb, found in ((emb0, found0), (emb1, found1)):
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_allclose(emb, want_emb, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+def test_the_loss_is_one_minus_cosine_over_photos_with_a_target():
+    torch.manual_seed(0)
+    targets = F.normalize(torch.randn(10, 4), dim=1)
+    found = torch.tensor([True] * 8 + [False] * 2)
+    crit = DistillCriterion(embedding_dim=4, teacher_dim=4)
+    crit.set_targets(targets, found)
+    assert crit.projection is None  # same size: the student's embedding itself learns the teacher's
+    emb = F.normalize(torch.randn(6, 4), dim=1)
+    idx = torch.tensor([0, 3, 8, 5, 9, 1])
+    loss, value = crit(emb, idx)
+    keep = found[idx]
+    want = (1 - (emb[keep] * targets[idx][keep]).sum(1)).mean()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6) and value.item() == pytest.approx(want.item())
+    assert crit(targets[idx], idx)[0].item() == pytest.approx(0.0, abs=1e-6)  # the teacher's own: no loss
+
+
+def test_the_relational_term_matches_the_batch_similarity_matrices():
+    torch.manual_seed(1)
+    targets = F.normalize(torch.randn(5, 3), dim=1)
+    crit = DistillCriterion(embedding_dim=6, teacher_dim=3, relational_weight=2.0)
+    crit.set_targets(targets, torch.ones(5, dtype=torch.bool))
+    assert crit.projection is not None and crit.projection.weight.shape == (3, 6)
+    emb = F.normalize(torch.randn(5, 6), dim=1)
+    idx = torch.arange(5)
+    loss, _ = crit(emb, idx)
+    proj = F.normalize(crit.projection(emb), dim=1)
+    cosine = (1 - (proj * targets).sum(1)).mean()
+    relational = ((emb @ emb.t() - targets @ targets.t()) ** 2).mean()
+    assert loss.item() == pytest.approx((cosine + 2.0 * relational).item(), abs=1e-5)
+    loss.backward()
+    assert crit.projection.weight.grad is not None
+
+
+def test_teacher_cosine_is_the_mean_over_photos_with_a_target():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=(6, 4)).astype(np.float32)
+    s = rng.normal(size=(6, 4)).astype(np.float32)
+    s /= np.linalg.norm(s, axis=1, keepdims=True)
+    found = np.array([1, 1, 0, 1, 0, 1], bool)
+    crit = DistillCriterion(4, 4)
+    tn = t / np.linalg.norm(t, axis=1, keepdims=True)
+    assert teacher_cosine(crit, s, t, found) == pytest.approx(float((s * tn).sum(1)[found].mean()), abs=1e-6)
+    assert teacher_cosine(crit, s, t, np.zeros(6, bool)) is None
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def teacher_onnx(tmp_path_factory):
+    return _teacher_onnx(tmp_path_factory.mktemp("teacher"))
+
+
+def _teacher_onnx(tmp_path):
+    """A tiny facesiam model exported to ONNX: the teacher. Its face head (BatchNorm last) spreads its embeddings
+    over the sphere (mean cosine between photos ~0.3), so reproducing it means matching each photo, not one
+    direction."""
+    from facesiam.config import ModelConfig
+    from facesiam.export import export_onnx
+    from facesiam.model import build_model, export_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=32, image_size=32, head="face")
+    best = export_model(build_model(cfg), cfg, tmp_path / "teacher" / "best")
+    export_onnx(best, tmp_path / "teacher.onnx")
+    return tmp_path / "teacher.onnx"
+
+
+DISTILL_FLAGS = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--head", "face",
+                 "--batch-size", "16", "--m-per-class", "1", "--lr", "3e-3", "--scheduler", "cosine",
+                 "--warmup-steps", "10", "--crop-scale", "1,1", "--rotation", "0", "--hflip", "0",
+                 "--color-jitter", "0", "--num-workers", "0", "--wandb", "off", "--seed", "1"]
+
+
+def _student_vs_teacher(run, shards) -> tuple[float, float]:
+    """Mean cosine of the student's embedding of each training photo with the teacher's (from the cache), and the
+    share of photos whose nearest teacher embedding among all photos' is their own."""
+    from facesiam.eval.embed import embed_path
+
+    (cache,) = (shards / teacher_pass.CACHE_DIR).glob("*-train-*")
+    teacher = np.load(cache / "embeddings.npy")
+    student = embed_path(run, shards, split="train", device="cpu", progress=False)["embeddings"]
+    cosine = float((student * teacher).sum(1).mean())
+    own = float(((student @ teacher.T).argmax(1) == np.arange(len(teacher))).mean())
+    return cosine, own
+
+
+@pytest.mark.slow
+def test_a_student_distilled_from_an_onnx_teacher_reproduces_it(shards, teacher_onnx, tmp_path):
+    common = ["launch/train.py", "--data", str(shards), "--teacher", f"onnx:{teacher_onnx}", *DISTILL_FLAGS]
+    run_python([*common, "--output", str(tmp_path / "untrained"), "--max-steps", "1", "--lr", "0"])
+    proc = run_python([*common, "--output", str(tmp_path / "run"), "--max-steps", "400"])
+    assert "student-teacher cosine" in proc.stderr  # validation on the held-out photos reports it
+    before, before_own = _student_vs_teacher(tmp_path / "untrained" / "final", shards)
+    after, after_own = _student_vs_teacher(tmp_path / "run" / "final", shards)
+    assert after >= 0.95 and after > before + 0.3, (before, after)
+    assert after_own >= 0.9 and after_own > before_own, (before_own, after_own)
+    # Held-out photos (the val split, never trained on): validation logs the student-teacher cosine; it rises.
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    held_out = [r["val/teacher_cosine"] for r in logged if "val/teacher_cosine" in r]
+    assert len(held_out) >= 2 and held_out[-1] > held_out[0] + 0.2 and held_out[-1] > before + 0.3, held_out
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+
+    return {k: v.numpy() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
+
+
+def test_distillation_resumes_exactly(shards, teacher_onnx, tmp_path):
+    from facesiam.commands.train import main
+    from tests.conftest import reset_accelerate
+
+    common = ["--data", str(shards), "--teacher", f"onnx:{teacher_onnx}", *DISTILL_FLAGS, "--val-split", "none",
+              "--max-steps", "7", "--relational-weight", "0.5", "--embedding-dim", "16"]  # with a projection
+    main([*common, "--output", str(tmp_path / "a")])
+    reset_accelerate()
+    main([*common, "--output", str(tmp_path / "b"), "--checkpoint-every-steps", "3"])
+    reset_accelerate()
+    main([*common, "--output", str(tmp_path / "c"), "--resume", str(tmp_path / "b" / "checkpoints" / "step-3")])
+    a, c = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "c" / "final")
+    for key in a:
+        np.testing.assert_array_equal(a[key], c[key], err_msg=key)
+    logged = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r][0] > 3  # it went on from step 3: trained, not copied
+
+
+def test_two_processes_distil_with_one_shared_teacher_pass(shards, teacher_onnx, tmp_path):
+    from tests.conftest import REPO, accelerate_launch
+
+    accelerate_launch(REPO / "launch" / "train.py", ["--data", str(shards), "--output", str(tmp_path / "run"),
+                                                     "--teacher", f"onnx:{teacher_onnx}", *DISTILL_FLAGS,
+                                                     "--batch-size", "8", "--max-steps", "6"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    caches = sorted(p.name.split("-")[1] for p in (shards / teacher_pass.CACHE_DIR).iterdir())
+    assert caches == ["train", "val"]  # one cache per split, written once by the two ranks together
+    want_emb, _ = expected_onnx(shards, teacher_onnx)
+    (train,) = (shards / teacher_pass.CACHE_DIR).glob("*-train-*")
+    np.testing.assert_allclose(np.load(train / "embeddings.npy"), want_emb, atol=1e-5)
+
+
+def expected_onnx(shards, onnx):
+    from facesiam.faces.teachers import build_teacher
+
+    teacher, ds = build_teacher(f"onnx:{onnx}"), ShardDataset(shards, "train")
+    prepared = [teacher.prepare(ds[i][0]) for i in range(len(ds))]
+    return teacher.embed([p.input for p in prepared]), np.array([p.input is not None for p in prepared])
