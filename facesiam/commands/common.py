@@ -8,13 +8,28 @@ import os
 import sys
 
 
-def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx: bool = False) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx: bool = False,
+                        teacher: bool = False) -> None:
     """--checkpoint/--data/--split/--flip/--batch-size/--num-workers, shared by embed, evaluate and gallery;
-    ``onnx``: --onnx FILE as the other way to give the model (one of the two is then required)."""
+    ``onnx``: --onnx FILE as the other way to give the model (one of the two is then required); ``teacher``: a
+    distillation teacher as a third (--teacher SPEC and its options; shard data only)."""
     if onnx:
         model = p.add_mutually_exclusive_group(required=required)
         model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
         model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+        if teacher:
+            from ..config import CHOICES, DistillConfig, field_docs
+
+            model.add_argument("--teacher", help="a distillation teacher (dlib or onnx:PATH) on shard data: its "
+                                                 "embedding of each photo, as a distillation run caches it")
+            docs = field_docs()
+            for name in ("teacher_size", "teacher_mean", "teacher_std", "teacher_align", "teacher_source"):
+                choices = CHOICES.get(f"distill.{name}")
+                p.add_argument("--" + name.replace("_", "-"), default=getattr(DistillConfig, name, None),
+                               choices=choices, help=docs.get(name, "").replace("%", "%%"),
+                               type=(lambda t: [float(v) for v in t.split(",")]) if name in ("teacher_mean",
+                                                                                             "teacher_std")
+                               else int if name == "teacher_size" else str)
     else:
         p.add_argument("--checkpoint", required=required, help="exported model: RUN/best (or a RUN directory)")
     p.add_argument("--data", required=required, help="ImageFolder directory or shard directory (dataset.json)")

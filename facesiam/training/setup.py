@@ -178,8 +178,9 @@ def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Option
 
     teacher = build_teacher(d.teacher, size=d.teacher_size, mean=d.teacher_mean, std=d.teacher_std,
                             align=None if d.teacher_align == "auto" else d.teacher_align)
-    train = teacher_targets(cfg, teacher, cfg.train_split, accelerator)
-    val = teacher_targets(cfg, teacher, cfg.val_split, accelerator) if data.val is not None else None
+    options = dict(source=d.teacher_source, batch_size=d.teacher_batch_size, accelerator=accelerator)
+    train = teacher_targets(cfg.data, cfg.train_split, teacher, **options)
+    val = teacher_targets(cfg.data, cfg.val_split, teacher, **options) if data.val is not None else None
     if not train[1].any():
         raise InputError(f"teacher {teacher.name} found no face in any of the {len(train[1])} training photos of "
                          f"{cfg.data}; check the photos or the teacher's options (--teacher-align, --teacher-size)")

@@ -27,7 +27,6 @@ from typing import Any, Optional
 import numpy as np
 from PIL import Image
 
-from ..config import TrainConfig
 from ..data import ShardDataset
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import load_rgb
@@ -124,20 +123,32 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-def teacher_targets(cfg: TrainConfig, teacher: Any, split: str, accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings N x D, found N bool) of every photo of ``split``, from the cache or computed (on all ranks)."""
-    source = PhotoSource(cfg.data, split, cfg.distill.teacher_source)
-    out = cache_dir(cfg.data, split, teacher, source.mode)
+class _OneProcess:
+    """What the pass needs of an Accelerator, when there is none (tools/embed.py --teacher)."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def teacher_targets(data: str | Path, split: str, teacher: Any, *, source: str = "auto", batch_size: int = 32,
+                    accelerator: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings N x D, found N bool) of every photo of ``split``, from the cache or computed (by all ranks of
+    ``accelerator``, or this process alone). ``source``: distill.teacher_source (auto | originals | shards)."""
+    accelerator = accelerator or _OneProcess()
+    photos = PhotoSource(data, split, source)
+    out = cache_dir(data, split, teacher, photos.mode)
     if not (out / "meta.json").is_file():
-        _fill(cfg, teacher, source, out, accelerator)
+        _fill(str(data), teacher, photos, out, accelerator, batch_size)
     emb = np.load(out / "embeddings.npy")
     found = np.load(out / "found.npy")
-    if len(emb) != len(source):
-        raise InputError(f"{out}: {len(emb)} teacher embeddings for {len(source)} photos; delete the folder to redo")
+    if len(emb) != len(photos):
+        raise InputError(f"{out}: {len(emb)} teacher embeddings for {len(photos)} photos; delete the folder to redo")
     return emb, found != FOUND_BY["none"]
 
 
-def _fill(cfg: TrainConfig, teacher: Any, source: PhotoSource, out: Path, accelerator) -> None:
+def _fill(data: str, teacher: Any, source: PhotoSource, out: Path, accelerator, batch_size: int) -> None:
     from tqdm.auto import tqdm
 
     n, rank, world = len(source), accelerator.process_index, accelerator.num_processes
@@ -146,14 +157,14 @@ def _fill(cfg: TrainConfig, teacher: Any, source: PhotoSource, out: Path, accele
     out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         log.info("teacher %s: embedding %d photos of %s/%s (%s) once, cached in %s; %d of this process's %d chunks "
-                 "already there", teacher.name, n, cfg.data, source.dataset.split, source.describe(), out,
+                 "already there", teacher.name, n, data, source.dataset.split, source.describe(), out,
                  len(chunks) - len(todo), len(chunks))
     t0 = time.time()
     bar = tqdm(total=sum(min(CHUNK, n - c * CHUNK) for c in todo), desc=f"teacher {teacher.name}", unit="img",
                disable=not accelerator.is_main_process)
     for c in todo:
         indices = range(c * CHUNK, min(n, (c + 1) * CHUNK))
-        _save_npz(out / f"chunk-{c:06d}.npz", _embed_chunk(teacher, source, indices, cfg.distill.teacher_batch_size))
+        _save_npz(out / f"chunk-{c:06d}.npz", _embed_chunk(teacher, source, indices, batch_size))
         bar.update(len(indices))
     bar.close()
     done = sum(min(CHUNK, n - c * CHUNK) for c in todo)

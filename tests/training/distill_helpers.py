@@ -49,15 +49,6 @@ class FakeTeacher:
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
 
-class OneProcess:
-    """The part of an Accelerator the teacher pass uses, for one process."""
-
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def wait_for_everyone(self) -> None:
-        pass
-
-
 class GlooProcess:
     """The same, for a rank of an initialised torch.distributed gloo group."""
 
@@ -70,11 +61,11 @@ class GlooProcess:
         dist.barrier()
 
 
-def config(data: str, batch_size: int = 8):
-    from facesiam.config import DistillConfig, TrainConfig
+def targets(data, teacher, accelerator=None, batch_size: int = 8):
+    """The train split's teacher targets as a distillation run gets them (the stored images)."""
+    from facesiam.training.teacher_pass import teacher_targets
 
-    return TrainConfig(data=str(data), distill=DistillConfig(teacher="fake", teacher_source="shards",
-                                                             teacher_batch_size=batch_size))
+    return teacher_targets(data, "train", teacher, source="shards", batch_size=batch_size, accelerator=accelerator)
 
 
 def fill_on_rank(rank: int, world: int, data: str, chunk: int):
@@ -83,7 +74,7 @@ def fill_on_rank(rank: int, world: int, data: str, chunk: int):
 
     teacher_pass.CHUNK = chunk
     teacher = FakeTeacher()
-    emb, found = teacher_pass.teacher_targets(config(data), teacher, "train", GlooProcess(rank, world))
+    emb, found = targets(data, teacher, GlooProcess(rank, world))
     return emb, found, teacher.prepared
 
 
@@ -91,5 +82,4 @@ if __name__ == "__main__":  # python -m tests.training.distill_helpers SHARDS CH
     from facesiam.training import teacher_pass
 
     teacher_pass.CHUNK = int(sys.argv[2])
-    teacher_pass.teacher_targets(config(sys.argv[1]), FakeTeacher(kill_after=int(sys.argv[3])), "train",
-                                 OneProcess())
+    targets(sys.argv[1], FakeTeacher(kill_after=int(sys.argv[3])))

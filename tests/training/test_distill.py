@@ -14,7 +14,7 @@ from facesiam.data import ShardDataset
 from facesiam.distill import DistillCriterion, teacher_cosine
 from facesiam.training import teacher_pass
 from tests.conftest import run_distributed, run_python
-from tests.training.distill_helpers import FakeTeacher, OneProcess, config, fill_on_rank
+from tests.training.distill_helpers import FakeTeacher, fill_on_rank, targets
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_the_teacher_pass_embeds_every_photo_once_and_reuses_its_cache(shards, m
     want_emb, want_found = expected(shards)
     assert 0 < want_found.sum() < len(want_found), "the stand-in teacher must miss some photos and find others"
     teacher = FakeTeacher()
-    emb, found = teacher_pass.teacher_targets(config(shards, batch_size=5), teacher, "train", OneProcess())
+    emb, found = targets(shards, teacher, batch_size=5)
     np.testing.assert_allclose(emb[found], want_emb[want_found], atol=1e-6)
     np.testing.assert_array_equal(found, want_found)
     assert teacher.prepared == len(found) and teacher.embed_calls >= want_found.sum() / 5
@@ -52,20 +52,20 @@ def test_the_teacher_pass_embeds_every_photo_once_and_reuses_its_cache(shards, m
     assert not list(cache.glob("chunk-*"))
 
     again = FakeTeacher()
-    emb2, found2 = teacher_pass.teacher_targets(config(shards), again, "train", OneProcess())
+    emb2, found2 = targets(shards, again)
     assert again.prepared == 0 and np.array_equal(emb2, emb) and np.array_equal(found2, found)  # from the cache
 
     other = FakeTeacher(tag="b")  # another teacher (its fingerprint differs): a cache of its own
-    teacher_pass.teacher_targets(config(shards), other, "train", OneProcess())
+    targets(shards, other)
     assert other.prepared == len(found) and len(list((shards / teacher_pass.CACHE_DIR).iterdir())) == 2
 
 
 def test_remade_shards_invalidate_the_cache(shards):
-    teacher_pass.teacher_targets(config(shards), FakeTeacher(), "train", OneProcess())
+    targets(shards, FakeTeacher())
     meta = shards / "dataset.json"
     meta.write_text(meta.read_text().replace('"options"', '"remade": 1, "options"', 1))
     teacher = FakeTeacher()
-    teacher_pass.teacher_targets(config(shards), teacher, "train", OneProcess())
+    targets(shards, teacher)
     assert teacher.prepared == len(ShardDataset(shards, "train"))
 
 
@@ -80,7 +80,7 @@ def test_a_pass_killed_mid_way_resumes_at_its_first_missing_chunk(shards, monkey
 
     monkeypatch.setattr(teacher_pass, "CHUNK", 16)
     teacher = FakeTeacher()
-    emb, found = teacher_pass.teacher_targets(config(shards), teacher, "train", OneProcess())
+    emb, found = targets(shards, teacher)
     assert teacher.prepared == n - 16 * len(left)  # only the missing chunks
     want_emb, want_found = expected(shards)
     np.testing.assert_array_equal(found, want_found)
@@ -247,3 +247,20 @@ def expected_onnx(shards, onnx):
     teacher, ds = build_teacher(f"onnx:{onnx}"), ShardDataset(shards, "train")
     prepared = [teacher.prepare(ds[i][0]) for i in range(len(ds))]
     return teacher.embed([p.input for p in prepared]), np.array([p.input is not None for p in prepared])
+
+
+def test_embed_with_a_teacher_writes_its_embeddings_of_a_split(shards, teacher_onnx, tmp_path):
+    """tools/embed.py --teacher: the teacher measured like any model (the same cache a distillation run fills)."""
+    from facesiam.commands.embed import main
+    from facesiam.eval.embed import load_embeddings
+
+    main(["--teacher", f"onnx:{teacher_onnx}", "--data", str(shards), "--split", "train", "--out",
+          str(tmp_path / "t.npz")])
+    got = load_embeddings(tmp_path / "t.npz")
+    want, found = expected_onnx(shards, teacher_onnx)
+    assert found.all()
+    np.testing.assert_allclose(got["embeddings"], want, atol=1e-5)
+    ds = ShardDataset(shards, "train")
+    assert list(got["paths"]) == ds.paths and np.array_equal(got["labels"], ds.labels)
+    (cache,) = (shards / teacher_pass.CACHE_DIR).glob("*-train-*")  # and a distillation run would reuse it
+    assert json.loads((cache / "meta.json").read_text())["photos"] == len(ds)
