@@ -230,9 +230,10 @@ class Trainer:
     def _log_plan(self) -> None:
         cfg, acc, data = self.cfg, self.accelerator, self.data
         n_params = sum(p.numel() for p in acc.unwrap_model(self.learner).parameters())
+        loss = f"distillation from {self.distillation.teacher}" if self.distillation else cfg.loss.loss
         log.info("training %s (%.2fM parameters, loss %s) on %d images of %d identities; %d process(es) x batch %d "
                  "x accumulation %d; %d steps/epoch, %d steps in all; device %s, precision %s", cfg.model.backbone,
-                 n_params / 1e6, cfg.loss.loss, len(data.train), len(set(data.train.labels.tolist())),
+                 n_params / 1e6, loss, len(data.train), len(set(data.train.labels.tolist())),
                  acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, data.steps_per_epoch, self.total_steps,
                  acc.device, cfg.mixed_precision)
 
