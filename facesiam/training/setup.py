@@ -184,6 +184,11 @@ def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Option
     if not train[1].any():
         raise InputError(f"teacher {teacher.name} found no face in any of the {len(train[1])} training photos of "
                          f"{cfg.data}; check the photos or the teacher's options (--teacher-align, --teacher-size)")
+    if d.center_targets:  # the training photos' mean, for the val targets too (distill.center_targets)
+        mean = train[0][train[1]].mean(axis=0)
+        log.info("teacher targets centred: the training photos' mean teacher embedding (norm %.3f) subtracted",
+                 float(np.linalg.norm(mean)))
+        train, val = (train[0] - mean, train[1]), (None if val is None else (val[0] - mean, val[1]))
     data.train.return_index = True  # before the loader starts its workers: they pickle the dataset
     return Distillation(teacher.name, teacher.dim, train, val)
 

@@ -264,3 +264,27 @@ def test_embed_with_a_teacher_writes_its_embeddings_of_a_split(shards, teacher_o
     assert list(got["paths"]) == ds.paths and np.array_equal(got["labels"], ds.labels)
     (cache,) = (shards / teacher_pass.CACHE_DIR).glob("*-train-*")  # and a distillation run would reuse it
     assert json.loads((cache / "meta.json").read_text())["photos"] == len(ds)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_targets_are_centred_on_the_training_photos_mean(shards, monkeypatch, center):
+    """distill.center_targets: the training photos' mean teacher embedding is taken off the train and val targets
+    (face descriptors share a large common direction; what is left tells people apart)."""
+    from types import SimpleNamespace
+
+    import facesiam.faces.teachers as teachers
+    from facesiam.config import config_from_dict
+    from facesiam.training.setup import build_distillation
+    from tests.training.distill_helpers import OneProcessForTests
+
+    monkeypatch.setattr(teachers, "build_teacher", lambda spec, **kw: FakeTeacher())
+    cfg = config_from_dict({"data": str(shards), "distill": {"teacher": "fake", "teacher_source": "shards",
+                                                             "center_targets": center}})
+    data = SimpleNamespace(train=ShardDataset(shards, "train"), val=ShardDataset(shards, "val"))
+    got = build_distillation(cfg, OneProcessForTests(), data)
+    emb, found = expected(shards)
+    mean = emb[found].mean(0) if center else 0
+    np.testing.assert_allclose(got.train[0][found], emb[found] - mean, atol=1e-6)
+    val_emb, val_found = expected(shards, "val")
+    np.testing.assert_allclose(got.val[0][val_found], val_emb[val_found] - mean, atol=1e-6)
+    assert data.train.return_index  # the training split now yields indices: the targets' rows
