@@ -288,3 +288,18 @@ def test_targets_are_centred_on_the_training_photos_mean(shards, monkeypatch, ce
     val_emb, val_found = expected(shards, "val")
     np.testing.assert_allclose(got.val[0][val_found], val_emb[val_found] - mean, atol=1e-6)
     assert data.train.return_index  # the training split now yields indices: the targets' rows
+
+
+def test_unlabelled_photos_distil_and_a_metric_loss_refuses_them(face_folder, teacher_onnx, tmp_path):
+    """make_shards --unlabeled packs photos without identities; only distillation can train on them."""
+    from facesiam.commands.make_shards import main as make_shards
+
+    make_shards([str(face_folder), str(tmp_path / "shards"), "--unlabeled", "--workers", "1", "--no-progress"])
+    common = ["launch/train.py", "--data", str(tmp_path / "shards"), *DISTILL_FLAGS, "--max-steps", "3"]
+    run_python([*common, "--output", str(tmp_path / "run"), "--teacher", f"onnx:{teacher_onnx}"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    refused = run_python([*common, "--output", str(tmp_path / "no")], check=False)
+    assert refused.returncode == 1 and "unlabelled photos" in refused.stderr and "--teacher" in refused.stderr
+    wrong_m = run_python([*common, "--output", str(tmp_path / "m"), "--teacher", f"onnx:{teacher_onnx}",
+                          "--m-per-class", "2"], check=False)
+    assert wrong_m.returncode == 1 and "--m-per-class 1" in wrong_m.stderr
