@@ -69,7 +69,7 @@ def test_choices_come_from_the_registries():
     ({"optim": {"scheduler": "cosin"}}, "config key 'optim.scheduler': unknown scheduler 'cosin'; choose one of "
                                         "cosine_epoch, cosine, step, plateau, constant"),
     ({"best_metric": "eer"}, "config key 'best_metric': unknown selection metric 'eer'; choose one of "
-                             "tar_at_far_1e-03, auc, rank1, map_at_r, neg_eer"),
+                             "tar_at_far_1e-03, auc, rank1, map_at_r, neg_eer, teacher_cosine"),
     ({"loss": {"miner": "easy"}}, "config key 'loss.miner': unknown miner 'easy'; choose one of "
                                   "none, semihard, hard, multisimilarity"),
     ({"model": {"head": "mlp"}}, "config key 'model.head' is 'mlp'; choose one of linear, face"),

@@ -8,8 +8,8 @@ from facesiam.errors import InputError
 from facesiam.selection import SELECTION_METRICS, selection_value
 
 METRICS = {"verification": {"auc": 0.9, "eer": 0.12, "tar_at_far": {"1e-03": 0.4}},
-           "identification": {"rank1": 0.8, "map_at_r": 0.3}}
-EXPECTED = {"tar_at_far_1e-03": 0.4, "auc": 0.9, "rank1": 0.8, "map_at_r": 0.3, "neg_eer": -0.12}
+           "identification": {"rank1": 0.8, "map_at_r": 0.3}, "distillation": {"teacher_cosine": 0.7}}
+EXPECTED = {"tar_at_far_1e-03": 0.4, "auc": 0.9, "rank1": 0.8, "map_at_r": 0.3, "neg_eer": -0.12, "teacher_cosine": 0.7}
 
 
 def test_every_selection_metric_is_read_from_the_metrics_dict():
@@ -23,6 +23,7 @@ def test_an_undefined_metric_is_none_and_an_unknown_one_an_error():
     assert selection_value(undefined, "tar_at_far_1e-03") is None
     assert selection_value(undefined, "neg_eer") is None
     assert selection_value(undefined, "rank1") is None
+    assert selection_value(undefined, "teacher_cosine") is None  # not a distillation run
     assert selection_value(undefined, "auc") == pytest.approx(0.9)
     with pytest.raises(InputError, match="unknown selection metric 'eer'; choose one of tar_at_far_1e-03, auc"):
         selection_value(METRICS, "eer")

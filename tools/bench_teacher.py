@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> str:
     rate = {k: n / v for k, v in seconds.items()}
     date = datetime.date.today().isoformat()
     lines = [HEADING, "",
-             f"{date}, `python tools/bench_teacher.py --images {n}` on {platform.machine()} with {os.cpu_count()} "
+             f"{date}, `python tools/bench_teacher.py --images {n}"
+             f"{' --student RUN/best' if args.student else ' --onnx FILE' if args.onnx else ''}` on {platform.machine()} with {os.cpu_count()} "
              f"cores shared with other jobs, one thread per contender, batches of {args.batch}, best of "
              f"{args.repeats} interleaved rounds. Photos: the first {n} of LFW-devtrain, 250x250 (Huang et al., "
              f"UMass TR 07-49, 2007). Teacher: dlib {teacher.fingerprint().get('dlib', '')} ResNet descriptor "
