@@ -28,6 +28,6 @@ def test_run_distributed_returns_every_ranks_result():
 
 
 def test_a_hung_rank_fails_run_distributed_within_its_timeout():
-    # rank 1 sleeps an hour; the helper gives up after 20 s and terminates both ranks
-    with pytest.raises(TimeoutError, match=r"_rank_1_never_joins.*\[0, 1\] still running after 20s"):
-        run_distributed(_rank_1_never_joins, 2, timeout=20)
+    # rank 1 sleeps an hour; the helper gives up after 10 s and terminates both ranks (alive or still starting)
+    with pytest.raises(TimeoutError, match=r"_rank_1_never_joins.*\[0, 1\] still running after 10s"):
+        run_distributed(_rank_1_never_joins, 2, timeout=10)
