@@ -23,13 +23,12 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx:
             model.add_argument("--teacher", help="a distillation teacher (dlib or onnx:PATH) on shard data: its "
                                                  "embedding of each photo, as a distillation run caches it")
             docs = field_docs()
-            for name in ("teacher_size", "teacher_mean", "teacher_std", "teacher_align", "teacher_source"):
-                choices = CHOICES.get(f"distill.{name}")
-                p.add_argument("--" + name.replace("_", "-"), default=getattr(DistillConfig, name, None),
-                               choices=choices, help=docs.get(name, "").replace("%", "%%"),
-                               type=(lambda t: [float(v) for v in t.split(",")]) if name in ("teacher_mean",
-                                                                                             "teacher_std")
-                               else int if name == "teacher_size" else str)
+            floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731  "0.5,0.5,0.5"
+            types = {"teacher_size": int, "teacher_mean": floats, "teacher_std": floats, "teacher_align": str,
+                     "teacher_source": str}
+            for name, type_ in types.items():
+                p.add_argument("--" + name.replace("_", "-"), type=type_, default=getattr(DistillConfig, name, None),
+                               choices=CHOICES.get(f"distill.{name}"), help=docs.get(name, "").replace("%", "%%"))
     else:
         p.add_argument("--checkpoint", required=required, help="exported model: RUN/best (or a RUN directory)")
     p.add_argument("--data", required=required, help="ImageFolder directory or shard directory (dataset.json)")

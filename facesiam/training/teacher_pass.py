@@ -160,17 +160,16 @@ def _fill(data: str, teacher: Any, source: PhotoSource, out: Path, accelerator, 
                  "already there", teacher.name, n, data, source.dataset.split, source.describe(), out,
                  len(chunks) - len(todo), len(chunks))
     t0 = time.time()
-    bar = tqdm(total=sum(min(CHUNK, n - c * CHUNK) for c in todo), desc=f"teacher {teacher.name}", unit="img",
-               disable=not accelerator.is_main_process)
+    photos = sum(min(CHUNK, n - c * CHUNK) for c in todo)
+    bar = tqdm(total=photos, desc=f"teacher {teacher.name}", unit="img", disable=not accelerator.is_main_process)
     for c in todo:
         indices = range(c * CHUNK, min(n, (c + 1) * CHUNK))
         _save_npz(out / f"chunk-{c:06d}.npz", _embed_chunk(teacher, source, indices, batch_size))
         bar.update(len(indices))
     bar.close()
-    done = sum(min(CHUNK, n - c * CHUNK) for c in todo)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _join(teacher, source, out, n, done / max(time.time() - t0, 1e-9))
+        _join(teacher, source, out, n, photos / max(time.time() - t0, 1e-9))
     accelerator.wait_for_everyone()
 
 

@@ -84,11 +84,3 @@ if __name__ == "__main__":  # python -m tests.training.distill_helpers SHARDS CH
     teacher_pass.CHUNK = int(sys.argv[2])
     targets(sys.argv[1], FakeTeacher(kill_after=int(sys.argv[3])))
 
-
-class OneProcessForTests:
-    """What the teacher pass needs of an Accelerator, for one process."""
-
-    process_index, num_processes, is_main_process = 0, 1, True
-
-    def wait_for_everyone(self) -> None:
-        pass
