@@ -29,6 +29,8 @@ COMMANDS = {
     "embed": ("embed", "embed an ImageFolder or shard split with a trained model"),
     "evaluate": ("evaluate", "1:1 verification and 1:N identification metrics, plots, report"),
     "make-pairs": ("make_pairs", "write an LFW-format pairs file for a data set"),
+    "doctor": ("doctor", "find wrong labels, duplicates, merged people and bad photos; quarantine and undo"),
+    "cluster": ("cluster", "sort unlabelled photos into one folder per proposed person (+ unsure/)"),
     "gallery": ("gallery", "build, extend and search a persistent FAISS gallery"),
     "compare": ("compare", "cosine similarity of two face images and the same/different decision"),
     "serve": ("serve", "the face-verification and search service with a web page (FastAPI on uvicorn)"),

@@ -39,6 +39,22 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r}: give bytes, e.g. 268435456, 256M or 1G") from None
 
 
+def _excluded(findings: Optional[str], src: Path) -> Optional[set[str]]:
+    """The doctor's suspects as paths of SRC. The doctor names source photos; for an aligned folder (align_faces)
+    they are mapped to its crops through alignment.json."""
+    if not findings:
+        return None
+    from ..curate.findings import read_findings, suspects
+    from ..faces.record import read_alignment
+
+    files = set(suspects(read_findings(findings)))
+    record = read_alignment(src)
+    if record is not None:
+        files = {r["output"] for r in record["images"] if r["output"] and r["path"] in files}
+    print(f"make_shards: leaving out {len(files):,} photos named by {findings}", file=sys.stderr)
+    return files
+
+
 @command("make_shards")
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(
@@ -64,6 +80,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--unlabeled", action="store_true",
                         help="SRC holds photos without identities (any folder layout): each photo is its own "
                              "identity; for distillation (launch/train.py --teacher), which needs no labels")
+    parser.add_argument("--exclude", metavar="FINDINGS",
+                        help="leave out the photos facesiam doctor suggests to quarantine (its findings.jsonl, or "
+                             "the report folder); edit the file first to keep the ones you disagree with")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing shard folder at DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
     face = parser.add_argument_group("face alignment (--align)")
@@ -76,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     options = dict(val_identities=args.val_identities, max_samples_per_shard=args.max_samples_per_shard,
                    max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
                    resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite, unlabeled=args.unlabeled,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, exclude=_excluded(args.exclude, args.src))
     if not args.align:
         from ..faces.record import read_alignment  # an aligned folder (align_faces) keeps its record in dataset.json
 

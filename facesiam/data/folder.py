@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection, Optional
 
 from torchvision.datasets.folder import IMG_EXTENSIONS  # (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ...)
 
@@ -29,6 +30,7 @@ class FolderListing:
     ignored_files: int = 0  # files inside identity folders without an image extension
     loose_images: list[str] = field(default_factory=list)  # image files directly in root (belong to no identity)
     bad_names: list[str] = field(default_factory=list)  # relative paths not valid UTF-8 (cannot go into JSON)
+    excluded: int = 0  # images left out because ``exclude`` named them (e.g. the doctor's suspects)
 
 
 def is_image_file(name: str) -> bool:
@@ -48,18 +50,32 @@ def printable_name(name: str) -> str:
     return name if _is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def list_image_folder(root: str | os.PathLike, unlabeled: bool = False) -> FolderListing:
+def list_image_folder(root: str | os.PathLike, unlabeled: bool = False,
+                      exclude: Optional[Collection[str]] = None) -> FolderListing:
     """List identities and images of an ImageFolder with torchvision's rules (see module docstring).
 
     ``unlabeled``: ``root`` is a folder of photos without identities (sub-folders are just folders): every image
     anywhere below it is an identity of its own, named by its relative path. Distillation trains on such photos
     (it needs no labels), and the per-class sampler with m_per_class 1 then draws each photo once an epoch.
+    ``exclude``: relative paths to leave out (``make_shards --exclude``: the doctor's suspects); identities keep
+    their labels even when all their photos are left out, so labels match the folder's.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder; expected an ImageFolder (one sub-folder per identity)")
-    if unlabeled:
-        return _list_unlabeled(root)
+    listing = _list_unlabeled(root) if unlabeled else _list_labeled(root)
+    if exclude:
+        exclude = set(exclude)
+        kept = [(rel, label) for rel, label in listing.samples if rel not in exclude]
+        listing.excluded = len(listing.samples) - len(kept)
+        if unlabeled:  # every photo is its own identity: the identities are the photos kept
+            listing.classes = [rel for rel, _ in kept]
+            kept = [(rel, i) for i, (rel, _) in enumerate(kept)]
+        listing.samples = kept
+    return listing
+
+
+def _list_labeled(root: Path) -> FolderListing:
     with os.scandir(root) as it:
         entries = list(it)
     classes = sorted(e.name for e in entries if e.is_dir())

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Collection, Optional, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -195,7 +195,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
-                 source: Optional[str] = None, alignment: Optional[dict] = None, unlabeled: bool = False) -> dict:
+                 source: Optional[str] = None, alignment: Optional[dict] = None, unlabeled: bool = False,
+                 exclude: Optional[Collection[str]] = None) -> dict:
     """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
 
     ``alignment``: the alignment record of an ``src`` made by align_faces (its alignment.json, read with
@@ -216,6 +217,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         aligned folder.
     unlabeled: ``src`` holds photos without identities (any folder layout): each photo is an identity of its own
         (data/folder.list_image_folder); for distillation, which needs no labels. No val split can be held out.
+    exclude: paths relative to ``src`` to leave out (make_shards --exclude: the doctor's suspects); dataset.json
+        counts them under options.excluded.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -233,7 +236,7 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     if unlabeled and val_identities:
         raise InputError("--val-identities needs identities, and unlabelled photos have none: validate on labelled "
                          "shards (distillation's --val-split, or make them separately) or drop --val-identities")
-    listing = list_image_folder(src, unlabeled=unlabeled)
+    listing = list_image_folder(src, unlabeled=unlabeled, exclude=exclude)
     if not listing.classes:
         raise InputError(f"source {src} has no image files" if unlabeled else
                          f"source {src} has no identity sub-folders; expected SRC/<identity>/<image> "
@@ -258,7 +261,7 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
         skipped += packed["skipped"]
         options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples_per_shard,
                    "max_bytes_per_shard": max_bytes_per_shard, "resize": resize, "center_crop": center_crop,
-                   "unlabeled": unlabeled}
+                   "unlabeled": unlabeled, "excluded": listing.excluded}
         meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, packed["kept_per_label"],
                        listing, options, packed["converted"], skipped, alignment)
 

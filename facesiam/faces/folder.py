@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from PIL import Image
 
@@ -130,7 +130,8 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
                  workers: Optional[int] = None, device: str = "cpu", on_no_face: str = "skip",
                  multi: str = "largest", min_face_size: int = 20, batch_size: Optional[int] = None,
                  detector: str = DEFAULT_DETECTOR, overwrite: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None, unlabeled: bool = False) -> dict[str, Any]:
+                 progress: Optional[Callable[[int, int], None]] = None, unlabeled: bool = False,
+                 exclude: Optional[Collection[str]] = None) -> dict[str, Any]:
     """Align every image of the ImageFolder ``src`` into the ImageFolder ``dst``; return alignment.json's contents.
 
     Each kept face goes to its source's relative path with a .png extension (see OUTPUT_EXT). ``dst`` is built
@@ -144,6 +145,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     progress: called after each batch with (images just done, images in all), e.g. to drive a tqdm bar.
     overwrite: replace a non-empty dst that holds a previous alignment.json (never anything else).
     unlabeled: ``src`` is a folder of photos without identities (any layout; data/folder.list_image_folder).
+    exclude: source paths (relative to ``src``) to leave out, e.g. the doctor's suspects.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -153,7 +155,7 @@ def align_folder(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
     options = {"size": size, "device": device, "min_face_size": min_face_size, "multi": multi,
                "on_no_face": on_no_face, "batch_size": batch_size, "detector": detector}
     probe = FaceAligner(**options)  # checks the options and the install before any work
-    listing = list_image_folder(src, unlabeled=unlabeled)
+    listing = list_image_folder(src, unlabeled=unlabeled, exclude=exclude)
     if not listing.classes:
         raise InputError(f"source {src} has no image files" if unlabeled else
                          f"source {src} has no identity sub-folders; expected SRC/<identity>/<image> "
@@ -236,6 +238,7 @@ def align_shards(src: str | os.PathLike, dst: str | os.PathLike, *, size: int = 
         faces = Path(tmp) / "faces"
         record = align_folder(src, faces, size=size, workers=workers, device=device, on_no_face=on_no_face,
                               multi=multi, min_face_size=min_face_size, batch_size=batch_size, detector=detector,
-                              progress=align_progress, unlabeled=shard_options.get("unlabeled", False))
+                              progress=align_progress, unlabeled=shard_options.get("unlabeled", False),
+                              exclude=shard_options.pop("exclude", None))
         return write_shards(faces, dst, workers=workers, overwrite=overwrite, source=str(src.resolve()),
                             alignment=record, **shard_options)

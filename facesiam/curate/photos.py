@@ -1,0 +1,400 @@
+"""A user's photos seen the way a trained model sees them: every photo's file, identity, alignment record, aligned
+crop, embedding, sharpness and file hash. The doctor and the clustering both start from here.
+
+DATA can be a raw ImageFolder (photos are detected and aligned as the model was trained, into a temporary folder),
+an aligned folder (alignment.json) or a shard folder (dataset.json, every split). Files are always named by the
+user's *source* photos (relative to ``Photos.root``): that is what a user reviews, quarantines, and what
+``make_shards --exclude`` skips.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..data.folder import available_cpus, list_image_folder
+from ..data.format import METADATA_FILE, read_metadata
+from ..data.images import decode_rgb, load_rgb
+from ..data.readers import ShardDataset, _FaceDataset
+from ..errors import InputError
+from ..faces.record import read_alignment
+from ..faces.template import TEMPLATE_SIZE
+
+log = logging.getLogger("facesiam.curate")
+
+THUMB_SIZE = 96  # px: contact-sheet thumbnails
+
+
+@dataclass
+class Photos:
+    """One row per source photo (also those without a face, which have no embedding)."""
+
+    root: Path
+    """Folder the source photos live in; ``files`` are relative to it."""
+    files: list[str]
+    identities: list[str]
+    """Each photo's identity (folder name); "" for unlabelled photos."""
+    records: list[Optional[dict]]
+    """Each photo's alignment record (status, skip, faces, score, box), None where no detector ran."""
+    embeddings: np.ndarray
+    """N x D unit rows (zero rows where ``embedded`` is False)."""
+    embedded: np.ndarray
+    sharpness: np.ndarray
+    """Variance of the Laplacian of each embedded photo's grey model input (NaN elsewhere); see ``sharpness``."""
+    sha256: list[Optional[str]]
+    """Hash of each file's bytes (None: unreadable)."""
+    image: Callable[[int], Optional[Image.Image]] = field(repr=False)
+    """Photo i as the model saw it (its aligned crop when aligned), or the original; None when unreadable."""
+    meta: dict = field(default_factory=dict)
+    crop_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
+    """Each photo's index in the reader of what the model sees (-1: none)."""
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def thumbnail(self, i: int, size: int = THUMB_SIZE) -> Optional[Image.Image]:
+        image = self.image(i)
+        if image is None:
+            return None
+        image = image.copy()
+        image.thumbnail((size, size))
+        return image
+
+
+class _Files(_FaceDataset):
+    """Image files (or shard samples) by index, for the embedding loop."""
+
+    def __init__(self, read: Callable[[int], Image.Image], n: int, transform: Optional[Callable] = None):
+        self.read, self.transform = read, transform
+        self.labels, self.classes = np.zeros(n, np.int64), ["all"]
+
+    def _image(self, index: int) -> Image.Image:
+        return self.read(index)
+
+
+class _FolderReader:
+    """Picklable: files under a folder (DataLoader workers get a copy)."""
+
+    def __init__(self, root: Path, paths: Sequence[str]):
+        self.root, self.paths = root, list(paths)
+
+    def __call__(self, i: int) -> Image.Image:
+        return load_rgb(self.root / self.paths[i])
+
+
+class _ShardReader:
+    """Picklable: samples of shard splits, by position in their concatenation."""
+
+    def __init__(self, root: Path, splits: Sequence[str], keep: Sequence[tuple[int, int]]):
+        self.root, self.splits, self.keep = root, list(splits), list(keep)
+        self._open: dict[int, ShardDataset] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def raw(self, i: int) -> bytes:
+        split, index = self.keep[i]
+        if split not in self._open:
+            self._open[split] = ShardDataset(self.root, self.splits[split])
+        return self._open[split].read_bytes(index)
+
+    def __call__(self, i: int) -> Image.Image:
+        return decode_rgb(self.raw(i))
+
+
+def sharpness(image: Image.Image, size: int) -> float:
+    """Variance of the Laplacian (OpenCV, 3x3 aperture) of the grey image resized to ``size`` x ``size``.
+
+    The classic focus measure (Pech-Pacheco et al. 2000): blur removes the high frequencies the Laplacian
+    responds to. Measured on what the model sees (the aligned crop at its input size), so one threshold fits
+    every photo whatever its original resolution.
+    """
+    import cv2
+
+    grey = np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), np.float32)
+    return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1).var())
+
+
+def _sha256(path: Path) -> Optional[str]:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _records_by(records: Sequence[dict], key: str) -> dict[str, dict]:
+    return {r[key]: r for r in records if r.get(key)}
+
+
+def _check_alignment(model_alignment: Optional[dict], data_alignment: Optional[dict], data: Path) -> None:
+    """Refuse aligned data the model would see differently from its training faces (one line, with the fix)."""
+    if data_alignment is None:
+        return
+    if model_alignment is None:
+        raise InputError(f"{data} holds aligned face crops but the model was trained on unaligned images; give "
+                         "the doctor the raw photos, or a model trained on aligned faces")
+    keys = ("size", "multi")
+    differ = [k for k in keys if data_alignment.get(k) != model_alignment.get(k)]
+    names = [(a.get("detector") or {}).get("name") for a in (data_alignment, model_alignment)]
+    templates = [(a.get("template") or {}).get("name") for a in (data_alignment, model_alignment)]
+    if differ or names[0] != names[1] or templates[0] != templates[1]:
+        what = ", ".join(f"{k} {data_alignment.get(k)} vs {model_alignment.get(k)}" for k in differ) or \
+            f"detector/template {names[0]}/{templates[0]} vs {names[1]}/{templates[1]}"
+        raise InputError(f"{data} was aligned differently from the model's training faces ({what}); give the doctor "
+                         "the raw photos (they are aligned as the model was trained) or align them that way")
+
+
+def detection_only(multi: str = "largest") -> dict:
+    """Alignment settings for a model that does not dictate them (trained on unaligned images, or a teacher with
+    its own face pipeline): the detector's findings and the crops for the contact sheets are wanted either way."""
+    return {"detector": {"name": "mtcnn"}, "template": {"name": "arcface"}, "multi": multi}
+
+
+def _align_raw(data: Path, work: Path, info: dict, unlabeled: bool, workers: Optional[int], progress: bool) -> dict:
+    """align_folder DATA into ``work`` as ``info`` (the model's alignment_info) says."""
+    from ..faces.aligner import aligner_for
+    from ..faces.folder import align_folder
+
+    aligner = aligner_for(info)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="img", desc="detect and align", leave=False)
+
+    def report(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done)
+
+    try:
+        return align_folder(data, work, size=aligner.size, workers=workers, min_face_size=aligner.min_face_size,
+                            multi=aligner.multi, detector=str((info.get("detector") or {}).get("name", "mtcnn")),
+                            on_no_face="skip", progress=report, unlabeled=unlabeled)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _check_identities(data: Path, listing: Any) -> None:
+    have = {label for _, label in listing.samples}
+    empty = [c for i, c in enumerate(listing.classes) if i not in have]
+    if empty:
+        raise InputError(f"identity folder {data / empty[0]} holds no photos" + (
+            f" (and {len(empty) - 1} more)" if len(empty) > 1 else "") + "; put its photos in it or remove it")
+
+
+def load_photos(data: str | os.PathLike, embedder: Any, work: Path, *, unlabeled: bool = False,
+                workers: Optional[int] = None, batch_size: int = 64, num_workers: int = 0,
+                progress: bool = True, multi: str = "largest", detect: bool = True) -> Photos:
+    """Detect, align (as ``embedder``'s model was trained) and embed every photo of DATA; see the module docstring.
+
+    embedder: a TorchEmbedder or OnnxEmbedder (eval/embed.py ``open_embedder``), or a Teacher (faces/teachers.py:
+    it embeds the original photos its own way; raw folders only). work: an empty folder for the aligned crops of
+    raw photos (the caller deletes it). multi: which face to keep when the model does not say (see detection_only).
+    detect: run the face detector on raw photos for an unaligned model too (its findings: no face, several faces...).
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise NotADirectoryError(f"{data} is not a folder; give an ImageFolder (one sub-folder per identity), an "
+                                 "aligned folder or a shard folder")
+    teacher = hasattr(embedder, "prepare")
+    t0 = time.perf_counter()
+    if (data / METADATA_FILE).is_file():
+        if teacher:
+            raise InputError(f"{data} is a shard folder; a teacher embeds the original photos: give their folder")
+        photos, crops = _from_shards(data, embedder.alignment)
+    else:
+        alignment = None if teacher else embedder.alignment
+        photos, crops = _from_folder(data, alignment, work, unlabeled, workers, progress, multi, teacher, detect)
+    size = TEMPLATE_SIZE if teacher else int(getattr(embedder, "image_size", None) or embedder.cfg.image_size)
+    _measure_sharpness(photos, crops, size)
+    rows = np.flatnonzero(photos.embedded)
+    log.info("%d photos, %d with a face to embed (%.1fs)", len(photos), len(rows), time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    if teacher:
+        emb, found = _embed_teacher(embedder, photos, rows, batch_size, progress)
+        photos.embedded[rows[~found]] = False
+    else:
+        emb = _embed(embedder, _Files(_Rows(crops, photos.crop_index, rows), len(rows)), batch_size, num_workers,
+                     progress)
+    photos.embeddings = np.zeros((len(photos), emb.shape[1]), np.float32)
+    photos.embeddings[rows] = emb
+    seconds = time.perf_counter() - t1
+    photos.meta["embed_seconds"] = round(seconds, 2)
+    log.info("embedded %d photos in %.1fs (%.0f photos/s)", len(rows), seconds, len(rows) / max(seconds, 1e-9))
+    return photos
+
+
+class _Rows:
+    """Picklable: crop reader indexed by embedding row."""
+
+    def __init__(self, read: Callable[[int], Image.Image], crop_index: np.ndarray, rows: np.ndarray):
+        self.read, self.index = read, crop_index[rows]
+
+    def __call__(self, q: int) -> Image.Image:
+        return self.read(int(self.index[q]))
+
+
+def _measure_sharpness(photos: Photos, crops: Callable[[int], Image.Image], size: int) -> None:
+    """Sharpness of every photo to embed, read in threads (decoding releases the GIL); a photo that cannot be read
+    is not embedded and gets an "unreadable" record."""
+
+    def measure(i: int) -> Any:
+        try:
+            return sharpness(crops(int(photos.crop_index[i])), size)
+        except Exception as err:  # noqa: BLE001 -- one bad file must not stop the doctor
+            return f"cannot read: {type(err).__name__}: {err}"
+
+    rows = np.flatnonzero(photos.embedded)
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, available_cpus()))) as pool:
+        for i, value in zip(rows, pool.map(measure, rows)):
+            if isinstance(value, str):
+                photos.embedded[i] = False
+                photos.records[i] = {"path": photos.files[i], "output": None, "status": "skipped", "faces": 0,
+                                     "reason": value, "skip": "unreadable"}
+            else:
+                photos.sharpness[i] = value
+
+
+def _embed_teacher(teacher: Any, photos: Photos, rows: np.ndarray, batch_size: int,
+                   progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A teacher's embedding of each original photo (its own face pipeline; the detector's landmarks as the
+    fallback) and whether it found a face."""
+    from tqdm.auto import tqdm
+
+    emb = np.zeros((len(rows), teacher.dim), np.float32)
+    found = np.zeros(len(rows), bool)
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"embed ({teacher.name})", unit="batch",
+                      disable=not progress, leave=False):
+        chunk = range(start, min(len(rows), start + batch_size))
+        inputs = []
+        for q in chunk:
+            record = photos.records[rows[q]] or {}
+            marks = np.asarray(record["landmarks"], np.float64) if record.get("landmarks") else None
+            prepared = teacher.prepare(load_rgb(photos.root / photos.files[rows[q]]), marks)
+            if prepared.input is not None:
+                inputs.append(prepared.input)
+                found[q] = True
+        if inputs:
+            emb[[q for q in chunk if found[q]]] = teacher.embed(inputs)
+    return emb, found
+
+
+def _embed(embedder: Any, dataset: _Files, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:
+    """The photos' unit embeddings: torch models through the one embedding loop (eval.embed.embed_dataset, with
+    loader workers), ONNX exports through onnxruntime batch by batch."""
+    from ..eval.embed import TorchEmbedder, embed_dataset
+
+    if isinstance(embedder, TorchEmbedder):
+        dataset.transform = embedder.transform
+        emb, _ = embed_dataset(embedder.model, dataset, batch_size=batch_size, num_workers=num_workers,
+                               progress=progress)
+        return emb
+    from tqdm.auto import tqdm
+
+    out = [np.zeros((0, embedder.embedding_dim), np.float32)]
+    for start in tqdm(range(0, len(dataset), batch_size), desc="embed (onnxruntime)", unit="batch",
+                      disable=not progress, leave=False):
+        out.append(embedder.embed_faces([dataset[i][0] for i in range(start, min(len(dataset), start + batch_size))]))
+    return np.concatenate(out)
+
+
+def _photos(root: Path, files: list[str], identities: list[str], records: list[Optional[dict]],
+            crop_index: np.ndarray, sha: list[Optional[str]], crops: Callable[[int], Image.Image],
+            originals: Optional[Path], meta: dict) -> Photos:
+    """Photos before embedding: ``crop_index[i]`` is photo i's index in ``crops`` (-1: nothing to embed);
+    ``originals``: the folder to show a photo without a crop from (None: not available)."""
+    n = len(files)
+
+    def image(i: int) -> Optional[Image.Image]:
+        try:
+            if crop_index[i] >= 0:
+                return crops(int(crop_index[i]))
+            return load_rgb(originals / files[i]) if originals is not None else None
+        except Exception:  # noqa: BLE001 -- unreadable: its finding says so; the sheet shows an empty frame
+            return None
+
+    return Photos(root, files, identities, records, np.zeros((n, 0), np.float32), crop_index >= 0,
+                  np.full(n, np.nan), sha, image, meta, crop_index)
+
+
+def _from_folder(data: Path, alignment: Optional[dict], work: Path, unlabeled: bool, workers: Optional[int],
+                 progress: bool, multi: str = "largest", teacher: bool = False,
+                 detect: bool = True) -> tuple[Photos, Callable[[int], Image.Image]]:
+    """A raw folder (detected and aligned here) or an aligned folder (alignment.json)."""
+    recorded = read_alignment(data)
+    if recorded is not None:  # an aligned folder: its crops are what the model sees; the files are the sources
+        if not teacher:
+            _check_alignment(alignment, recorded["alignment"], data)
+        records, root, crop_root = recorded["images"], Path(recorded["source"]), data
+        unlabeled = bool(recorded.get("unlabeled", unlabeled))
+    else:
+        listing = list_image_folder(data, unlabeled=unlabeled)
+        if not listing.samples:
+            raise InputError(f"{data} has no photos" + ("" if unlabeled else " in identity sub-folders "
+                                                        "(DATA/<identity>/<photo>)"))
+        if not unlabeled:
+            _check_identities(data, listing)
+        root = crop_root = data
+        if detect or alignment is not None or teacher:
+            info = alignment or detection_only(multi)
+            records, crop_root = _align_raw(data, work / "aligned", info, unlabeled, workers, progress)["images"], \
+                work / "aligned"
+        else:  # --no-detect: an unaligned model on photos as they are; no face checks
+            records = [{"path": rel, "output": None} for rel, _ in listing.samples]
+    files = [r["path"] for r in records]
+    identities = ["" if unlabeled else f.split("/", 1)[0] for f in files]
+    if alignment is None and not teacher:  # an unaligned model sees every readable original photo
+        read_root, read_paths = root, [f for f, r in zip(files, records) if r.get("skip") != "unreadable"]
+        has = np.array([r.get("skip") != "unreadable" for r in records], bool)
+        records = [r if "status" in r else None for r in records]
+    else:  # an aligned model (and a teacher's contact sheet) sees the crop
+        read_root, read_paths = crop_root, [r["output"] for r in records if r["output"]]
+        has = np.array([r["output"] is not None for r in records], bool)
+    crop_index = np.where(has, np.cumsum(has) - 1, -1)
+    sha = [_sha256(root / f) for f in files] if root.is_dir() else [None] * len(files)
+    meta = {"data": str(data), "root": str(root), "kind": "aligned folder" if recorded else "raw folder",
+            "unlabeled": unlabeled}
+    reader = _FolderReader(read_root, read_paths)
+    return _photos(root, files, identities, records, crop_index, sha, reader, root if root.is_dir() else None,
+                   meta), reader
+
+
+def _from_shards(data: Path, alignment: Optional[dict]) -> tuple[Photos, Callable[[int], Image.Image]]:
+    """Every split of a shard folder; photos the alignment skipped (not in the shards) come from its record."""
+    meta = read_metadata(data)
+    recorded = meta.get("alignment")
+    _check_alignment(alignment, recorded["info"] if recorded else None, data)
+    by_output = _records_by(recorded["images"], "output") if recorded else {}
+    splits = sorted(meta["splits"])
+    keep, files, identities, records = [], [], [], []
+    for s, split in enumerate(splits):
+        ds = ShardDataset(data, split)
+        for i, (path, label) in enumerate(zip(ds.paths, ds.labels)):
+            record = by_output.get(path)
+            keep.append((s, i))
+            files.append(record["path"] if record else path)
+            identities.append(ds.classes[int(label)])
+            records.append(record)
+    reader = _ShardReader(data, splits, keep)
+    sha: list[Optional[str]] = [hashlib.sha256(reader.raw(i)).hexdigest() for i in range(len(keep))]  # the crops
+    skipped = [r for r in (recorded["images"] if recorded else []) if not r["output"]]
+    files += [r["path"] for r in skipped]
+    identities += [r["path"].split("/", 1)[0] for r in skipped]
+    records += skipped
+    sha += [None] * len(skipped)
+    crop_index = np.r_[np.arange(len(keep)), -np.ones(len(skipped), np.int64)]
+    root = Path(recorded["source"]) if recorded else Path(meta.get("source") or data)
+    info = {"data": str(data), "root": str(root), "kind": "shards", "unlabeled": False}
+    return _photos(root, files, identities, records, crop_index, sha, reader, root if root.is_dir() else None,
+                   info), reader
