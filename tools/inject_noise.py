@@ -214,8 +214,10 @@ def score(args: argparse.Namespace) -> dict:
     # (row, injected items, finding kinds scored for precision, kinds that count for recall, does f find item)
     rows = [
         ("moved", [m["file"] for m in truth["moved"]], {"wrong_label"}, {"wrong_label"}, in_suspects),
-        ("copied", [(c["original"], c["copy"]) for c in truth["copied"]], {"duplicate", "near_duplicate"},
-         {"duplicate", "near_duplicate"}, lambda f, pair: set(pair) <= f["files"]),
+        # a copy is found when a duplicate finding holds both files and names the copy (not the original) as the
+        # one to quarantine; near duplicates are a kind of their own (injected copies are byte-identical)
+        ("copied", [(c["original"], c["copy"]) for c in truth["copied"]], {"duplicate"},
+         {"duplicate", "near_duplicate"}, lambda f, pair: set(pair) <= f["files"] and pair[1] in f["suspects"]),
         ("split", [(s["identity"], s["second"]) for s in truth["split"]], {"same_person"}, {"same_person"},
          lambda f, pair: set(pair) <= f["identities"]),
         ("non_faces", [n["file"] for n in truth["non_faces"]], {"no_face"}, PHOTO_KINDS, in_suspects),

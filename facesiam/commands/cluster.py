@@ -48,13 +48,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     threshold, source = decision_threshold(args.threshold, args.report, args.operating_point)
     embedder, name = open_model(args)
+    if threshold is None and getattr(embedder, "same_person_threshold", None) is not None:
+        threshold = embedder.same_person_threshold
+        source = f"{name}'s own: FAR 1e-3 on LFW's training people"
     if threshold is None:
         raise InputError("clustering needs the model's same-person threshold: --report REPORT (facesiam evaluate "
                          "of this model) or --threshold T")
     summary = run_cluster(args.photos, args.out, embedder, model=name, threshold=threshold, threshold_source=source,
                           method=args.method, min_size=args.min_size, copy=args.copy, truth=args.truth,
                           workers=args.workers, batch_size=args.batch_size, num_workers=args.num_workers,
-                          progress=args.progress, multi=args.multi, overwrite=args.overwrite)
+                          progress=args.progress, multi=args.multi, overwrite=args.overwrite,
+                          detect=args.detect)
     print(f"{summary['count']} photos -> {summary['clusters']} people + {summary['unsure']} unsure in {args.out}")
     if "scores" in summary:
         s = summary["scores"]

@@ -35,6 +35,8 @@ def add_embedder_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--multi", choices=("largest", "central"), default="largest",
                    help="with several faces keep the largest or the most central one, when the model does not say "
                         "(trained on unaligned images, or a teacher) (default %(default)s)")
+    p.add_argument("--no-detect", dest="detect", action="store_false",
+                   help="for a model trained on unaligned images: do not run the face detector (no face checks)")
     p.add_argument("--workers", type=int, default=None, help="face-detection processes (default: all CPUs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for embedding")
@@ -65,8 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stranger-far", type=float, default=1e-2,
                    help="a photo with no other photo of its identity above the threshold at this FAR (from the report "
                         "or the data) is a wrong-label candidate (default %(default)s)")
-    p.add_argument("--no-detect", dest="detect", action="store_false",
-                   help="for a model trained on unaligned images: do not run the face detector (no face checks)")
     p.add_argument("--merge-threshold", type=float, help="cosine of two identity centres that makes them one person "
                    "(default: estimated from the data at --merge-far)")
     p.add_argument("--merge-far", type=float, default=1e-5, help="FAR of the merge threshold (default %(default)s)")
@@ -116,8 +116,11 @@ def _examine(args: argparse.Namespace) -> dict:
     embedder, name = open_model(args)
     settings = {"near_duplicate": args.near_duplicate, "phash_bits": args.phash_bits, "blur": args.blur,
                 "min_confidence": args.min_confidence}
+    same_person = args.threshold
+    if same_person is None and args.report is None:  # a teacher knows its own threshold
+        same_person = getattr(embedder, "same_person_threshold", None)
     summary = run_doctor(args.data, args.out, embedder, model=name, report=args.report,
-                         operating_point=args.operating_point, same_person=args.threshold, far=args.far,
+                         operating_point=args.operating_point, same_person=same_person, far=args.far,
                          stranger_far=args.stranger_far, merge=args.merge_threshold, merge_far=args.merge_far,
                          settings=settings, detect=args.detect,
                          workers=args.workers, batch_size=args.batch_size, num_workers=args.num_workers,

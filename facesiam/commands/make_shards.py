@@ -17,7 +17,9 @@ from . import command
 from .common import ProgressBar, add_alignment_options, alignment_options
 
 
-def _count_or_fraction(text: str) -> Union[int, float]:
+def _count_or_fraction(text: str) -> Union[int, float, list[str]]:
+    if Path(text).is_file():  # a file of identity names, one per line
+        return [line.strip() for line in Path(text).read_text(encoding="utf-8").splitlines() if line.strip()]
     try:
         return int(text)
     except ValueError:
@@ -64,8 +66,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("src", type=Path, help="ImageFolder: one sub-folder per identity")
     parser.add_argument("dst", type=Path, help="output folder (must be new or empty unless --overwrite)")
     parser.add_argument("--val-identities", type=_count_or_fraction, default=None,
-                        help="hold out whole identities as a 'val' split: a count (e.g. 100) or a fraction "
-                             "(e.g. 0.1); default: none")
+                        help="hold out whole identities as a 'val' split: a count (e.g. 100), a fraction "
+                             "(e.g. 0.1) or a file naming them one per line; default: none")
     parser.add_argument("--max-samples-per-shard", type=int, default=writer.MAX_SAMPLES_PER_SHARD,
                         help="start a new shard after this many samples (default %(default)s)")
     parser.add_argument("--max-bytes-per-shard", type=_size, default=writer.MAX_BYTES_PER_SHARD,

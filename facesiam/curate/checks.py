@@ -122,9 +122,12 @@ def duplicate_findings(photos: Photos, s: CheckSettings, nn_scores: np.ndarray, 
                        rows: np.ndarray, fit: np.ndarray) -> list[Finding]:
     """Identical files, then near duplicates (kNN cosine >= near_duplicate and pHash distance <= phash_bits).
 
-    Of a group across identities the photo that fits its identity best is kept (``fit``: cosine to its own
-    identity's centre); within one identity the first file is kept.
+    Of a group across identities the photo that fits its identity best is kept (``fit``: cosine to the centre
+    of its identity's other photos; a photo alone in its identity counts as ``same_person``, neither fitting nor
+    contradicted, so a copy dropped among another person's photos loses to it); within one identity the first
+    file is kept.
     """
+    fit = np.where(np.isnan(fit), s.same_person, fit)
     out, paired = [], set()
     by_hash: dict[str, list[int]] = defaultdict(list)
     for i, h in enumerate(photos.sha256):
@@ -162,7 +165,7 @@ def _phash(photos: Photos, i: int, cache: dict) -> object:
 def _duplicate(kind: str, photos: Photos, group: list[int], fit: np.ndarray, score: float, why: str) -> Finding:
     idents = [photos.identities[i] for i in group]
     if len(set(idents)) > 1:
-        keep = max(group, key=lambda i: -np.inf if np.isnan(fit[i]) else fit[i])
+        keep = max(group, key=lambda i: fit[i])
         where = f"under {len(set(idents))} identities; keeping the one that fits its identity best ({photos.files[keep]})"
     else:
         keep = group[0]
@@ -206,31 +209,53 @@ def wrong_label_findings(photos: Photos, s: CheckSettings, groups: dict[str, np.
     return out
 
 
+TAIL_MIN_PAIRS = 10_000  # identity pairs needed to read the impostor tail off the data (1,000th largest and more)
+TAIL_NEIGHBOURS = 50  # nearest identities per identity searched: the 1,000 closest pairs are among them
+
+
+def tail_threshold(top_scores: np.ndarray, pairs: int) -> Optional[float]:
+    """The largest centre cosine expected among ``pairs`` pairs of *different* people, from the data itself.
+
+    Nearly every pair of identities is two people; the few that are one person sit at the very top. So the
+    100th and 1,000th largest centre cosines are impostor pairs, and the top is extrapolated from them assuming
+    an exponential tail of -log(1 - cosine) (each factor 10 in rank adds the same amount), which fits the centres
+    of both a strong (dlib) and a weak model on LFW (docs/curate.md). Identity centres are far tighter than photo
+    pairs, so a photo-pair FAR says little about them: on LFW, FAR 1e-5 let through 9x more merges than there were.
+    """
+    top = np.sort(np.asarray(top_scores, np.float64))[::-1]
+    if pairs < TAIL_MIN_PAIRS or len(top) < 1000:
+        return None
+    y100, y1000 = -np.log1p(-min(top[99], 1 - 1e-9)), -np.log1p(-min(top[999], 1 - 1e-9))
+    return float(-np.expm1(-(y100 + 2 * (y100 - y1000))))
+
+
 def same_person_findings(photos: Photos, s: CheckSettings, groups: dict[str, np.ndarray],
                          exclude: set[int]) -> list[Finding]:
-    """Pairs of identities whose centres are above the merge threshold (each pair once); photos in ``exclude``
-    (suspects of other findings) do not count, nor identities left with fewer than merge_min_photos photos."""
+    """Pairs of identities whose centres are above the merge threshold -- the larger of ``s.merge`` and the
+    expected largest impostor (``tail_threshold``) -- each pair once; photos in ``exclude`` (suspects of other
+    findings) do not count, nor identities left with fewer than merge_min_photos photos."""
     groups = {k: v for k, v in ((k, np.asarray([i for i in rows if i not in exclude], np.int64))
                                 for k, rows in groups.items()) if len(v) >= s.merge_min_photos}
     names, c = centres(photos, groups)
     if len(names) < 2:
         return []
-    scores, index = topk_cosine(c, c, min(5, len(names) - 1), exclude=np.arange(len(names)), normalized=True)
-    out, seen = [], set()
-    for a in range(len(names)):
-        for score, b in zip(scores[a], index[a]):
-            if score < s.merge:
-                break
-            pair = (min(a, int(b)), max(a, int(b)))
-            if pair in seen:
-                continue
-            seen.add(pair)
-            small, big = sorted(pair, key=lambda k: (len(groups[names[k]]), names[k]))
-            out.append(Finding("same_person", [], [names[big], names[small]], float(score), "merge", [],
-                               [photos.files[j] for j in groups[names[big]]][:4]
-                               + [photos.files[j] for j in groups[names[small]]][:4],
-                               f"identity centres at cosine {score:.3f} >= {s.merge:.3f}: probably one person; "
-                               f"merge {names[small]} into {names[big]}"))
+    scores, index = topk_cosine(c, c, min(TAIL_NEIGHBOURS, len(names) - 1), exclude=np.arange(len(names)),
+                                normalized=True)
+    unique = {(min(a, int(b)), max(a, int(b))): float(v) for a in range(len(names))
+              for v, b in zip(scores[a], index[a])}
+    tail = tail_threshold(np.fromiter(unique.values(), np.float64), len(names) * (len(names) - 1) // 2)
+    merge = max(s.merge, tail or -1.0)
+    out = []
+    for (a, b), score in sorted(unique.items(), key=lambda item: -item[1]):
+        if score < merge:
+            break
+        small, big = sorted((a, b), key=lambda k: (len(groups[names[k]]), names[k]))
+        out.append(Finding("same_person", [], [names[big], names[small]], score, "merge", [],
+                           [photos.files[j] for j in groups[names[big]]][:4]
+                           + [photos.files[j] for j in groups[names[small]]][:4],
+                           f"identity centres at cosine {score:.3f} >= {merge:.3f} ("
+                           + ("the largest expected between two people here" if merge == tail else "merge threshold")
+                           + f"): probably one person; merge {names[small]} into {names[big]}"))
     return out
 
 
@@ -249,7 +274,8 @@ def run_checks(photos: Photos, s: CheckSettings, *, progress: bool = False,
     findings = photo_findings(photos, s)
     duplicates = duplicate_findings(photos, s, nn_scores, nn_index, rows, own_centre)
     position = {f: i for i, f in enumerate(photos.files)}
-    in_duplicates = {position[f] for d in duplicates for f in d.suspects}
+    # a photo already suspected (a copy, not a face) is that finding's, not also a wrong label
+    in_duplicates = {position[f] for d in findings + duplicates for f in d.suspects}
     findings += duplicates
     labelled = any(photos.identities)
     if labelled:

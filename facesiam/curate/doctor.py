@@ -76,6 +76,8 @@ def thresholds(photos: Photos, *, report: Optional[str] = None, operating_point:
         at = float(point.split("=", 1)[1]) if point.startswith("far=") else far
         values[key] = far_threshold(photos, at)
         notes[key] = f"estimated from the data: FAR {at:g} of pairs of photos in different folders"
+        if values[key] is None and key != "same_person":  # too few photos for so small a FAR: the basic threshold
+            values[key], notes[key] = values["same_person"], "the same-person threshold (too few photos to estimate)"
         if values[key] is None:
             raise InputError(f"too few photos to estimate the {key} threshold from the data; give --report REPORT "
                              "(facesiam evaluate of this model) or --threshold T")

@@ -64,7 +64,7 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
                 threshold: float, threshold_source: str, method: str = "average", min_size: int = 2,
                 copy: bool = False, truth: Optional[str] = None, workers: Optional[int] = None,
                 batch_size: int = 64, num_workers: int = 0, progress: bool = True, multi: str = "largest",
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False, detect: bool = True) -> dict:
     """Cluster the photos under ``photos_dir`` and write FOLDERS (staged: complete or not at all)."""
     out, src = Path(out), Path(photos_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -77,7 +77,7 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".cluster-", dir=out.resolve().parent) as work:
         photos = load_photos(src, embedder, Path(work), unlabeled=True, workers=workers, batch_size=batch_size,
-                             num_workers=num_workers, progress=progress, multi=multi)
+                             num_workers=num_workers, progress=progress, multi=multi, detect=detect)
         true = read_truth(truth, photos) if truth else None
         rows = np.flatnonzero(photos.embedded)
         t1 = time.perf_counter()

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Collection, Optional, Union
+from typing import Collection, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -191,7 +191,8 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identities: Union[int, float, None] = None,
+def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
+                 val_identities: Union[int, float, Sequence[str], None] = None,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
@@ -206,7 +207,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     builds on data/, never the other way round.
 
     val_identities: hold out this many (int) or this fraction (float in (0, 1)) of the identities as a ``val``
-        split (chosen with ``seed``); None or 0: no val split.
+        split (chosen with ``seed``), or the identities named in a list (the same held-out people across versions
+        of a data set, e.g. before and after facesiam doctor); None or 0: no val split.
     max_samples_per_shard, max_bytes_per_shard: a new shard starts when either would be exceeded.
     workers: decoding processes (default: all usable CPUs; <= 1 decodes in this process).
     resize: shrink images so the shorter side is at most this many pixels (re-encodes them); None keeps them.
@@ -269,13 +271,21 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *, val_identiti
     return meta
 
 
-def _assign_splits(listing: FolderListing, n_classes: int, val_identities: Union[int, float, None],
+def _assign_splits(listing: FolderListing, n_classes: int, val_identities: Union[int, float, Sequence[str], None],
                    seed: int) -> tuple[np.ndarray, list[int]]:
     """Split number (0 train, 1 val) of every label, and the held-out labels."""
     candidates_per_label = np.bincount(np.asarray([label for _, label in listing.samples], np.int64),
                                        minlength=n_classes)
-    val_labels = _choose_val_identities([i for i, n in enumerate(candidates_per_label) if n > 0],
-                                        val_identities, seed)
+    if isinstance(val_identities, (list, tuple, set, frozenset)):  # these identities, by name
+        label_of = {name: i for i, name in enumerate(listing.classes)}
+        unknown = sorted(set(val_identities) - set(label_of))
+        if unknown:
+            raise InputError(f"val identity {unknown[0]!r} is not a folder of {listing.root}" + (
+                f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "") + "; list identity folder names")
+        val_labels = sorted(label_of[name] for name in set(val_identities))
+    else:
+        val_labels = _choose_val_identities([i for i, n in enumerate(candidates_per_label) if n > 0],
+                                            val_identities, seed)
     split_of = np.zeros(n_classes, np.int8)
     split_of[val_labels] = 1
     return split_of, val_labels

@@ -184,6 +184,9 @@ class DlibTeacher:
 
     name = "dlib"
     dim = DLIB_DIM
+    # Cosine of the unit descriptors at FAR 1e-3 on LFW's View-1 training people (4M impostor pairs, 2026-12-05;
+    # docs/curate.md): what doctor and cluster use when no evaluation report is given
+    same_person_threshold = 0.9266
 
     def __init__(self, threads: Optional[int] = None, batch_size: int = DLIB_BATCH):
         # threads: part of build_teacher's interface; dlib's CPU network runs on one thread whatever it says

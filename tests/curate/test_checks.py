@@ -97,3 +97,16 @@ def test_similar_photos_with_different_pixels_are_not_near_duplicates():
 def test_the_merge_threshold_decides_same_person(merge):
     found = _by_kind(run_checks(_photos(inject=True), CheckSettings(same_person=0.5, stranger=0.3, merge=merge)))
     assert ("same_person" in found) == (merge < 0.99)
+
+
+def test_tail_threshold_sits_above_impostors_and_below_one_person():
+    """Centre cosines of many impostor pairs (an exponential tail in -log(1 - cos)) plus a few pairs of one person:
+    the extrapolated largest impostor separates them."""
+    from facesiam.curate.checks import tail_threshold
+
+    rng = np.random.default_rng(0)
+    impostors = 1 - np.exp(-(1.0 + rng.exponential(0.25, 200_000)))  # 1 - cos ~ e^-1 * e^-Exp(0.25)
+    same = np.array([0.995, 0.993, 0.99])
+    t = tail_threshold(np.r_[impostors, same], pairs=200_003)
+    assert impostors.max() < t < same.min()
+    assert tail_threshold(impostors[:500], pairs=500) is None  # too few pairs to read a tail

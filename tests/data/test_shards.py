@@ -269,6 +269,27 @@ def test_val_split_is_identity_disjoint_and_seeded(tmp_path):
         write_shards(src, tmp_path / "all", val_identities=12, workers=1, progress=False)
 
 
+def test_named_val_identities_and_excluded_photos(tmp_path):
+    """The same held-out people across versions of a data set (make_shards --val-identities FILE), and photos left
+    out by name (--exclude: the doctor's suspects)."""
+    from facesiam.commands.make_shards import main as make_shards
+
+    src = make_folder(tmp_path / "src", 6, 3, size=(8, 8))
+    names = sorted(p.name for p in src.iterdir())
+    (tmp_path / "val.txt").write_text(f"{names[4]}\n{names[1]}\n")
+    excluded = sorted(p.relative_to(src).as_posix() for p in (src / names[0]).iterdir())[:2]
+    meta = write_shards(src, tmp_path / "s", val_identities=[names[4], names[1]], exclude=excluded, workers=1,
+                        progress=False)
+    assert meta["splits"]["val"]["identities"] == [names[1], names[4]]
+    train = ShardDataset(tmp_path / "s")
+    assert not set(excluded) & set(train.paths) and len(train) == 4 * 3 - 2 and meta["options"]["excluded"] == 2
+    cli = make_shards([str(src), str(tmp_path / "c"), "--val-identities", str(tmp_path / "val.txt"), "--workers", "1",
+                       "--no-progress"])
+    assert cli["splits"]["val"]["identities"] == [names[1], names[4]]
+    with pytest.raises(ValueError, match="'nobody' is not a folder"):
+        write_shards(src, tmp_path / "x", val_identities=["nobody"], workers=1, progress=False)
+
+
 def test_same_input_and_seed_give_identical_bytes(tmp_path):
     src = make_messy_folder(tmp_path / "src")
     write_shards(src, tmp_path / "a", val_identities=2, seed=3, workers=2, progress=False)

@@ -134,7 +134,8 @@ def test_score_precision_and_recall_per_kind(tmp_path, capsys):
         {"kind": "wrong_label", "suspects": ["C/m2.jpg", "C/c0.jpg"]},  # right
         {"kind": "low_confidence", "suspects": ["D/m3.jpg"]},  # does not count for moved
         {"kind": "duplicate", "files": ["E/c1.jpg", "A/c1.jpg"], "suspects": ["E/c1.jpg"]},  # right
-        {"kind": "near_duplicate", "files": ["F/c2.jpg", "H/h0.jpg"]},  # wrong: not the pair
+        {"kind": "duplicate", "files": ["F/c2.jpg", "G/c2.jpg"], "suspects": ["F/c2.jpg"]},  # wrong: the original
+        {"kind": "near_duplicate", "files": ["F/c2.jpg", "H/h0.jpg"]},  # not scored (not injected)
         {"kind": "same_person", "identities": ["P", "P_2"]},  # right
         {"kind": "same_person", "identities": ["Q", "R"]},  # wrong
         {"kind": "same_person", "identities": ["Q_2", "Q"]},  # right
@@ -155,7 +156,7 @@ def test_score_precision_and_recall_per_kind(tmp_path, capsys):
         r = rows[name]
         assert (r["injected"], r["findings"], r["true_findings"], r["found_by"]) == (injected, n, true, by), name
         assert r["precision"] == pytest.approx(precision) and r["recall"] == pytest.approx(recall), name
-    assert out["unscored"] == {"blurred": 1, "low_confidence": 1, "several_faces": 1}
+    assert out["unscored"] == {"blurred": 1, "low_confidence": 1, "near_duplicate": 1, "several_faces": 1}
     assert json.loads((tmp_path / "s.json").read_text()) == out
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[2].startswith("| moved | 3 | 3 | 2 | 0.667 | 0.667 |") and len(lines) == 2 + 4 + 2
