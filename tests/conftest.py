@@ -30,6 +30,16 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def load_tool(name: str):
+    """tools/NAME.py as a module (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_python(args: list[str], *, timeout: float = SUBPROCESS_TIMEOUT, check: bool = True,
                **kwargs) -> subprocess.CompletedProcess:
     """``python ARGS`` with the repo importable, one thread per process, captured text output and a timeout."""

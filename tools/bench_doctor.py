@@ -122,7 +122,8 @@ def main(argv=None) -> None:
              "CPU only).", "",
              "| stage | seconds at {:,} photos | how measured |".format(args.photos), "|---|---:|---|",
              f"| embedding (the network) | {embed:.0f} | {network:.0f} photos/s over {args.sample:,} photos, scaled |",
-             f"| file hashes + sharpness | {args.photos / rest:.0f} | {rest:.0f} photos/s over the same photos, scaled |",
+             f"| file hashes + sharpness | {args.photos / rest:.0f} | {rest:.0f} photos/s over the same photos, "
+             "scaled |",
              f"| thresholds, 10-NN search, checks, findings.jsonl, contact sheets | {checks:.1f} | at full size |",
              f"| **doctor / embedding** | **{doctor / embed:.2f}x** | goal <= 1.5x |", "",
              "Findings on the synthetic people: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ".",

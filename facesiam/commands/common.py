@@ -14,9 +14,7 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx:
     ``onnx``: --onnx FILE as the other way to give the model (one of the two is then required); ``teacher``: a
     distillation teacher as a third (--teacher SPEC and its options; shard data only)."""
     if onnx:
-        model = p.add_mutually_exclusive_group(required=required)
-        model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
-        model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+        model = add_model_choice(p, required)
         if teacher:
             from ..config import CHOICES, DistillConfig, field_docs
 
@@ -37,6 +35,14 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True, onnx:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     add_align_argument(p)
+
+
+def add_model_choice(p: argparse.ArgumentParser, required: bool) -> argparse._MutuallyExclusiveGroup:
+    """--checkpoint RUN/best | --onnx FILE: the two ways to give a trained model (the group, to add a third)."""
+    model = p.add_mutually_exclusive_group(required=required)
+    model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
+    model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+    return model
 
 
 def add_align_argument(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ import json
 from typing import Optional, Sequence
 
 from . import command
-from .common import add_align_argument, add_threshold_arguments
+from .common import add_align_argument, add_model_choice, add_threshold_arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,9 +19,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "same/different decision at a threshold (given, or from an evaluation report).")
     p.add_argument("image1")
     p.add_argument("image2")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory)")
-    model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+    add_model_choice(p, required=True)
     add_threshold_arguments(p, required=False)
     p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (if evaluated so)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")

@@ -18,16 +18,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import command
-from .common import add_threshold_arguments, log_to_stderr
+from .common import add_model_choice, add_threshold_arguments, log_to_stderr
 
 log = logging.getLogger("facesiam.curate")
 
 
 def add_embedder_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     """--checkpoint | --onnx | --teacher: the model that embeds the photos (doctor and cluster)."""
-    model = p.add_mutually_exclusive_group(required=required)
-    model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
-    model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+    model = add_model_choice(p, required)
     model.add_argument("--teacher", help="a face model that needs no training: dlib (pip install "
                                          "'facesiam[teacher-dlib]') or onnx:PATH; raw photo folders only")
     add_threshold_arguments(p, required=False)

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from ..errors import InputError
 from . import command
-from .common import add_align_argument, add_threshold_arguments, log_to_stderr
+from .common import add_align_argument, add_model_choice, add_threshold_arguments, log_to_stderr
 
 log = logging.getLogger("facesiam.serve")
 
@@ -28,9 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve", description="Face verification and gallery search over HTTP, with a "
                                 "web page at /. Binds to 127.0.0.1 and needs a bearer token for everything but "
                                 "/healthz.")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="exported model: RUN/best (or a RUN directory), run on torch")
-    model.add_argument("--onnx", help="an ONNX export (facesiam export RUN/best --onnx FILE), run on onnxruntime")
+    add_model_choice(p, required=True)
     p.add_argument("--gallery", help="gallery folder to search and enrol into (created on the first enrol; "
                    "without it the gallery lives in memory only)")
     add_threshold_arguments(p, required=True)

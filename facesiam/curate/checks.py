@@ -166,7 +166,8 @@ def _duplicate(kind: str, photos: Photos, group: list[int], fit: np.ndarray, sco
     idents = [photos.identities[i] for i in group]
     if len(set(idents)) > 1:
         keep = max(group, key=lambda i: fit[i])
-        where = f"under {len(set(idents))} identities; keeping the one that fits its identity best ({photos.files[keep]})"
+        where = (f"under {len(set(idents))} identities; keeping the one that fits its identity best "
+                 f"({photos.files[keep]})")
     else:
         keep = group[0]
         where = "in one identity"
@@ -267,8 +268,8 @@ def run_checks(photos: Photos, s: CheckSettings, *, progress: bool = False,
     best_own, own_centre = own_fit(photos, groups)
     k = min(s.neighbours, max(len(rows) - 1, 0))
     if k > 0:
-        nn_scores, nn_index = topk_cosine(photos.embeddings[rows], photos.embeddings[rows], k, exclude=np.arange(len(rows)),
-                                          normalized=True, progress=progress)
+        x = photos.embeddings[rows]
+        nn_scores, nn_index = topk_cosine(x, x, k, exclude=np.arange(len(rows)), normalized=True, progress=progress)
     else:
         nn_scores, nn_index = np.zeros((len(rows), 0), np.float32), np.zeros((len(rows), 0), np.int64)
     findings = photo_findings(photos, s)

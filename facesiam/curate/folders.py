@@ -86,7 +86,8 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
         seconds = time.perf_counter() - t1
         names = _folder_names(clusters)
         summary = {"photos": str(src), "model": model, "method": method, "threshold": threshold,
-                   "threshold_source": threshold_source, "min_size": min_size, "links": "copies" if copy else "symlinks",
+                   "threshold_source": threshold_source, "min_size": min_size,
+                   "links": "copies" if copy else "symlinks",
                    "count": len(photos), "with_face": int(len(rows)), "clusters": int(clusters.max(initial=-1) + 1),
                    "unsure": int((clusters == UNSURE).sum()), "seconds": {"cluster": round(seconds, 2)}}
         if true is not None:
@@ -140,7 +141,8 @@ def _sheets(tmp: Path, photos: Photos, clusters: np.ndarray, names: list[str], s
              f"({summary['method']} clustering at cosine {summary['threshold']:.4f}, {summary['threshold_source']})."]
     if "scores" in summary:
         sc = summary["scores"]
-        lines.append(f"Against the true identities: BCubed F {sc['bcubed_f']:.4f} (precision {sc['bcubed_precision']:.4f},"
+        lines.append(f"Against the true identities: BCubed F {sc['bcubed_f']:.4f} "
+                     f"(precision {sc['bcubed_precision']:.4f},"
                      f" recall {sc['bcubed_recall']:.4f}); pairwise precision {sc['pairwise_precision']:.4f}, recall "
                      f"{sc['pairwise_recall']:.4f}.")
     sections = {"people": sheets,

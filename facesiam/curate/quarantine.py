@@ -114,7 +114,8 @@ def undo_quarantine(manifest: str | os.PathLike) -> int:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
         back += 1
-    for folder in sorted({(quarantine / m["quarantined"]).parent for m in record["moves"]}, key=lambda p: -len(p.parts)):
+    held = {(quarantine / m["quarantined"]).parent for m in record["moves"]}
+    for folder in sorted(held, key=lambda p: -len(p.parts)):  # deepest first: empty folders left in quarantine
         while folder != quarantine and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
             folder = folder.parent

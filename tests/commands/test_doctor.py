@@ -150,3 +150,15 @@ def test_shards_are_examined_by_their_source_paths(noisy_folder, tiny_model_dir,
     [dup] = [f for f in _findings(report) if f["kind"] == "duplicate"]
     assert sorted(dup["files"]) == sorted([original, copy])
     assert summary["photos"] == sum(1 for p in data.rglob("*.png")) - 1  # the broken file was never packed
+
+
+def test_an_onnx_export_finds_what_the_checkpoint_finds(noisy_folder, tiny_model_dir, tmp_path):
+    from facesiam.export import export_onnx
+
+    data, *_ = noisy_folder
+    export_onnx(tiny_model_dir, tmp_path / "m.onnx", check=False)
+    args = ["--no-detect", "--threshold", "0.9", "--no-progress", "--workers", "1"]
+    doctor([str(data), "--checkpoint", str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "t")] + args)
+    doctor([str(data), "--onnx", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "o")] + args)
+    key = lambda f: (f["kind"], f["files"], f["suspects"])  # noqa: E731
+    assert sorted(map(key, _findings(tmp_path / "o"))) == sorted(map(key, _findings(tmp_path / "t")))

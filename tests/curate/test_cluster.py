@@ -75,17 +75,13 @@ def test_unknown_method_is_one_line():
 
 
 def test_compare_clustering_tool_prints_every_method(tmp_path, capsys):
-    import importlib.util
-
     from facesiam.eval.embed import save_embeddings
 
-    from ..conftest import REPO
+    from ..conftest import load_tool
 
     x, y = _people(8, 4)
     save_embeddings(tmp_path / "e.npz", x, y, [f"{i}.jpg" for i in range(len(y))], [str(i) for i in range(8)])
-    spec = importlib.util.spec_from_file_location("compare_clustering", REPO / "tools" / "compare_clustering.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    out = tool.main([str(tmp_path / "e.npz"), "--threshold", "0.6", "--thresholds", "0.5,0.7"])
+    out = load_tool("compare_clustering").main([str(tmp_path / "e.npz"), "--threshold", "0.6",
+                                                 "--thresholds", "0.5,0.7"])
     assert set(out) == set(METHODS) and all(s["bcubed_f"] == pytest.approx(1.0) for s in out.values())
     assert "| average | 1.0000" in capsys.readouterr().out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
+from ..conftest import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("inject_noise", REPO / "tools" / "inject_noise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("inject_noise")
 
 
 def _image_folder(root: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,14 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from ..conftest import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("results_table", REPO / "tools" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("results_table")
 
 
 def _fake_run(root: Path, auc: float, tar: float, rank1: float, rate: float) -> tuple[Path, Path]:
