@@ -141,8 +141,8 @@ def run_doctor(data: str | os.PathLike, out: str | os.PathLike, embedder: Any, *
                                                                      for k in values) + ".",
                          f"{len(findings)} findings, {summary['suspects']} photos suggested for quarantine "
                          "(red frames). Delete the lines of findings.jsonl you disagree with, then apply it."]
-                write_sheets(tmp, "facesiam doctor", lines + count_table(counts), sheets_for(findings, photos),
-                             photos.thumbnail)
+                write_sheets(tmp, "facesiam doctor", lines, sheets_for(findings, photos), photos.thumbnail,
+                             dict(counts))
             except Exception as err:  # noqa: BLE001 -- a picture must not cost the findings
                 log.error("contact sheets failed (%s: %s); findings.jsonl is complete", type(err).__name__, err)
     log.info("%s", "\n".join(count_table(counts)))

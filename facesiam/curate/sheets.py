@@ -59,12 +59,19 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"""
 
 
 def write_sheets(out: Path, title: str, summary: Sequence[str], sections: dict[str, list[Sheet]],
-                 thumbnail: Callable[[int], Optional[Image.Image]]) -> tuple[Path, Path]:
-    """report.html and report.md in ``out``: the summary lines, then one section per key of ``sections``."""
+                 thumbnail: Callable[[int], Optional[Image.Image]],
+                 counts: Optional[dict[str, int]] = None) -> tuple[Path, Path]:
+    """report.html and report.md in ``out``: the summary lines and a table of ``counts`` (linking each kind to its
+    section), then one section per key of ``sections``."""
     thumbs = Thumbnails(out, thumbnail)
     page = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style>",
             f"<h1>{html.escape(title)}</h1>"] + [f"<p>{html.escape(line)}</p>" for line in summary]
     md = [f"# {title}", ""] + [f"{line}  " for line in summary] + [""]
+    if counts:
+        rows = "".join(f"<tr><td><a href='#{html.escape(k)}'>{html.escape(k)}</a></td><td>{v}</td></tr>"
+                       for k, v in counts.items())
+        page.append(f"<table><tr><th>kind</th><th>findings</th></tr>{rows}</table>")
+        md += count_table(Counter(counts)) + [""]
     for name, sheets in sections.items():
         shown = sheets[:MAX_SHEETS_PER_KIND]
         more = f" (the first {len(shown)} shown)" if len(sheets) > len(shown) else ""
