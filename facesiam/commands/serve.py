@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                    "is generated and printed)")
     p.add_argument("--public-read", action="store_true", help="verify, search and the identity list without a "
                    "token (enrol and delete always need it)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also serve requests whose Host header is NAME (repeatable); by default only the loopback "
+                        "names and --host are served, so a web page cannot reach the service by DNS rebinding")
     p.add_argument("--top-k", type=int, default=5, help="identities a search returns (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload in MB (default 10)")
     p.add_argument("--max-pixels", type=float, default=40e6, help="largest image in pixels (default 40e6)")
@@ -66,6 +69,14 @@ def read_token(token_file: Optional[str]) -> tuple[str, str]:
     return secrets.token_urlsafe(32), "generated for this run"
 
 
+def allowed_hosts(host: str, extra: Sequence[str]) -> tuple[str, ...]:
+    """Host header values served: the loopback names, the bound address (unless a wildcard) and --allow-host."""
+    from ..service.hardening import LOOPBACK_HOSTS
+
+    bound = () if host in ("0.0.0.0", "::", "") else (host,)
+    return tuple(dict.fromkeys(h.lower() for h in (*LOOPBACK_HOSTS, *bound, *extra)))
+
+
 def build(args: argparse.Namespace):
     """(app, settings) from parsed arguments: loads the model, the threshold and the gallery."""
     from ..eval.compare import decision_threshold
@@ -81,7 +92,8 @@ def build(args: argparse.Namespace):
                                public_read=args.public_read, max_bytes=int(args.max_upload_mb * 1024 * 1024),
                                max_pixels=int(args.max_pixels), top_k=args.top_k,
                                keep_images=Path(args.keep_images) if args.keep_images else None, align=args.align,
-                               max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name)
+                               max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
+                               allowed_hosts=allowed_hosts(args.host, args.allow_host))
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment
@@ -105,7 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError:
         loopback = args.host == "localhost"
     if not loopback:
-        log.warning("binding to %s: other machines can reach this service; put it behind TLS", args.host)
+        log.warning("binding to %s: other machines can reach this service; put it behind TLS (Host names served: "
+                    "%s; add the ones clients use with --allow-host)", args.host, ", ".join(settings.allowed_hosts))
     if token_source == "generated for this run":
         print(f"token (generated for this run; pass --token-file or set FACESIAM_TOKEN to keep one): "
               f"{settings.token}", file=sys.stderr, flush=True)

@@ -12,7 +12,8 @@ Faces are biometric data, so: every endpoint but /healthz and the page needs ``A
 (``public_read`` opens verify, search and the identity list; enrol and delete always need it); uploads are limited
 in bytes (413) and pixels (413, checked from the header before decoding); uploads stay in memory and nothing is
 written or logged unless ``keep_images`` names a folder. Bad input is a JSON error with 400/401/403/404/413/415,
-never a 500.
+never a 500. service/hardening.py guards the HTTP level: the Host allow-list, smuggling headers, the body limit on
+the bytes received, security headers, and identity names (NFC, no hidden characters).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.formparsers import MultiPartParser
 from ..data.images import BadImage, TooManyPixels, rgb_from_bytes
 from ..errors import InputError
 from .batcher import Batcher, NoFace, embed_many_for
+from .hardening import LOOPBACK_HOSTS, BadName, RequestGuard, normalize_identity
 from .store import GalleryStore
 
 log = logging.getLogger("facesiam.serve")
@@ -77,6 +79,8 @@ class ServiceSettings:
     """How long the first image of a batch waits for others."""
     model_name: str = ""
     """What the model is, for /healthz and the logs."""
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    """Host header values served (others: 400): a web page elsewhere cannot reach the service by DNS rebinding."""
 
 
 class ServiceError(Exception):
@@ -110,6 +114,7 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
     app = FastAPI(title="facesiam", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # no public schema pages: the service is not a public API by default
     max_request = settings.max_bytes * max(2, settings.max_files) + 64 * 1024
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body=max_request)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -229,9 +234,7 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
     @app.post("/enroll")
     async def enroll(identity: str = Form(...), images: list[UploadFile] = File(...)):
         t0 = time.perf_counter()
-        identity = identity.strip()
-        if not identity or len(identity) > 200 or any(c in identity for c in "\r\n\t/\\"):
-            raise ServiceError(400, "identity must be a name of 1-200 characters without slashes, tabs or newlines")
+        identity = checked_name(identity)
         if len(images) > settings.max_files:
             raise ServiceError(413, f"{len(images)} images in one enrol; at most {settings.max_files}")
         pictures = [await read_image(f, "images") for f in images]
@@ -243,6 +246,7 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
 
     @app.delete("/identities/{name}")
     async def delete_identity(name: str):
+        name = checked_name(name)
         removed = await batcher.run_in_model_thread(store.delete, name)
         if not removed:
             raise ServiceError(404, f"identity {name!r} is not enrolled")
@@ -255,6 +259,14 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
 
     app.state.store, app.state.batcher, app.state.settings = store, batcher, settings
     return app
+
+
+def checked_name(name: str) -> str:
+    """The identity name as stored (NFC, stripped), or a 400 saying what is wrong with it."""
+    try:
+        return normalize_identity(name)
+    except BadName as err:
+        raise ServiceError(400, str(err)) from None
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
