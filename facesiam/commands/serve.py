@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also serve requests whose Host header is NAME (repeatable); by default only the loopback "
                         "names and --host are served, so a web page cannot reach the service by DNS rebinding")
+    p.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a request body may take in all, and a sixth of it (at most 10) to stall (408 after)")
     p.add_argument("--top-k", type=int, default=5, help="identities a search returns (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload in MB (default 10)")
     p.add_argument("--max-pixels", type=float, default=40e6, help="largest image in pixels (default 40e6)")
@@ -93,7 +95,8 @@ def build(args: argparse.Namespace):
                                max_pixels=int(args.max_pixels), top_k=args.top_k,
                                keep_images=Path(args.keep_images) if args.keep_images else None, align=args.align,
                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
-                               allowed_hosts=allowed_hosts(args.host, args.allow_host))
+                               allowed_hosts=allowed_hosts(args.host, args.allow_host),
+                               body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6))
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment

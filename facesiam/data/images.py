@@ -265,10 +265,13 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return rgb_from_bytes(f.read(), str(path))
 
 
-def rgb_from_bytes(raw: bytes, name: str, max_pixels: Optional[int] = None) -> Image.Image:
+def rgb_from_bytes(raw: bytes, name: str, max_pixels: Optional[int] = None,
+                   max_aspect: Optional[float] = None) -> Image.Image:
     """Image bytes (a file's, an upload's) -> PIL RGB under the shards' policy; BadImage naming ``name`` if unusable.
 
-    ``max_pixels``: refuse larger images from their header, before decoding (a decompression bomb never expands).
+    ``max_pixels``: refuse larger images from their header, before decoding (a decompression bomb never expands);
+    ``max_aspect``: refuse images longer than this many times their width or the other way round (a 1 x 39,000,000
+    strip passes a pixel budget but costs a gigabyte to decode and holds no face).
     """
     try:
         if max_pixels is not None:
@@ -279,6 +282,8 @@ def rgb_from_bytes(raw: bytes, name: str, max_pixels: Optional[int] = None) -> I
                 width = height = 0
             if width * height > max_pixels:
                 raise TooManyPixels(f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+            if max_aspect is not None and min(width, height) and max(width, height) > max_aspect * min(width, height):
+                raise TooManyPixels(f"{width}x{height}: more than {max_aspect:g} times longer than wide; send a photo")
         img, _ = normalize(_decode(raw), raw)
     except BadImage as e:
         raise type(e)(f"{name}: {e}") from None

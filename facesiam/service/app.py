@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartParser
 
 from ..data.images import BadImage, TooManyPixels, rgb_from_bytes
@@ -67,6 +68,12 @@ class ServiceSettings:
     """Largest accepted image in pixels, from its header before decoding (413 above: decompression bombs)."""
     max_files: int = 32
     """Most images in one enrol request."""
+    max_aspect: float = 10.0
+    """Longest side over shortest above which an image is refused (413) from its header."""
+    body_timeout: float = 60.0
+    """Seconds a request body may take to arrive in all (408 after)."""
+    idle_timeout: float = 10.0
+    """Seconds a request body may stall between two pieces (408 after: a client that announced more than it sends)."""
     top_k: int = 5
     """Identities a search returns unless the request asks for k."""
     keep_images: Optional[Path] = None
@@ -114,7 +121,8 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
     app = FastAPI(title="facesiam", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # no public schema pages: the service is not a public API by default
     max_request = settings.max_bytes * max(2, settings.max_files) + 64 * 1024
-    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body=max_request)
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body=max_request,
+                       body_timeout=settings.body_timeout, idle_timeout=settings.idle_timeout)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -176,8 +184,9 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
         raw = await upload.read(settings.max_bytes + 1)
         if len(raw) > settings.max_bytes:
             raise ServiceError(413, f"{field} ({name}): over the limit of {settings.max_bytes:,} bytes")
-        try:
-            image = rgb_from_bytes(raw, f"{field} ({name})", max_pixels=settings.max_pixels)
+        try:  # decoded in a worker thread: a large photo must not stall the event loop (/healthz, other requests)
+            image = await run_in_threadpool(rgb_from_bytes, raw, f"{field} ({name})", max_pixels=settings.max_pixels,
+                                            max_aspect=settings.max_aspect)
         except TooManyPixels as err:
             raise ServiceError(413, str(err)) from None
         except BadImage as err:

@@ -5,7 +5,9 @@ security headers on every response, and identity names that cannot hide characte
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import unicodedata
 from typing import Any, Callable, Iterable
 
@@ -68,14 +70,23 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over the limit of {limit:,} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """Raised from ``receive`` when a body stalls or takes too long (slow clients hold a connection and memory)."""
+
+    def __init__(self, message: str):
+        super().__init__(408, message)
+
+
 class RequestGuard:
     """ASGI middleware: refuse a Host outside ``allowed_hosts`` (400), a request that declares both
-    Content-Length and Transfer-Encoding (400: the smuggling signature), and a body whose bytes *received* pass
-    ``max_body`` (413) whatever its headers said; add SECURITY_HEADERS (and no-store on JSON) to every response."""
+    Content-Length and Transfer-Encoding (400: the smuggling signature), a body whose bytes *received* pass
+    ``max_body`` (413) whatever its headers said, and a body that stalls ``idle_timeout`` seconds or takes more than
+    ``body_timeout`` in all (408); add SECURITY_HEADERS (and no-store on JSON) to every response."""
 
-    def __init__(self, app: Callable, allowed_hosts: Iterable[str], max_body: int):
+    def __init__(self, app: Callable, allowed_hosts: Iterable[str], max_body: int, body_timeout: float = 60.0,
+                 idle_timeout: float = 10.0):
         self.app, self.allowed = app, {h.lower() for h in allowed_hosts}
-        self.max_body = max_body
+        self.max_body, self.body_timeout, self.idle_timeout = max_body, body_timeout, idle_timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -84,11 +95,16 @@ class RequestGuard:
         refusal = self._refuse(headers)
         if refusal is not None:
             return await self._send(send, *refusal)
-        received, started = 0, False
+        received, started, t0 = 0, False, time.monotonic()
 
         async def counted() -> dict:
             nonlocal received
-            message = await receive()
+            left = self.body_timeout - (time.monotonic() - t0)
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.idle_timeout, left)))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(f"the request body stalled or took over {self.body_timeout:g} s; send it "
+                                  "whole, at once") from None
             received += len(message.get("body", b""))
             if received > self.max_body:
                 raise BodyTooLarge(self.max_body)
@@ -108,9 +124,9 @@ class RequestGuard:
 
         try:
             await self.app(scope, counted, secured)
-        except BodyTooLarge as err:  # raised where no handler answered it
+        except (BodyTooLarge, BodyTimeout) as err:  # raised where no handler answered it
             if not started:
-                await self._send(send, 413, err.detail)
+                await self._send(send, err.status_code, err.detail)
 
     def _refuse(self, headers: dict[str, str]) -> Any:
         host = host_of(headers.get("host", ""))

@@ -8,9 +8,10 @@ import socket
 import unicodedata
 
 import pytest
+from PIL import Image
 
 from facesiam.service.hardening import BadName, host_of, normalize_identity
-from tests.service.conftest import TOKEN, Server, upload
+from tests.service.conftest import TOKEN, Server, png_bytes, upload
 from tests.service.test_serve import people
 
 
@@ -56,7 +57,8 @@ def _raw(port: int, head: bytes, body: bytes) -> bytes:
 
 def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder, tmp_path):
     a = next(iter(people(face_folder).values()))[0]
-    args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--public-read", "--max-upload-mb", "0.05"]
+    args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--public-read", "--max-upload-mb", "0.05",
+            "--body-timeout", "6"]
     with Server(args, log=tmp_path / "serve.log") as srv:
         # DNS rebinding: a page on evil.example.com resolving to 127.0.0.1 gets nothing, even with --public-read
         r = srv.client.get("/identities", headers={"Host": "evil.example.com"})
@@ -74,6 +76,17 @@ def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder
                 "Transfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=x\r\n\r\n").encode()
         reply = _raw(srv.port, head, body)
         assert reply.split(b"\r\n", 1)[0].split()[1] in (b"400", b"413"), reply[:200]
+        # a client that announces 1,000 bytes and sends 10 is cut off after the idle timeout (1 s here), not held
+        head = (f"POST /verify HTTP/1.1\r\nHost: 127.0.0.1:{srv.port}\r\nContent-Length: 1000\r\n"
+                "Content-Type: multipart/form-data; boundary=x\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.sendall(head + b"--x\r\nabcd")
+            reply = s.recv(65536)
+        assert reply.split(b"\r\n", 1)[0].split()[1] == b"408", reply[:200]
+        # a strip of pixels under the pixel budget but 100 times longer than wide: refused from its header
+        strip = Image.new("RGB", (2000, 20), (128, 128, 128))
+        r = srv.client.post("/search", files={"image": ("strip.png", png_bytes(strip), "image/png")})
+        assert r.status_code == 413 and "longer than wide" in r.json()["error"]
         # names: one Unicode form, nothing hidden
         auth = {"Authorization": f"Bearer {TOKEN}"}
 
