@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
@@ -98,48 +98,112 @@ class ServiceError(Exception):
         self.status, self.message, self.headers = status, message, headers
 
 
+class Service:
+    """What the endpoints share: settings, the gallery store, the batcher (the model thread) and the helpers that
+    check access and read uploads."""
+
+    def __init__(self, embedder, settings: ServiceSettings, gallery_dir: Optional[str | Path] = None):
+        self.settings, self.gallery_dir = settings, gallery_dir
+        self.store = GalleryStore(gallery_dir, embedder.embedding_dim, model=settings.model_name)
+        self.batcher = Batcher(embed_many_for(embedder, align=settings.align), max_batch=settings.max_batch,
+                               max_wait_ms=settings.batch_wait_ms)
+        self.max_request = settings.max_bytes * max(2, settings.max_files) + 64 * 1024
+
+    @asynccontextmanager
+    async def lifespan(self, app):
+        s = self.settings
+        await self.batcher.start()
+        log.info("serving %s; gallery %s (%d entries, %d identities); threshold %.4f (%s); batching %s",
+                 s.model_name, self.gallery_dir or "(none: in memory only)", self.store.size,
+                 len(self.store.identities()), s.threshold, s.threshold_source,
+                 f"up to {s.max_batch} images within {s.batch_wait_ms} ms" if s.max_batch > 1 else "off")
+        yield
+        await self.batcher.stop()
+
+    @staticmethod
+    def access(method: str, path: str) -> Optional[str]:
+        """What an endpoint needs: "read" (open with public_read), "write" (always the token), None (public)."""
+        if path in ("/verify", "/search") or (path == "/identities" and method == "GET"):
+            return "read"
+        if path == "/enroll" or path.startswith("/identities/"):
+            return "write"
+        return None
+
+    def authorize(self, request: Request, *, read: bool) -> None:
+        if read and self.settings.public_read:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise ServiceError(401, "a bearer token is required: send 'Authorization: Bearer TOKEN'",
+                               {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), self.settings.token.encode()):
+            raise ServiceError(403, "the token is not valid for this service")
+
+    async def read_image(self, upload: UploadFile, field: str) -> Image.Image:
+        s = self.settings
+        name = upload.filename or field
+        kind = (upload.content_type or "application/octet-stream").lower()
+        if not kind.startswith(IMAGE_TYPES):
+            raise ServiceError(415, f"{field} ({name}): content type {kind} is not an image; send a JPEG, PNG, ...")
+        raw = await upload.read(s.max_bytes + 1)
+        if len(raw) > s.max_bytes:
+            raise ServiceError(413, f"{field} ({name}): over the limit of {s.max_bytes:,} bytes")
+        try:  # decoded in a worker thread: a large photo must not stall the event loop (/healthz, other requests)
+            image = await run_in_threadpool(rgb_from_bytes, raw, f"{field} ({name})", max_pixels=s.max_pixels,
+                                            max_aspect=s.max_aspect)
+        except TooManyPixels as err:
+            raise ServiceError(413, str(err)) from None
+        except BadImage as err:
+            raise ServiceError(400, str(err)) from None
+        if s.keep_images is not None:
+            _keep(s.keep_images, field, image)
+        return image
+
+    async def embed(self, images: list[Image.Image], names: list[str]) -> np.ndarray:
+        results = await self.batcher.embed(images)
+        for name, result in zip(names, results):
+            if isinstance(result, NoFace):
+                raise ServiceError(400, f"{name}: {result}")
+        return np.stack(results)
+
+
 def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | Path] = None):
     """The FastAPI app. ``embedder``: a facesiam.embedder.FaceEmbedder (TorchEmbedder or OnnxEmbedder)."""
     # Uploads stay in memory (Starlette spools files over 1 MB to a temporary file on disk otherwise): no face
     # image touches the disk unless keep_images asks for it. The byte limit below bounds the memory.
     MultiPartParser.spool_max_size = settings.max_bytes + 1
-    store = GalleryStore(gallery_dir, embedder.embedding_dim, model=settings.model_name)
-    batcher = Batcher(embed_many_for(embedder, align=settings.align), max_batch=settings.max_batch,
-                      max_wait_ms=settings.batch_wait_ms)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        await batcher.start()
-        log.info("serving %s; gallery %s (%d entries, %d identities); threshold %.4f (%s); batching %s",
-                 settings.model_name, gallery_dir or "(none: in memory only)", store.size, len(store.identities()),
-                 settings.threshold, settings.threshold_source,
-                 f"up to {settings.max_batch} images within {settings.batch_wait_ms} ms"
-                 if settings.max_batch > 1 else "off")
-        yield
-        await batcher.stop()
-
-    app = FastAPI(title="facesiam", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+    service = Service(embedder, settings, gallery_dir)
+    app = FastAPI(title="facesiam", version="1", lifespan=service.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # no public schema pages: the service is not a public API by default
-    max_request = settings.max_bytes * max(2, settings.max_files) + 64 * 1024
-    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body=max_request,
+    # RequestGuard goes in first, so it sits inside the token guard, right around the app: its receive() errors
+    # (413, 408) reach the app's handlers directly, not through BaseHTTPMiddleware's task group
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_body=service.max_request,
                        body_timeout=settings.body_timeout, idle_timeout=settings.idle_timeout)
+    _install_guard(app, service)
+    app.include_router(_routes(service))
+    app.state.store, app.state.batcher, app.state.settings = service.store, service.batcher, settings
+    return app
+
+
+def _install_guard(app: FastAPI, service: Service) -> None:
+    """Token and declared size before the body is read; every error as JSON."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        # The token and the declared size are checked before the body is read: an unauthorised or oversized
-        # upload is refused without being received.
-        needs = access(request.method, request.url.path)
+        # an unauthorised or oversized upload is refused without being received
+        needs = service.access(request.method, request.url.path)
         if needs is not None:
             try:
-                authorize(request, read=needs == "read")
+                service.authorize(request, read=needs == "read")
             except ServiceError as err:
                 return _error(err.status, err.message, err.headers)
         length = request.headers.get("content-length")
         if request.method == "POST" and not (length or "").isdigit():
             # a chunked body has no declared size to check: uploads are held in memory, so it is refused
             return _error(411, "send the request with a Content-Length header (uploads are size-checked first)")
-        if length is not None and length.isdigit() and int(length) > max_request:
-            return _error(413, f"request of {int(length):,} bytes is over the limit of {max_request:,}")
+        if length is not None and length.isdigit() and int(length) > service.max_request:
+            return _error(413, f"request of {int(length):,} bytes is over the limit of {service.max_request:,}")
         return await call_next(request)
 
     @app.exception_handler(ServiceError)
@@ -156,83 +220,41 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
     async def http_error(request, err: StarletteHTTPException):
         return _error(err.status_code, str(err.detail))
 
-    # ------------------------------------------------------------------ helpers
-    def access(method: str, path: str) -> Optional[str]:
-        """What an endpoint needs: "read" (open with public_read), "write" (always the token), None (public)."""
-        if path in ("/verify", "/search") or (path == "/identities" and method == "GET"):
-            return "read"
-        if path == "/enroll" or path.startswith("/identities/"):
-            return "write"
-        return None
 
-    def authorize(request: Request, *, read: bool) -> None:
-        if read and settings.public_read:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise ServiceError(401, "a bearer token is required: send 'Authorization: Bearer TOKEN'",
-                               {"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
-            raise ServiceError(403, "the token is not valid for this service")
-
-    async def read_image(upload: UploadFile, field: str) -> Image.Image:
-        name = upload.filename or field
-        kind = (upload.content_type or "application/octet-stream").lower()
-        if not kind.startswith(IMAGE_TYPES):
-            raise ServiceError(415, f"{field} ({name}): content type {kind} is not an image; send a JPEG, PNG, ...")
-        raw = await upload.read(settings.max_bytes + 1)
-        if len(raw) > settings.max_bytes:
-            raise ServiceError(413, f"{field} ({name}): over the limit of {settings.max_bytes:,} bytes")
-        try:  # decoded in a worker thread: a large photo must not stall the event loop (/healthz, other requests)
-            image = await run_in_threadpool(rgb_from_bytes, raw, f"{field} ({name})", max_pixels=settings.max_pixels,
-                                            max_aspect=settings.max_aspect)
-        except TooManyPixels as err:
-            raise ServiceError(413, str(err)) from None
-        except BadImage as err:
-            raise ServiceError(400, str(err)) from None
-        if settings.keep_images is not None:
-            _keep(settings.keep_images, field, image)
-        return image
-
-    async def embed(images: list[Image.Image], names: list[str]) -> np.ndarray:
-        results = await batcher.embed(images)
-        for name, result in zip(names, results):
-            if isinstance(result, NoFace):
-                raise ServiceError(400, f"{name}: {result}")
-        return np.stack(results)
+def _routes(service: Service) -> APIRouter:
+    """The endpoints (see the module docstring)."""
+    router, settings, store, batcher = APIRouter(), service.settings, service.store, service.batcher
 
     def now_ms(t0: float) -> float:
         return round((time.perf_counter() - t0) * 1000, 1)
 
-    # ------------------------------------------------------------------ endpoints
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/healthz")
+    @router.get("/healthz")
     async def healthz():
         return {"status": "ok", "model": settings.model_name, "gallery_size": store.size,
                 "identities": len(store.identities()), "batching": batcher.stats.as_dict()}
 
-    @app.post("/verify")
+    @router.post("/verify")
     async def verify(image1: UploadFile = File(...), image2: UploadFile = File(...)):
         t0 = time.perf_counter()
-        images = [await read_image(image1, "image1"), await read_image(image2, "image2")]
-        emb = await embed(images, [f"image1 ({image1.filename})", f"image2 ({image2.filename})"])
+        images = [await service.read_image(image1, "image1"), await service.read_image(image2, "image2")]
+        emb = await service.embed(images, [f"image1 ({image1.filename})", f"image2 ({image2.filename})"])
         similarity = float(np.dot(emb[0], emb[1]))
         same = similarity >= settings.threshold
         log.info("verify: similarity %.4f -> %s (%.0f ms)", similarity, "same" if same else "different", now_ms(t0))
         return {"similarity": similarity, "same": bool(same), "decision": "same" if same else "different",
                 "threshold": settings.threshold, "threshold_source": settings.threshold_source, "ms": now_ms(t0)}
 
-    @app.post("/search")
+    @router.post("/search")
     async def search(image: UploadFile = File(...), k: Optional[int] = Form(None)):
         t0 = time.perf_counter()
         k = settings.top_k if k is None else k
         if not 1 <= k <= 100:
             raise ServiceError(400, f"k must be between 1 and 100, got {k}")
-        emb = await embed([await read_image(image, "image")], [f"image ({image.filename})"])
+        emb = await service.embed([await service.read_image(image, "image")], [f"image ({image.filename})"])
         matches = [{"identity": m["identity"], "score": m["score"]} for m in store.search(emb, k)[0]]
         known = bool(matches) and matches[0]["score"] >= settings.threshold
         log.info("search: %d matches, %s (%.0f ms)", len(matches), "known" if known else "unknown", now_ms(t0))
@@ -240,20 +262,20 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
                 "score": matches[0]["score"] if matches else None, "matches": matches,
                 "threshold": settings.threshold, "threshold_source": settings.threshold_source, "ms": now_ms(t0)}
 
-    @app.post("/enroll")
+    @router.post("/enroll")
     async def enroll(identity: str = Form(...), images: list[UploadFile] = File(...)):
         t0 = time.perf_counter()
         identity = checked_name(identity)
         if len(images) > settings.max_files:
             raise ServiceError(413, f"{len(images)} images in one enrol; at most {settings.max_files}")
-        pictures = [await read_image(f, "images") for f in images]
-        emb = await embed(pictures, [f"images ({f.filename})" for f in images])  # all or nothing: faces first
+        pictures = [await service.read_image(f, "images") for f in images]
+        emb = await service.embed(pictures, [f"images ({f.filename})" for f in images])  # all or nothing
         total = await batcher.run_in_model_thread(store.enroll, identity, emb, [f.filename or "" for f in images])
         log.info("enrolled %d image(s) of one identity (%.0f ms)", len(pictures), now_ms(t0))
         return {"identity": identity, "added": len(pictures), "images": total, "gallery_size": store.size,
                 "ms": now_ms(t0)}
 
-    @app.delete("/identities/{name}")
+    @router.delete("/identities/{name}")
     async def delete_identity(name: str):
         name = checked_name(name)
         removed = await batcher.run_in_model_thread(store.delete, name)
@@ -261,13 +283,12 @@ def create_app(embedder, settings: ServiceSettings, gallery_dir: Optional[str | 
             raise ServiceError(404, f"identity {name!r} is not enrolled")
         return {"identity": name, "removed": removed, "gallery_size": store.size}
 
-    @app.get("/identities")
+    @router.get("/identities")
     async def identities():
         names = store.identities()
         return {"count": len(names), "identities": [{"name": n, "images": c} for n, c in names.items()]}
 
-    app.state.store, app.state.batcher, app.state.settings = store, batcher, settings
-    return app
+    return router
 
 
 def checked_name(name: str) -> str:
@@ -298,4 +319,3 @@ def check_settings(settings: ServiceSettings) -> None:
                          "`python -c \"import secrets; print(secrets.token_urlsafe(32))\"`")
     if settings.max_batch < 1 or settings.batch_wait_ms < 0:
         raise InputError("--max-batch must be >= 1 and --batch-wait-ms >= 0")
-
