@@ -100,3 +100,17 @@ def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder
             assert r.status_code == 400 and "U+" in r.json()["error"], bad
         assert [i["name"] for i in srv.client.get("/identities").json()["identities"]] == ["Jos\u00e9"]
         assert srv.client.delete("/identities/Jose\u0301", headers=auth).json()["removed"] == 2
+
+
+def test_large_uploads_are_shrunk_before_detection():
+    import io
+
+    from facesiam.service.app import ServiceSettings, decode_upload
+
+    settings = ServiceSettings(token="t" * 16, threshold=0.5, threshold_source="test", max_side=512)
+    buf = io.BytesIO()
+    Image.new("RGB", (3000, 1500), (90, 120, 150)).save(buf, "PNG")
+    assert decode_upload(buf.getvalue(), "big.png", settings).size == (512, 256)
+    small = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(small, "PNG")
+    assert decode_upload(small.getvalue(), "small.png", settings).size == (300, 200)
