@@ -16,6 +16,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import and_more
+
 log = logging.getLogger("facesiam.embed")
 
 
@@ -54,8 +56,7 @@ class FaceEmbedder:
         names = [f"image {i}" if isinstance(p, Image.Image) else str(p) for i, p in enumerate(images)]
         missing = [n for n, p in zip(names, images) if not isinstance(p, Image.Image) and not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"image {missing[0]} not found"
-                                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise FileNotFoundError(f"image {missing[0]} not found{and_more(missing)}")
         aligner = self.aligner if align else None
         if aligner is not None:
             from .faces.aligner import describe_alignment

@@ -14,3 +14,8 @@ class FacesiamError(Exception):
 
 class InputError(FacesiamError, ValueError):
     """Bad input from the user: a file, a flag or a config value (a ValueError, for callers that catch those)."""
+
+
+def and_more(items) -> str:
+    """After naming the first of ``items`` in a message: how many more there are (" (and 3 more)"), or ""."""
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, and_more
 from ..fileio import staged_directory, write_json, write_text
 from .cluster import UNSURE, cluster_embeddings, cluster_scores
 from .photos import Photos, load_photos
@@ -43,8 +43,7 @@ def read_truth(spec: str, photos: Photos) -> list[str]:
             table[row[0].strip()] = row[1].strip()
     missing = [f for f in photos.files if f not in table]
     if missing:
-        raise InputError(f"{path} gives no identity for {missing[0]}" + (
-            f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") + "; list every photo as path,identity")
+        raise InputError(f"{path} gives no identity for {missing[0]}{and_more(missing)}; list every photo as path,identity")
     return [table[f] for f in photos.files]
 
 

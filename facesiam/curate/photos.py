@@ -25,7 +25,7 @@ from ..data.folder import available_cpus, list_image_folder
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import decode_rgb, load_rgb
 from ..data.readers import ShardDataset, _FaceDataset
-from ..errors import InputError
+from ..errors import InputError, and_more
 from ..faces.record import read_alignment
 from ..faces.template import TEMPLATE_SIZE
 
@@ -189,8 +189,8 @@ def _check_identities(data: Path, listing: Any) -> None:
     have = {label for _, label in listing.samples}
     empty = [c for i, c in enumerate(listing.classes) if i not in have]
     if empty:
-        raise InputError(f"identity folder {data / empty[0]} holds no photos" + (
-            f" (and {len(empty) - 1} more)" if len(empty) > 1 else "") + "; put its photos in it or remove it")
+        raise InputError(f"identity folder {data / empty[0]} holds no photos{and_more(empty)}; put its photos in it "
+                         "or remove it")
 
 
 def load_photos(data: str | os.PathLike, embedder: Any, work: Path, *, unlabeled: bool = False,

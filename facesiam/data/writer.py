@@ -27,7 +27,7 @@ from typing import Collection, Optional, Sequence, Union
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
+from ..errors import InputError, and_more
 from ..fileio import staged_directory, write_json
 from .folder import FolderListing, available_cpus, check_destination, list_image_folder, printable_name
 from .format import SHARD_FORMAT, SHARD_FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
@@ -280,8 +280,8 @@ def _assign_splits(listing: FolderListing, n_classes: int, val_identities: Union
         label_of = {name: i for i, name in enumerate(listing.classes)}
         unknown = sorted(set(val_identities) - set(label_of))
         if unknown:
-            raise InputError(f"val identity {unknown[0]!r} is not a folder of {listing.root}" + (
-                f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "") + "; list identity folder names")
+            raise InputError(f"val identity {unknown[0]!r} is not a folder of {listing.root}{and_more(unknown)}; "
+                             "list identity folder names")
         val_labels = sorted(label_of[name] for name in set(val_identities))
     else:
         val_labels = _choose_val_identities([i for i, n in enumerate(candidates_per_label) if n > 0],

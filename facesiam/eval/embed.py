@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..device import resolve_device
 from ..embedder import FaceEmbedder
-from ..errors import InputError
+from ..errors import InputError, and_more
 from ..fileio import atomic_write
 
 log = logging.getLogger("facesiam.embed")
@@ -271,6 +271,5 @@ def embed_images(checkpoint: Optional[str | os.PathLike], images: Sequence[str |
     """
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:  # before loading the model: a typo costs nothing
-        raise FileNotFoundError(f"image {missing[0]} not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
-                                                                   else ""))
+        raise FileNotFoundError(f"image {missing[0]} not found{and_more(missing)}")
     return open_embedder(checkpoint, onnx, device=device).embed(images, flip=flip, align=align, batch_size=batch_size)
