@@ -25,7 +25,6 @@ shape; every timm tensor must be covered exactly once. Any mismatch stops with a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import re
 import time
@@ -37,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError
-from .fileio import atomic_write
+from .fileio import atomic_write, sha256_file
 
 # -----------------------------------------------------------------------------
 # defaults
@@ -275,14 +274,6 @@ def save_safetensors_atomic(state: dict[str, torch.Tensor], out: str | Path, met
     return Path(out)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def convert(fmt: str, out: str | Path, *, source: Optional[str | Path] = None, keep_classifier: bool = False,
             overwrite: bool = False) -> dict:
     """Convert ``fmt`` weights (``source`` or the installed package's file) into the timm safetensors file ``out``.
@@ -304,7 +295,7 @@ def convert(fmt: str, out: str | Path, *, source: Optional[str | Path] = None, k
         "format": "pt",
         "converted_from": spec.name,
         "source_file": src_path.name,
-        "source_sha256": _sha256(src_path),
+        "source_sha256": sha256_file(src_path),
         "architecture": spec.architecture,
         "mean": ",".join(map(str, spec.mean)),
         "std": ",".join(map(str, spec.std)),

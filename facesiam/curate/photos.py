@@ -28,6 +28,7 @@ from ..data.readers import ShardDataset, _FaceDataset
 from ..errors import InputError, and_more
 from ..faces.record import read_alignment
 from ..faces.template import TEMPLATE_SIZE
+from ..fileio import sha256_file
 
 log = logging.getLogger("facesiam.curate")
 
@@ -126,8 +127,8 @@ def sharpness(image: Image.Image, size: int) -> float:
 
 def _sha256(path: Path) -> Optional[str]:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
+        return sha256_file(path)
+    except OSError:  # unreadable: its alignment record says so
         return None
 
 

@@ -7,7 +7,6 @@ its old place, recreates folders the quarantine emptied, and checks the bytes ag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,15 +16,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import InputError
-from ..fileio import write_json
+from ..fileio import sha256_file, write_json
 
 log = logging.getLogger("facesiam.curate")
 
 MANIFEST_FORMAT = "facesiam-quarantine"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -61,7 +56,7 @@ def apply_quarantine(files: Sequence[str], root: str | os.PathLike, quarantine: 
         n = 1
         while dst.exists():  # an earlier quarantine of a same-named file: keep both
             dst, n = quarantine / f"{rel}.{n}", n + 1
-        moves.append({"file": rel, "quarantined": dst.relative_to(quarantine).as_posix(), "sha256": _sha256(src),
+        moves.append({"file": rel, "quarantined": dst.relative_to(quarantine).as_posix(), "sha256": sha256_file(src),
                       "reason": (reasons or {}).get(rel, "")})
     manifest = quarantine / f"manifest-{stamp}.json"
     record = {"format": MANIFEST_FORMAT, "version": 1, "root": str(root.resolve()),
@@ -108,7 +103,7 @@ def undo_quarantine(manifest: str | os.PathLike) -> int:
         if dst.exists():
             log.warning("%s exists again; %s left in quarantine", dst, src)
             continue
-        if _sha256(src) != move["sha256"]:
+        if sha256_file(src) != move["sha256"]:
             log.warning("%s changed in quarantine (its SHA-256 differs from the manifest's); left there", src)
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)

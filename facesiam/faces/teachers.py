@@ -20,7 +20,6 @@ teacher's own detector finds no face. ``Prepared.found_by`` says which path made
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from PIL import Image
 from skimage.transform import SimilarityTransform
 
 from ..errors import InputError
+from ..fileio import sha256_file
 from ..onnx_session import METADATA_KEY, open_session
 from ..registry import Registry
 from .detectors import package_version
@@ -93,14 +93,6 @@ def build_teacher(spec: str, *, size: Optional[int] = None, mean: Optional[Seque
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
