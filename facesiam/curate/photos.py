@@ -294,20 +294,14 @@ def _embed_teacher(teacher: Any, photos: Photos, rows: np.ndarray, batch_size: i
 def _embed(embedder: Any, dataset: _Files, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:
     """The photos' unit embeddings: torch models through the one embedding loop (eval.embed.embed_dataset, with
     loader workers), ONNX exports through onnxruntime batch by batch."""
-    from ..eval.embed import TorchEmbedder, embed_dataset
+    from ..eval.embed import TorchEmbedder, embed_dataset, embed_pictures
 
     if isinstance(embedder, TorchEmbedder):
         dataset.transform = embedder.transform
         emb, _ = embed_dataset(embedder.model, dataset, batch_size=batch_size, num_workers=num_workers,
                                progress=progress)
         return emb
-    from tqdm.auto import tqdm
-
-    out = [np.zeros((0, embedder.embedding_dim), np.float32)]
-    for start in tqdm(range(0, len(dataset), batch_size), desc="embed (onnxruntime)", unit="batch",
-                      disable=not progress, leave=False):
-        out.append(embedder.embed_faces([dataset[i][0] for i in range(start, min(len(dataset), start + batch_size))]))
-    return np.concatenate(out)
+    return embed_pictures(embedder, dataset, batch_size=batch_size, progress=progress)
 
 
 def _photos(root: Path, files: list[str], identities: list[str], records: list[Optional[dict]],

@@ -198,18 +198,12 @@ def embed_path_onnx(onnx: str | os.PathLike, data: str | os.PathLike, *, split: 
 
     The network runs without torch; reading DATA uses facesiam's readers (ImageFolder or shards).
     """
-    from tqdm.auto import tqdm
-
     from ..onnx_runtime import OnnxEmbedder
 
     embedder = OnnxEmbedder(onnx, threads=threads)
     dataset, aligned = open_as_trained(data, split, embedder.alignment, align, transform=None, log_it=progress)
     t0, n = time.time(), len(dataset)
-    out = []
-    for start in tqdm(range(0, n, batch_size), desc="embed (onnxruntime)", unit="batch", disable=not progress):
-        pictures = [dataset[i][0] for i in range(start, min(n, start + batch_size))]
-        out.append(embedder.embed_faces(pictures, flip=flip))
-    emb = np.concatenate(out) if out else np.zeros((0, embedder.embedding_dim), np.float32)
+    emb = embed_pictures(embedder, dataset, batch_size=batch_size, flip=flip, progress=progress)
     if progress:
         log.info("embedded %d images in %.1fs (%.0f images/s, onnxruntime)", n, time.time() - t0,
                  n / max(time.time() - t0, 1e-9))
@@ -218,6 +212,19 @@ def embed_path_onnx(onnx: str | os.PathLike, data: str | os.PathLike, *, split: 
             "image_size": embedder.image_size, "alignment": aligned, "runtime": "onnxruntime"}
     return {"embeddings": emb, "labels": np.asarray(dataset.labels, np.int64), "paths": list(dataset.paths),
             "classes": list(dataset.classes), "meta": meta}
+
+
+def embed_pictures(embedder: FaceEmbedder, dataset: Any, *, batch_size: int = 128, flip: bool = False,
+                   progress: bool = True) -> np.ndarray:
+    """Unit embeddings of every ``dataset[i][0]`` (a picture the network takes as it is), batch by batch in this
+    process: the loop for embedders without a torch model (onnxruntime); ``embed_dataset`` is torch's."""
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    out = [np.zeros((0, embedder.embedding_dim), np.float32)]
+    for start in tqdm(range(0, n, batch_size), desc="embed (onnxruntime)", unit="batch", disable=not progress):
+        out.append(embedder.embed_faces([dataset[i][0] for i in range(start, min(n, start + batch_size))], flip=flip))
+    return np.concatenate(out)
 
 
 def open_embedder(checkpoint: Optional[str | os.PathLike] = None, onnx: Optional[str | os.PathLike] = None, *,
