@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..data.folder import check_destination
 from ..fileio import staged_directory, write_json
 from .checks import CheckSettings, run_checks
 from .findings import KINDS, Finding, write_findings
@@ -108,10 +109,8 @@ def run_doctor(data: str | os.PathLike, out: str | os.PathLike, embedder: Any, *
                multi: str = "largest", overwrite: bool = False, detect: bool = True) -> dict:
     """Examine DATA with ``embedder``; write REPORT (staged: it appears complete). Returns doctor.json's contents."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite or not (out / "doctor.json").is_file():
-            raise FileExistsError(f"report folder {out} exists and is not empty; choose a new folder" + (
-                " (--overwrite replaces only an earlier doctor report)" if overwrite else " or pass --overwrite"))
+    # never inside DATA (the report's thumbnails would become an identity), never over anything but a report
+    check_destination(Path(data), out, overwrite, marker="doctor.json", what="a doctor report")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".doctor-", dir=out.resolve().parent) as work:

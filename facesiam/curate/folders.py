@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import InputError, and_more
+from ..data.folder import check_destination
 from ..fileio import staged_directory, write_json, write_text
 from .cluster import UNSURE, cluster_embeddings, cluster_scores
 from .photos import Photos, load_photos
@@ -66,12 +67,7 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
                 overwrite: bool = False, detect: bool = True) -> dict:
     """Cluster the photos under ``photos_dir`` and write FOLDERS (staged: complete or not at all)."""
     out, src = Path(out), Path(photos_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite or not (out / MARKER).is_file():
-            raise FileExistsError(f"output folder {out} exists and is not empty; choose a new folder" + (
-                " (--overwrite replaces only an earlier cluster output)" if overwrite else " or pass --overwrite"))
-    if src.is_dir() and (src.resolve() == out.resolve() or src.resolve() in out.resolve().parents):
-        raise InputError(f"output folder {out} is inside the photos {src}; choose a folder outside it")
+    check_destination(src, out, overwrite, marker=MARKER, what="a cluster output")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".cluster-", dir=out.resolve().parent) as work:

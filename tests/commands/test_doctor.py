@@ -83,6 +83,14 @@ def test_bad_input_is_one_line(face_folder, tiny_model_dir, aligned_model, tmp_p
     message = _one_line_error(doctor, [str(tmp_path / "nowhere")] + base)
     assert "is not a folder" in message
     data = shutil.copytree(face_folder, tmp_path / "data")
+    message = _one_line_error(doctor, [str(data), "--checkpoint", str(tiny_model_dir), "--out", str(data / "report"),
+                                       "--no-detect", "--threshold", "0.5"])
+    assert "inside the source" in message  # its thumbnails would become an identity of DATA
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    message = _one_line_error(doctor, [str(data), "--checkpoint", str(tiny_model_dir), "--out", str(tmp_path / "taken"),
+                                       "--no-detect", "--threshold", "0.5", "--overwrite"])
+    assert "holds no doctor.json" in message and (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     (data / "empty_person").mkdir()
     message = _one_line_error(doctor, [str(data)] + base)
     assert "empty_person holds no photos" in message and "remove it" in message
