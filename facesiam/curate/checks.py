@@ -184,17 +184,17 @@ def wrong_label_findings(photos: Photos, s: CheckSettings, groups: dict[str, np.
     names, c = centres(photos, groups)
     if len(names) < 2:
         return []
-    top_s, top_i = topk_cosine(photos.embeddings[rows], c, 2, normalized=True)
+    # only photos unlike every other photo of their identity are compared with all identities' centres
+    candidates = [q for q, i in enumerate(rows) if int(i) not in exclude and best_own[i] < s.stranger]
+    top_s, top_i = topk_cosine(photos.embeddings[rows[candidates]], c, 2, normalized=True)
     name_id = {n: k for k, n in enumerate(names)}
     out = []
-    for q, i in enumerate(rows):
-        i = int(i)
+    for top_s_q, top_i_q, q in zip(top_s, top_i, candidates):
+        i = int(rows[q])
         ident = photos.identities[i]
-        if i in exclude or np.isnan(best_own[i]) or best_own[i] >= s.stranger:
-            continue
         own = name_id[ident]
-        other = top_i[q, 0] if top_i[q, 0] != own else top_i[q, 1]
-        other_score = float(top_s[q, 0] if top_i[q, 0] != own else top_s[q, 1])
+        other = top_i_q[0] if top_i_q[0] != own else top_i_q[1]
+        other_score = float(top_s_q[0] if top_i_q[0] != own else top_s_q[1])
         if other_score <= own_centre[i]:
             continue
         target = names[other]

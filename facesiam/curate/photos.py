@@ -350,12 +350,12 @@ def _from_folder(data: Path, alignment: Optional[dict], work: Path, unlabeled: b
     files = [r["path"] for r in records]
     identities = ["" if unlabeled else f.split("/", 1)[0] for f in files]
     if alignment is None and not teacher:  # an unaligned model sees every readable original photo
-        read_root, read_paths = root, [f for f, r in zip(files, records) if r.get("skip") != "unreadable"]
         has = np.array([r.get("skip") != "unreadable" for r in records], bool)
+        read_root, read_paths = root, [f for f, h in zip(files, has) if h]
         records = [r if "status" in r else None for r in records]
     else:  # an aligned model (and a teacher's contact sheet) sees the crop
-        read_root, read_paths = crop_root, [r["output"] for r in records if r["output"]]
         has = np.array([r["output"] is not None for r in records], bool)
+        read_root, read_paths = crop_root, [r["output"] for r, h in zip(records, has) if h]
     crop_index = np.where(has, np.cumsum(has) - 1, -1)
     sha = [_sha256(root / f) for f in files] if root.is_dir() else [None] * len(files)
     meta = {"data": str(data), "root": str(root), "kind": "aligned folder" if recorded else "raw folder",

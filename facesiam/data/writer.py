@@ -274,8 +274,6 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
 def _assign_splits(listing: FolderListing, n_classes: int, val_identities: Union[int, float, Sequence[str], None],
                    seed: int) -> tuple[np.ndarray, list[int]]:
     """Split number (0 train, 1 val) of every label, and the held-out labels."""
-    candidates_per_label = np.bincount(np.asarray([label for _, label in listing.samples], np.int64),
-                                       minlength=n_classes)
     if isinstance(val_identities, (list, tuple, set, frozenset)):  # these identities, by name
         label_of = {name: i for i, name in enumerate(listing.classes)}
         unknown = sorted(set(val_identities) - set(label_of))
@@ -284,6 +282,8 @@ def _assign_splits(listing: FolderListing, n_classes: int, val_identities: Union
                              "list identity folder names")
         val_labels = sorted(label_of[name] for name in set(val_identities))
     else:
+        candidates_per_label = np.bincount(np.asarray([label for _, label in listing.samples], np.int64),
+                                           minlength=n_classes)
         val_labels = _choose_val_identities([i for i, n in enumerate(candidates_per_label) if n > 0],
                                             val_identities, seed)
     split_of = np.zeros(n_classes, np.int8)
