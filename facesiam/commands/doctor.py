@@ -53,6 +53,9 @@ def open_model(args: argparse.Namespace):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..curate.checks import CheckSettings
+    from ..curate.doctor import DEFAULT_MERGE_FAR, DEFAULT_STRANGER_FAR
+
     p = argparse.ArgumentParser(prog="doctor", description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
@@ -62,17 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier doctor report at --out")
     p.add_argument("--far", type=float, default=1e-3, help="FAR of the same-person threshold estimated from the data "
                    "when neither --report nor --threshold is given (default %(default)s)")
-    p.add_argument("--stranger-far", type=float, default=1e-2,
+    p.add_argument("--stranger-far", type=float, default=DEFAULT_STRANGER_FAR,
                    help="a photo with no other photo of its identity above the threshold at this FAR (from the report "
                         "or the data) is a wrong-label candidate (default %(default)s)")
     p.add_argument("--merge-threshold", type=float, help="cosine of two identity centres that makes them one person "
                    "(default: estimated from the data at --merge-far)")
-    p.add_argument("--merge-far", type=float, default=1e-5, help="FAR of the merge threshold (default %(default)s)")
-    p.add_argument("--near-duplicate", type=float, help="embedding cosine above which photos are compared by "
-                   "perceptual hash (default 0.95)")
-    p.add_argument("--phash-bits", type=int, help="largest pHash distance of near duplicates (default 6 of 64)")
-    p.add_argument("--blur", type=float, help="variance of the Laplacian below which a crop is blurred (default 25)")
-    p.add_argument("--min-confidence", type=float, help="detector score below which a face is doubtful (default 0.95)")
+    p.add_argument("--merge-far", type=float, default=DEFAULT_MERGE_FAR,
+                   help="FAR of the merge threshold (default %(default)s)")
+    p.add_argument("--near-duplicate", type=float, default=CheckSettings.near_duplicate, help="embedding cosine above "
+                   "which photos are compared by perceptual hash (default %(default)s)")
+    p.add_argument("--phash-bits", type=int, default=CheckSettings.phash_bits,
+                   help="largest pHash distance (of 64 bits) of near duplicates (default %(default)s)")
+    p.add_argument("--blur", type=float, default=CheckSettings.blur,
+                   help="variance of the Laplacian below which a crop is blurred (default %(default)s)")
+    p.add_argument("--min-confidence", type=float, default=CheckSettings.min_confidence,
+                   help="detector score below which a face is doubtful (default %(default)s)")
     p.add_argument("--apply", nargs=2, metavar=("quarantine", "DIR"),
                    help="move the suspects of the findings (--findings, or those just made) to DIR; a manifest in "
                         "DIR undoes it")
