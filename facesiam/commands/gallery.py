@@ -6,6 +6,10 @@
     python tools/gallery.py search --index GALLERY --checkpoint RUN/best --image IMG [IMG ...] -k 5
     python tools/gallery.py search --index GALLERY --embeddings probes.npz -k 5 --out results.json
     python tools/gallery.py info --index GALLERY
+    python tools/gallery.py import --index GALLERY --db SERVED      (a folder-format gallery into the service's database)
+    python tools/gallery.py export --db SERVED --out GALLERY [--kind hnsw]   (and back, e.g. for evaluation)
+
+SERVED is what facesiam serve uses: a --gallery folder (its gallery.sqlite), a .sqlite file or a postgresql:// URL.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import logging
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from ..errors import InputError
 from ..fileio import write_text
@@ -84,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print gallery.json")
     i.add_argument("--index", required=True)
 
+    im = sub.add_parser("import", help="copy a gallery folder's entries into the service's database (adds to it)")
+    im.add_argument("--index", required=True, help="gallery directory (facesiam gallery build)")
+    im.add_argument("--db", required=True, help="serve's --gallery folder, a .sqlite file or a postgresql:// URL")
+    ex = sub.add_parser("export", help="write the service's database as a gallery folder")
+    ex.add_argument("--db", required=True, help="serve's --gallery folder, a .sqlite file or a postgresql:// URL")
+    ex.add_argument("--out", required=True, help="gallery directory to write")
+    ex.add_argument("--kind", choices=KINDS, default="flat", help="index of the written gallery (default flat)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing gallery")
+
     return p
 
 
@@ -96,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     if args.command == "info":
         print(json.dumps(Gallery.load(args.index).meta, indent=2))
+        return
+    if args.command in ("import", "export"):
+        _move(args)
         return
     if args.command == "build":
         if Path(args.out).exists() and not args.overwrite:
@@ -120,6 +138,52 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  gallery.size, len(gallery.names))
         return
     _search(gallery, args)
+
+
+def _served(target: str) -> str:
+    """A database target as facesiam serve names it: a --gallery folder means its gallery.sqlite."""
+    from ..service.store import database_target
+
+    url = target.startswith(("postgresql://", "postgres://"))
+    return target if url else database_target(target, None)
+
+
+def _move(args) -> None:
+    """gallery import / export: between the folder format and the service's database."""
+    from ..eval._tensors import progress_bar
+    from ..eval.gallery import Gallery
+    from ..service.database import open_database
+
+    if args.command == "import":
+        gallery = Gallery.load(args.index)
+        target = _served(args.db)
+        if not target.startswith(("postgresql://", "postgres://")):
+            Path(target).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = open_database(target, gallery.index.d)
+        try:
+            with progress_bar(gallery.size, "import", True, unit="face") as bar:
+                db.add_many([gallery.names[i] for i in gallery.identity], gallery.vectors(),
+                            [p or "imported" for p in gallery.paths], gallery.meta.get("checkpoint", ""), bar.update)
+        finally:
+            db.close()
+        log.info("imported %d faces of %d identities from %s into %s", gallery.size, len(gallery.names), args.index,
+                 db.describe())
+        return
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+    db = open_database(_served(args.db), None, create=False)
+    try:
+        rows = list(db.export())
+    finally:
+        db.close()
+    if not rows:
+        raise InputError(f"{db.describe()} holds no faces: nothing to export")
+    _, names, vectors, sources, models, _ = zip(*rows)
+    gallery = Gallery.build(np.stack(vectors), list(names), list(sources), kind=args.kind,
+                            meta={"checkpoint": models[0], "source": db.describe()})
+    gallery.save(args.out)
+    log.info("exported %d faces of %d identities from %s to %s", gallery.size, len(gallery.names), db.describe(),
+             args.out)
 
 
 def _search(gallery, args) -> None:

@@ -1,9 +1,11 @@
 """facesiam serve: the face-verification and search service (facesiam/service) on uvicorn.
 
     python tools/serve.py --checkpoint RUN/best --gallery GALLERY --report REPORT [--operating-point far=1e-3]
-    python tools/serve.py --onnx model.onnx --gallery GALLERY --threshold 0.42 [--host 127.0.0.1] [--port 8000]
+    python tools/serve.py --onnx model.onnx --db postgresql://user@host/faces --threshold 0.42 [--port 8000]
 
-The token comes from --token-file or $FACESIAM_TOKEN; without either, a new one is generated and printed.
+The gallery lives in GALLERY/gallery.sqlite, or in PostgreSQL with --db (several serve processes share it).
+Tokens come from --token-file (one per line with scopes; re-read on SIGHUP) or $FACESIAM_TOKEN; without either, a
+new one is generated and printed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,19 +26,32 @@ log = logging.getLogger("facesiam.serve")
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..service.live_index import INDEX_KINDS
+
     p = argparse.ArgumentParser(prog="serve", description="Face verification and gallery search over HTTP, with a "
                                 "web page at /. Binds to 127.0.0.1 and needs a bearer token for everything but "
                                 "/healthz.")
     add_model_choice(p, required=True)
-    p.add_argument("--gallery", help="gallery folder to search and enrol into (created on the first enrol; "
-                   "without it the gallery lives in memory only)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gallery", help="gallery folder: its database is GALLERY/gallery.sqlite (created 0600 in a "
+                       "0700 folder); a folder of the earlier format is migrated on first start. Without --gallery "
+                       "or --db the gallery lives in memory only")
+    where.add_argument("--db", metavar="URL", help="the gallery in PostgreSQL (postgresql://user@host/db; pip install "
+                       "-e '.[postgres]'): several serve processes share it and follow each other's changes")
+    p.add_argument("--index", choices=INDEX_KINDS, default="flat", help="the search index in memory: flat (exact, "
+                   "default), ivf or hnsw (approximate; tuned to recall@1 0.99 at start)")
     add_threshold_arguments(p, required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token-file", help="file holding the bearer token (default: $FACESIAM_TOKEN, else a new one "
-                   "is generated and printed)")
-    p.add_argument("--public-read", action="store_true", help="verify, search and the identity list without a "
-                   "token (enrol and delete always need it)")
+    p.add_argument("--token-file", help="file of bearer tokens, one per line with optional scopes (read, write, "
+                   "admin; see facesiam/service/tokens.py), re-read on SIGHUP (default: $FACESIAM_TOKEN, else a new "
+                   "one is generated and printed)")
+    p.add_argument("--public-read", action="store_true", help="the read scope (verify, search, recognize, detect, "
+                   "lists) without a token, rate-limited per client (enrol and delete always need a token)")
+    p.add_argument("--public-rate", type=float, default=5.0, help="requests/s one client may make without a token "
+                   "(default 5; bursts of --public-burst)")
+    p.add_argument("--public-burst", type=float, default=20.0, help="requests one client may make at once without a "
+                   "token (default 20)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also serve requests whose Host header is NAME (repeatable); by default only the loopback "
                         "names and --host are served, so a web page cannot reach the service by DNS rebinding")
@@ -46,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, help="identities a search returns (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload in MB (default 10)")
     p.add_argument("--max-pixels", type=float, default=40e6, help="largest image in pixels (default 40e6)")
+    p.add_argument("--max-side", type=int, default=2048, help="photos longer than this are shrunk before detection "
+                   "(default 2048 px: bounds the detector's time and memory)")
     p.add_argument("--max-batch", type=int, default=32, help="most images in one network pass; 1 turns batching "
                    "off (default 32)")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
@@ -58,17 +74,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_token(token_file: Optional[str]) -> tuple[str, str]:
-    """(token, where it came from)."""
+def read_tokens(token_file: Optional[str]):
+    """The tokens the service accepts: --token-file, else $FACESIAM_TOKEN, else one generated for this run."""
+    from ..service.tokens import TokenSet
+
     if token_file:
-        path = Path(token_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"token file {path} not found; write a token into it, e.g. `python -c "
-                                    f"\"import secrets; print(secrets.token_urlsafe(32))\" > {path}`")
-        return path.read_text(encoding="utf-8").strip(), f"--token-file {path}"
+        return TokenSet.from_file(token_file)
     if os.environ.get("FACESIAM_TOKEN"):
-        return os.environ["FACESIAM_TOKEN"].strip(), "$FACESIAM_TOKEN"
-    return secrets.token_urlsafe(32), "generated for this run"
+        return TokenSet.single(os.environ["FACESIAM_TOKEN"].strip(), "$FACESIAM_TOKEN")
+    return TokenSet.generated()
 
 
 def allowed_hosts(host: str, extra: Sequence[str]) -> tuple[str, ...]:
@@ -83,16 +97,18 @@ def build(args: argparse.Namespace):
     """(app, settings) from parsed arguments: loads the model, the threshold and the gallery."""
     from ..eval.compare import decision_threshold
     from ..service.app import ServiceSettings, check_settings, create_app
+    from ..service.store import open_store
 
-    token, token_source = read_token(args.token_file)
+    tokens = read_tokens(args.token_file)
     threshold, source = decision_threshold(args.threshold, args.report, args.operating_point)
     from ..eval.embed import open_embedder
 
     embedder = open_embedder(args.checkpoint, args.onnx, device=args.device, threads=args.threads)
     name = f"{args.onnx} (onnxruntime)" if args.onnx else f"{args.checkpoint} (torch)"
-    settings = ServiceSettings(token=token, threshold=float(threshold), threshold_source=source,
-                               public_read=args.public_read, max_bytes=int(args.max_upload_mb * 1024 * 1024),
-                               max_pixels=int(args.max_pixels), top_k=args.top_k,
+    settings = ServiceSettings(tokens=tokens, threshold=float(threshold), threshold_source=source,
+                               public_read=args.public_read, public_rate=args.public_rate,
+                               public_burst=args.public_burst, max_bytes=int(args.max_upload_mb * 1024 * 1024),
+                               max_pixels=int(args.max_pixels), max_side=args.max_side, top_k=args.top_k,
                                keep_images=Path(args.keep_images) if args.keep_images else None, align=args.align,
                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
                                allowed_hosts=allowed_hosts(args.host, args.allow_host),
@@ -102,7 +118,8 @@ def build(args: argparse.Namespace):
         from ..faces.aligner import describe_alignment
 
         log.info("uploads are aligned as the model was trained: %s", describe_alignment(embedder.alignment))
-    return create_app(embedder, settings, args.gallery), settings, token_source
+    store = open_store(args.gallery, args.db, embedder.embedding_dim, model=name, index=args.index)
+    return create_app(embedder, settings, store), settings
 
 
 @command("serve")
@@ -114,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ImportError:
         raise InputError('facesiam serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
     log_to_stderr()
-    app, settings, token_source = build(args)
+    app, settings = build(args)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -122,11 +139,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not loopback:
         log.warning("binding to %s: other machines can reach this service; put it behind TLS (Host names served: "
                     "%s; add the ones clients use with --allow-host)", args.host, ", ".join(settings.allowed_hosts))
-    if token_source == "generated for this run":
+    tokens = settings.tokens
+    if tokens.source == "generated for this run":
         print(f"token (generated for this run; pass --token-file or set FACESIAM_TOKEN to keep one): "
-              f"{settings.token}", file=sys.stderr, flush=True)
+              f"{tokens.tokens[0].secret}", file=sys.stderr, flush=True)
     else:
-        log.info("token from %s", token_source)
-    print(f"facesiam serve: http://{args.host}:{args.port}/ (web page); POST /verify /search /enroll", file=sys.stderr,
-          flush=True)
+        log.info("%d token(s) from %s%s", len(tokens.tokens), tokens.source,
+                 " (re-read on SIGHUP)" if tokens.path else "")
+    print(f"facesiam serve: http://{args.host}:{args.port}/ (web page); POST /verify /search /recognize /detect "
+          f"/enroll (pid {os.getpid()})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log)

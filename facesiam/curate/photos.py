@@ -26,6 +26,7 @@ from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import decode_rgb, load_rgb
 from ..data.readers import ShardDataset, _FaceDataset
 from ..errors import InputError, and_more
+from ..faces.quality import sharpness
 from ..faces.record import read_alignment
 from ..faces.template import TEMPLATE_SIZE
 from ..fileio import sha256_file
@@ -110,19 +111,6 @@ class _ShardReader:
 
     def __call__(self, i: int) -> Image.Image:
         return decode_rgb(self.raw(i))
-
-
-def sharpness(image: Image.Image, size: int) -> float:
-    """Variance of the Laplacian (OpenCV, 3x3 aperture) of the grey image resized to ``size`` x ``size``.
-
-    The classic focus measure (Pech-Pacheco et al. 2000): blur removes the high frequencies the Laplacian
-    responds to. Measured on what the model sees (the aligned crop at its input size), so one threshold fits
-    every photo whatever its original resolution.
-    """
-    import cv2
-
-    grey = np.asarray(image.convert("L").resize((size, size), Image.BILINEAR), np.float32)
-    return float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1).var())
 
 
 def _sha256(path: Path) -> Optional[str]:

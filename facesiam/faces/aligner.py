@@ -128,6 +128,25 @@ class FaceAligner:
         reason = f"{len(faces)} faces, kept the {self.multi} one" if len(faces) > 1 else None
         return AlignResult(crop, "aligned", reason, box, face.score, landmarks, len(faces))
 
+    def align_each(self, image: Image.Image, faces: Sequence[Face]) -> list[AlignResult]:
+        """One result per detected face (a group photo): each aligned, or skipped with the reason."""
+        results = []
+        for face in faces:
+            box, landmarks, score = face.box.tolist(), face.landmarks.tolist(), float(face.score)
+            if face.size < self.min_face_size:
+                results.append(AlignResult(None, "skipped", f"face too small: {face.size:.0f} px < min_face_size "
+                                           f"{self.min_face_size}", box, score, landmarks, len(faces), "too_small"))
+            elif not inside(face.landmarks, image.size):
+                results.append(AlignResult(None, "skipped", "face cut off: its landmarks lie outside the image", box,
+                                           score, landmarks, len(faces), "cut_off"))
+            else:
+                try:
+                    crop = warp(image, estimate_transform(face.landmarks, self.size), self.size)
+                    results.append(AlignResult(crop, "aligned", None, box, score, landmarks, len(faces)))
+                except InputError as e:
+                    results.append(AlignResult(None, "skipped", str(e), box, score, landmarks, len(faces), "error"))
+        return results
+
     def align_batch(self, images: Sequence[Image.Image]) -> list[AlignResult]:
         """Detect and align each image (RGB, EXIF already applied: see facesiam.data.images.load_rgb)."""
         return [self.align_faces(img, faces) for img, faces in zip(images, self.detect_batch(images))]

@@ -119,12 +119,14 @@ class Batcher:
 
 def embed_many_for(embedder, *, align: bool = True) -> Callable[[Sequence[Image.Image]], list]:
     """The batch function for an embedder (facesiam.embedder.FaceEmbedder): detect + align as the model was
-    trained (one detector pass for the batch), then one network pass over the faces that were found."""
+    trained (one detector pass for the batch), then one network pass over the faces that were found. Each result
+    is ``(embedding, timings)`` (the batch's detect and embed milliseconds) or a NoFace."""
 
     def embed_many(images: Sequence[Image.Image]) -> list:
         aligner = embedder.aligner if align else None
         faces: list = list(images)
         results: list = [None] * len(images)
+        t0 = time.perf_counter()
         if aligner is not None:
             faces = []
             for i, found in enumerate(aligner.align_batch(list(images))):
@@ -133,11 +135,14 @@ def embed_many_for(embedder, *, align: bool = True) -> Callable[[Sequence[Image.
                                         f"faces: send a photo in which one face of at least "
                                         f"{aligner.min_face_size} px is fully visible")
                 faces.append(found.image)
+        t1 = time.perf_counter()
         keep = [i for i, r in enumerate(results) if r is None]
         if keep:
-            emb = embedder.embed_faces([faces[i] for i in keep])
-            for row, i in zip(np.asarray(emb, np.float32), keep):
-                results[i] = row
+            emb = np.asarray(embedder.embed_faces([faces[i] for i in keep]), np.float32)
+            timings = {"detect_ms": round((t1 - t0) * 1000, 1),
+                       "embed_ms": round((time.perf_counter() - t1) * 1000, 1), "batch": len(images)}
+            for row, i in zip(emb, keep):
+                results[i] = (row, timings)
         return results
 
     return embed_many

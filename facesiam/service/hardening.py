@@ -143,3 +143,29 @@ class RequestGuard:
         await send(start)
         for body in bodies:
             await send(body)
+
+
+class RateLimiter:
+    """A token bucket per client address: ``rate`` requests a second on average, bursts of ``burst``.
+
+    For requests without a token (--public-read): one client cannot take the model thread from everyone else.
+    Hand-written: the libraries for this (slowapi, limits) bring storage back ends a single process does not need;
+    this is the 20 lines of the textbook algorithm. ``clock``: monotonic seconds (tests pass a fake one).
+    """
+
+    MAX_CLIENTS = 10_000  # buckets kept; the least recently used go first (a bounded table: addresses are many)
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self.clock = float(rate), float(burst), clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, client: str) -> float:
+        """0 when the request may go on, else the seconds until it would (the Retry-After)."""
+        now = self.clock()
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        self._buckets[client] = (tokens - 1 if not wait else tokens, now)  # re-inserted: the newest at the end
+        if len(self._buckets) > self.MAX_CLIENTS:
+            self._buckets.pop(next(iter(self._buckets)))
+        return wait

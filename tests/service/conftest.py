@@ -105,3 +105,40 @@ def noise_png(size: int, seed: int = 0) -> bytes:
 
 def upload(path: Path) -> tuple[str, bytes, str]:
     return (path.name, path.read_bytes(), "image/png" if path.suffix == ".png" else "image/jpeg")
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+# A real, throw-away PostgreSQL server (tests/service/postgres.py): one per session, one new database per test.
+
+def _postgres_skip(reason: str) -> None:
+    pytest.skip(f"PostgreSQL unavailable: {reason}; install Debian's postgresql package (see .ci/run)")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """URL (postgresql://facesiam@127.0.0.1:PORT/facesiam_test) of a fresh database on a server started for this
+    session; the server is stopped (pg_ctl stop -m immediate) at session end, whatever the tests did."""
+    from tests.service.postgres import PostgresUnavailable, start_postgres
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_skip('psycopg is not installed (pip install -e ".[postgres]")')
+    try:
+        server = start_postgres(tmp_path_factory.mktemp("postgres"))
+    except PostgresUnavailable as exc:
+        _postgres_skip(str(exc))
+    try:
+        yield server.create_database("facesiam_test")
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_db(postgres_url):
+    """URL of a NEW empty database for this test only (dropped afterwards), on the session's server."""
+    from tests.service.postgres import create_database, drop_database
+
+    url = create_database(postgres_url)
+    yield url
+    drop_database(postgres_url, url.rsplit("/", 1)[1])

@@ -105,9 +105,10 @@ def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder
 def test_large_uploads_are_shrunk_before_detection():
     import io
 
-    from facesiam.service.app import ServiceSettings, decode_upload
+    from facesiam.service.context import ServiceSettings, decode_upload
+    from facesiam.service.tokens import TokenSet
 
-    settings = ServiceSettings(token="t" * 16, threshold=0.5, threshold_source="test", max_side=512)
+    settings = ServiceSettings(tokens=TokenSet.single("t" * 16, "test"), threshold=0.5, threshold_source="test", max_side=512)
     buf = io.BytesIO()
     Image.new("RGB", (3000, 1500), (90, 120, 150)).save(buf, "PNG")
     assert decode_upload(buf.getvalue(), "big.png", settings).size == (512, 256)

@@ -1,0 +1,482 @@
+"""The gallery's source of truth: identities and their faces (embeddings) in SQLite or PostgreSQL.
+
+    open_database("GALLERY/gallery.sqlite")           one process; a file, nothing to start (the default)
+    open_database("postgresql://user@host/db")        several service processes or machines on one gallery
+
+Three tables: ``identities`` (id, name), ``faces`` (id, identity, embedding as float32 bytes, source, model, time)
+and ``changes`` (an append-only log: seq, op add/remove/rename, face, identity). Every write is one transaction
+that also appends its changes; a process's in-memory index (service/live_index.py) follows the log in seq order
+(``changes_since``), so the same code applies its own writes and other processes' writes. PostgreSQL writers take
+one advisory lock per transaction, which makes seq order equal commit order (otherwise a reader could see seq 11
+before seq 10 commits and skip 10 forever), and notify ``CHANNEL`` so other processes catch up at once.
+
+The SQL is a handful of statements on the standard drivers (sqlite3, psycopg 3) rather than an ORM: both backends
+need the same five queries, and LISTEN/NOTIFY needs the driver itself. Embeddings are binary columns (pgvector is
+not in Debian's packages, and the search runs in FAISS anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+log = logging.getLogger("facesiam.serve")
+
+SCHEMA_VERSION = 1
+CHANNEL = "facesiam_gallery"
+SQLITE_FILE = "gallery.sqlite"
+LOAD_CHUNK = 20_000  # rows per fetch when loading a gallery (bounds the memory of the Python row objects)
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (id {id} PRIMARY KEY, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS faces (id {id} PRIMARY KEY, identity_id BIGINT NOT NULL REFERENCES identities(id),
+    embedding {blob} NOT NULL, source TEXT NOT NULL, model TEXT NOT NULL, created TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
+CREATE TABLE IF NOT EXISTS changes (seq {id} PRIMARY KEY, op TEXT NOT NULL, face_id BIGINT, identity_id BIGINT);
+"""
+
+
+@dataclass
+class Change:
+    """One entry of the change log, with what applying it needs (the face's embedding for an add)."""
+
+    seq: int
+    op: str  # "add" | "remove" | "rename"
+    face_id: Optional[int]
+    identity_id: Optional[int]
+    name: Optional[str]  # the identity's current name (None: deleted since)
+    embedding: Optional[np.ndarray]  # for "add" (None: the face was deleted since; a later "remove" follows)
+
+
+@dataclass
+class Snapshot:
+    """Every face at one point of the log: ids, identity ids, embeddings (n x dim), names, last seq."""
+
+    face_ids: np.ndarray
+    identity_ids: np.ndarray
+    embeddings: np.ndarray
+    names: dict[int, str]
+    seq: int
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class FaceDatabase:
+    """The operations the service needs, on a DB-API connection (subclasses: the dialect and the connection).
+
+    One connection guarded by a lock: every statement here takes milliseconds, and one connection keeps a
+    process's writes in order."""
+
+    kind = ""
+    blob = "BLOB"
+    id_type = "INTEGER"
+
+    def __init__(self, target: str, dim: Optional[int]):
+        self.target, self.dim = target, dim
+        self._lock = threading.RLock()
+        self.conn = self._connect()
+        self._create()
+
+    # ------------------------------------------------------------------ dialect
+    def _connect(self):
+        raise NotImplementedError
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _begin_write(self, cur) -> None:
+        raise NotImplementedError
+
+    def _after_write(self, cur) -> None:
+        """Inside the write transaction, after its changes (PostgreSQL: NOTIFY)."""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.target}"
+
+    # ------------------------------------------------------------------ plumbing
+    def _run(self, cur, statement: str, params: Sequence = ()):
+        cur.execute(self._sql(statement), tuple(params))
+        return cur
+
+    def _write(self, work: Callable) -> object:
+        """``work(cursor)`` in one write transaction (committed, or rolled back on any error)."""
+        with self._lock:
+            cur = self.conn.cursor()
+            try:
+                self._begin_write(cur)
+                result = work(cur)
+                self._after_write(cur)
+                self.conn.commit()
+                return result
+            except BaseException:
+                self.conn.rollback()
+                raise
+            finally:
+                cur.close()
+
+    def _create(self) -> None:
+        def create(cur):
+            for statement in _TABLES.format(id=self.id_type, blob=self.blob).split(";"):
+                if statement.strip():
+                    self._run(cur, statement)
+            meta = dict(self._run(cur, "SELECT key, value FROM meta").fetchall())
+            if self.dim is None:  # opened to read (export): the gallery says its dimension
+                if "dim" not in meta:
+                    raise InputError(f"{self.describe()} holds no gallery (no faces were ever enrolled there)")
+                self.dim = int(meta["dim"])
+            if not meta:
+                for key, value in (("schema", SCHEMA_VERSION), ("dim", self.dim), ("created", now())):
+                    self._run(cur, "INSERT INTO meta (key, value) VALUES (?, ?)", (key, str(value)))
+            elif int(meta.get("dim", self.dim)) != self.dim:
+                raise InputError(f"gallery database {self.describe()} holds {meta['dim']}-d embeddings but the model "
+                                 f"makes {self.dim}-d ones; serve it with the model it was built with, or use a new "
+                                 "gallery")
+            elif int(meta.get("schema", 0)) > SCHEMA_VERSION:
+                raise InputError(f"gallery database {self.describe()} has schema {meta['schema']}, newer than this "
+                                 f"facesiam's {SCHEMA_VERSION}; upgrade facesiam")
+
+        self._write(create)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # ------------------------------------------------------------------ writes
+    def add_faces(self, identity: str, embeddings: np.ndarray, sources: Sequence[str], model: str) -> list[int]:
+        """Add faces of one identity (created if new); returns their face ids."""
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self._check_dim(x)
+
+        def add(cur):
+            ident = self._identity_id(cur, identity, create=True)
+            stamp, ids = now(), []
+            for row, source in zip(x, sources):
+                ids.append(self._insert_face(cur, ident, row.tobytes(), source, model, stamp))
+            self._log(cur, [("add", i, ident) for i in ids])
+            return ids
+
+        return self._write(add)
+
+    def add_many(self, identities: Sequence[str], embeddings: np.ndarray, sources: Sequence[str], model: str,
+                 progress: Optional[Callable[[int], None]] = None, chunk: int = 10_000) -> int:
+        """Bulk import (gallery import, migration): one transaction per ``chunk`` faces; returns the count."""
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self._check_dim(x)
+        for start in range(0, len(x), chunk):
+            def add(cur, start=start):
+                stamp, known, log_rows = now(), {}, []
+                for i in range(start, min(start + chunk, len(x))):
+                    name = identities[i]
+                    if name not in known:
+                        known[name] = self._identity_id(cur, name, create=True)
+                    face = self._insert_face(cur, known[name], x[i].tobytes(), sources[i], model, stamp)
+                    log_rows.append(("add", face, known[name]))
+                self._log(cur, log_rows)
+
+            self._write(add)
+            if progress is not None:
+                progress(min(chunk, len(x) - start))
+        return len(x)
+
+    def delete_identity(self, identity: str) -> int:
+        """Delete an identity and its faces; returns how many faces it had (0: not enrolled)."""
+
+        def delete(cur):
+            ident = self._identity_id(cur, identity, create=False)
+            if ident is None:
+                return 0
+            faces = [r[0] for r in self._run(cur, "SELECT id FROM faces WHERE identity_id = ?", (ident,))]
+            self._run(cur, "DELETE FROM faces WHERE identity_id = ?", (ident,))
+            self._run(cur, "DELETE FROM identities WHERE id = ?", (ident,))
+            self._log(cur, [("remove", f, ident) for f in faces])
+            return len(faces)
+
+        return self._write(delete)
+
+    def delete_face(self, face_id: int) -> Optional[str]:
+        """Delete one face (and its identity when it was the last); returns the identity's name (None: no face)."""
+
+        def delete(cur):
+            row = self._run(cur, "SELECT f.identity_id, i.name FROM faces f JOIN identities i ON i.id = "
+                                 "f.identity_id WHERE f.id = ?", (face_id,)).fetchone()
+            if row is None:
+                return None
+            ident, name = row
+            self._run(cur, "DELETE FROM faces WHERE id = ?", (face_id,))
+            if self._run(cur, "SELECT COUNT(*) FROM faces WHERE identity_id = ?", (ident,)).fetchone()[0] == 0:
+                self._run(cur, "DELETE FROM identities WHERE id = ?", (ident,))
+            self._log(cur, [("remove", face_id, ident)])
+            return name
+
+        return self._write(delete)
+
+    def rename(self, old: str, new: str) -> bool:
+        """Rename an identity (False: no such identity); InputError when ``new`` is taken."""
+
+        def rename(cur):
+            ident = self._identity_id(cur, old, create=False)
+            if ident is None:
+                return False
+            if old != new and self._identity_id(cur, new, create=False) is not None:
+                raise InputError(f"identity {new!r} exists already; delete it or choose another name")
+            self._run(cur, "UPDATE identities SET name = ? WHERE id = ?", (new, ident))
+            self._log(cur, [("rename", None, ident)])
+            return True
+
+        return self._write(rename)
+
+    def _check_dim(self, x: np.ndarray) -> None:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise InputError(f"embeddings of shape {x.shape}; this gallery holds {self.dim}-d embeddings")
+
+    def _identity_id(self, cur, name: str, *, create: bool) -> Optional[int]:
+        row = self._run(cur, "SELECT id FROM identities WHERE name = ?", (name,)).fetchone()
+        if row is not None or not create:
+            return row[0] if row else None
+        return self._run(cur, "INSERT INTO identities (name, created) VALUES (?, ?) RETURNING id",
+                         (name, now())).fetchone()[0]
+
+    def _insert_face(self, cur, ident: int, blob: bytes, source: str, model: str, stamp: str) -> int:
+        return self._run(cur, "INSERT INTO faces (identity_id, embedding, source, model, created) "
+                              "VALUES (?, ?, ?, ?, ?) RETURNING id", (ident, blob, source, model, stamp)).fetchone()[0]
+
+    def _log(self, cur, rows: list[tuple]) -> None:
+        if rows:
+            cur.executemany(self._sql("INSERT INTO changes (op, face_id, identity_id) VALUES (?, ?, ?)"), rows)
+
+    # ------------------------------------------------------------------ reads
+    def snapshot(self) -> Snapshot:
+        """Every face and the last seq, read in one transaction (consistent with each other)."""
+        with self._lock:
+            cur = self._read_cursor()
+            try:
+                seq = self._run(cur, "SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+                names = dict(self._run(cur, "SELECT id, name FROM identities").fetchall())
+                ids, idents, blobs = [], [], []
+                self._run(cur, "SELECT id, identity_id, embedding FROM faces ORDER BY id")
+                while rows := cur.fetchmany(LOAD_CHUNK):
+                    for face, ident, blob in rows:
+                        ids.append(face)
+                        idents.append(ident)
+                        blobs.append(bytes(blob))
+                self.conn.commit()
+            finally:
+                cur.close()
+        x = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
+        return Snapshot(np.asarray(ids, np.int64), np.asarray(idents, np.int64), x, names, int(seq))
+
+    def _read_cursor(self):
+        return self.conn.cursor()
+
+    def changes_since(self, seq: int) -> list[Change]:
+        """The log after ``seq``, in order, with the embeddings of added faces and identities' current names."""
+        with self._lock:
+            cur = self.conn.cursor()
+            try:
+                rows = self._run(cur, "SELECT c.seq, c.op, c.face_id, c.identity_id, f.embedding, i.name "
+                                      "FROM changes c LEFT JOIN faces f ON c.op = 'add' AND f.id = c.face_id "
+                                      "LEFT JOIN identities i ON i.id = c.identity_id WHERE c.seq > ? "
+                                      "ORDER BY c.seq", (seq,)).fetchall()
+                self.conn.commit()
+            finally:
+                cur.close()
+        return [Change(s, op, face, ident, name, None if blob is None else np.frombuffer(bytes(blob), np.float32))
+                for s, op, face, ident, blob, name in rows]
+
+    def faces_of(self, identity: str) -> Optional[list[dict]]:
+        """An identity's faces (id, source, model, created), oldest first; None: no such identity."""
+        with self._lock:
+            cur = self.conn.cursor()
+            try:
+                ident = self._identity_id(cur, identity, create=False)
+                rows = [] if ident is None else self._run(
+                    cur, "SELECT id, source, model, created FROM faces WHERE identity_id = ? ORDER BY id",
+                    (ident,)).fetchall()
+                self.conn.commit()
+            finally:
+                cur.close()
+        if ident is None:
+            return None
+        return [{"id": int(i), "source": s, "model": m, "created": c} for i, s, m, c in rows]
+
+    def export(self) -> Iterator[tuple[int, str, np.ndarray, str, str, str]]:
+        """Every face as (id, identity, embedding, source, model, created), in id order."""
+        with self._lock:
+            cur = self._read_cursor()
+            try:
+                self._run(cur, "SELECT f.id, i.name, f.embedding, f.source, f.model, f.created FROM faces f "
+                               "JOIN identities i ON i.id = f.identity_id ORDER BY f.id")
+                while rows := cur.fetchmany(LOAD_CHUNK):
+                    for face, name, blob, source, model, created in rows:
+                        yield int(face), name, np.frombuffer(bytes(blob), np.float32), source, model, created
+                self.conn.commit()
+            finally:
+                cur.close()
+
+    def listen(self, on_change: Callable[[], None], stop: threading.Event) -> Optional[threading.Thread]:
+        """Call ``on_change`` when another process may have written (None: nobody else can write)."""
+        return None
+
+
+class SQLiteDatabase(FaceDatabase):
+    """One file (WAL; synchronous=FULL, so an acknowledged write survives a kill -9 and a power cut)."""
+
+    kind = "sqlite"
+
+    def _connect(self):
+        memory = self.target == ":memory:"
+        if not memory:
+            path = Path(self.target)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not path.exists():
+                # created 0600 before SQLite opens it: the embeddings are biometric data (the -wal and -shm files
+                # SQLite makes beside it take the same permissions)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        conn = sqlite3.connect(self.target, check_same_thread=False, isolation_level=None, timeout=30)
+        if not memory:
+            conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        return _SQLiteConnection(conn)
+
+    def _begin_write(self, cur) -> None:
+        cur.execute("BEGIN IMMEDIATE")
+
+    def _read_cursor(self):
+        cur = self.conn.cursor()
+        cur.execute("BEGIN")  # one snapshot for every statement of a read (WAL readers never block the writer)
+        return cur
+
+
+class _SQLiteConnection:
+    """sqlite3 in autocommit mode with explicit BEGIN: commit/rollback only when a transaction is open."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.raw = conn
+
+    def cursor(self):
+        return self.raw.cursor()
+
+    def commit(self) -> None:
+        if self.raw.in_transaction:
+            self.raw.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.raw.in_transaction:
+            self.raw.execute("ROLLBACK")
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class PostgresDatabase(FaceDatabase):
+    """PostgreSQL through psycopg 3: several service processes follow each other by LISTEN/NOTIFY."""
+
+    kind = "postgresql"
+    blob = "BYTEA"
+    id_type = "BIGINT GENERATED BY DEFAULT AS IDENTITY"
+    LOCK_KEY = 0x66616365  # "face": the advisory lock every writer takes, making seq order commit order
+
+    def _connect(self):
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(self.target, connect_timeout=10)
+        except psycopg.OperationalError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"cannot connect to --db {_redact(self.target)}: {first}") from None
+
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
+
+    def _begin_write(self, cur) -> None:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (self.LOCK_KEY,))
+
+    def _after_write(self, cur) -> None:
+        cur.execute(f"NOTIFY {CHANNEL}")
+
+    def _read_cursor(self):
+        self.conn.isolation_level = _psycopg().IsolationLevel.REPEATABLE_READ
+        return _ResetIsolation(self.conn, self.conn.cursor())
+
+    def describe(self) -> str:
+        return f"{self.kind} {_redact(self.target)}"
+
+    def listen(self, on_change: Callable[[], None], stop: threading.Event) -> threading.Thread:
+        psycopg = _psycopg()
+
+        def follow():
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(self.target, autocommit=True, connect_timeout=10) as conn:
+                        conn.execute(f"LISTEN {CHANNEL}")
+                        on_change()  # catch up on whatever happened while not listening
+                        while not stop.is_set():
+                            # the timeout bounds how long stop takes; a quiet minute also re-checks the log
+                            for _ in conn.notifies(timeout=1.0, stop_after=1):
+                                on_change()
+                except Exception as err:  # a dropped connection: reconnect, then catch up by seq
+                    log.warning("gallery notifications from %s lost (%s); reconnecting", self.describe(),
+                                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+                    stop.wait(1.0)
+
+        thread = threading.Thread(target=follow, name="gallery-listen", daemon=True)
+        thread.start()
+        return thread
+
+
+class _ResetIsolation:
+    """A psycopg cursor that puts the connection back to the default isolation when closed."""
+
+    def __init__(self, conn, cur):
+        self._conn, self._cur = conn, cur
+
+    def __getattr__(self, name):
+        return getattr(self._cur, name)
+
+    def close(self) -> None:
+        self._cur.close()
+        self._conn.isolation_level = None
+
+
+def _psycopg():
+    try:
+        import psycopg
+    except ImportError:
+        raise InputError('a PostgreSQL gallery needs psycopg: pip install -e ".[postgres]"') from None
+    return psycopg
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password (for logs and errors)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def open_database(target: str | Path, dim: Optional[int], *, create: bool = True) -> FaceDatabase:
+    """A PostgreSQL URL (postgresql://, postgres://), ":memory:", or a SQLite file's path. ``dim=None`` reads the
+    gallery's own; ``create=False`` refuses a SQLite file that does not exist (instead of starting one there)."""
+    target = str(target)
+    if target.startswith(("postgresql://", "postgres://")):
+        return PostgresDatabase(target, dim)
+    if not create and target != ":memory:" and not Path(target).is_file():
+        raise InputError(f"no gallery database at {target}; pass the gallery folder or file facesiam serve uses "
+                         f"(GALLERY/{SQLITE_FILE}) or a postgresql:// URL")
+    return SQLiteDatabase(target, dim)
