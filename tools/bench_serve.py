@@ -96,12 +96,13 @@ async def load(url: str, images: list[bytes], clients: int, requests: int) -> di
             latencies.append(time.perf_counter() - t0)
             errors += not ok
 
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients)) as http:
-        before = (await http.get("/healthz")).json()["batching"]
+        before = (await http.get("/status", headers=auth)).json()["batching"]
         t0 = time.perf_counter()
         await asyncio.gather(*(client(http, w) for w in range(clients)))
         wall = time.perf_counter() - t0
-        after = (await http.get("/healthz")).json()["batching"]
+        after = (await http.get("/status", headers=auth)).json()["batching"]
     lat = np.array(latencies) * 1000
     batches = after["batches"] - before["batches"]
     return {"wall": wall, "rps": requests / wall, "p50": float(np.percentile(lat, 50)),

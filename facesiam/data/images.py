@@ -134,8 +134,8 @@ def _decode(raw: bytes) -> Image.Image:
         img.load()  # full decode: truncated or corrupt data raises here
     except UnidentifiedImageError:
         raise BadImage("not an image: the content matches no image format PIL knows") from None
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"too many pixels ({e})") from None
+    except Image.DecompressionBombError as e:  # a pixel limit like the caller's own: the same error (413)
+        raise TooManyPixels(f"too many pixels ({e})") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ... on bad data
         raise BadImage(f"cannot decode: {type(e).__name__}: {e}") from None
     return img

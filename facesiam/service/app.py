@@ -23,6 +23,7 @@ service/store.py keeps the gallery (a database + an index in memory); service/ro
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -37,6 +38,8 @@ from .context import Service, ServiceError, ServiceSettings
 from .hardening import RequestGuard
 from .routes import gallery_routes, info_routes, probe_routes
 from .store import GalleryStore, open_store
+
+log = logging.getLogger("facesiam.serve")
 
 
 def create_app(embedder, settings: ServiceSettings, store: Optional[GalleryStore] = None):
@@ -108,6 +111,11 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
                              for e in err.errors())
         return _error(400, f"bad request: {problems}")
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, err: Exception):  # a bug: logged with its traceback, answered as JSON like the rest
+        log.exception("%s %s failed", request.method, request.url.path)
+        return _error(500, f"internal error ({type(err).__name__}); the service log has the details")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, err: StarletteHTTPException):

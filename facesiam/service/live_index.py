@@ -1,6 +1,8 @@
 """The service's in-memory search index, keyed by face id and changed in place (no rebuild on enrol or delete).
 
-    flat   faiss.IndexIDMap2(IndexFlatIP): exact; add appends, remove compacts the array (O(N) memmove, in C++)
+    flat   faiss.IndexIDMap(IndexFlatIP): exact; add appends into reserved room (the array grows by a quarter when
+           full: one copy of every vector per N/4 enrolments instead of on the enrolment that crosses a power of
+           two), remove compacts the array (O(N) memmove, in C++)
     ivf    faiss.IndexIVFFlat with the face ids as its own ids: add and remove in place; the cells are trained once,
            at start, from the database (at least 39 faces a cell); nprobe tuned to a recall@1 target as
            facesiam gallery build does (eval/gallery.py)
@@ -62,8 +64,9 @@ class LiveIndex:
                     vectors[np.random.default_rng(0).choice(len(vectors), 40 * nlist, replace=False)]
                 self.index.train(train)
                 self.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id without a scan
+        self._room = 0  # flat: rows the vector array holds without growing
         if kind == "flat":
-            self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+            self.index = faiss.IndexIDMap(faiss.IndexFlatIP(dim))
         elif kind == "hnsw":
             base = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = 80
@@ -71,6 +74,7 @@ class LiveIndex:
         self.kind = kind
         if len(vectors):
             self.index.add_with_ids(vectors, ids)
+        self._make_room(0)
         if kind != "flat":
             self.recall = self._tune(vectors, ids, nprobe if kind == "ivf" else ef_search, target_recall)
         else:
@@ -90,7 +94,25 @@ class LiveIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, np.int64)
         with self._lock:
+            self._make_room(len(ids))
             self.index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
+
+    def _make_room(self, adding: int) -> None:
+        """Flat: grow the vector array by a quarter (at least 10,000 rows) when ``adding`` rows would not fit.
+
+        FAISS appends to a std::vector, which doubles when full: at a million faces one enrolment would copy 2 GB
+        (about a second, holding every search). Growing ahead of time keeps that copy off the enrolments, except
+        the one in N/4 that finds the room used up. (resize up then down: std::vector keeps the capacity.)"""
+        if self.kind != "flat":
+            return
+        rows = int(self.index.ntotal)
+        if rows + adding <= self._room:
+            return
+        codes = _faiss().downcast_index(self.index.index).codes
+        used = codes.size()
+        self._room = rows + adding + max(10_000, rows // 4)
+        codes.resize(self._room * self.dim * 4)
+        codes.resize(used)
 
     def remove(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, np.int64)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -110,8 +111,8 @@ def probe_routes(service: Service) -> APIRouter:
         if service.embedder.aligner is None or not settings.align:
             raise ServiceError(400, "this service runs without a face detector (the model was trained on crops, or "
                                     "--no-align): send one aligned face to /search instead")
-        faces, emb, times = await service.batcher.run_in_model_thread(faces_in, service.embedder, image,
-                                                                      embed=embed)
+        faces, emb, times = await service.batcher.run_in_model_thread(partial(faces_in, embed=embed),
+                                                                      service.embedder, image)
         for name, ms in times.items():
             timer.add(name, ms)
         return form, image, faces, emb, timer
@@ -134,9 +135,10 @@ def probe_routes(service: Service) -> APIRouter:
         found = await service.search(emb, k, timer) if len(emb) else []
         usable = iter(found)
         for face in faces:
-            if face["usable"]:
-                matches = [{"identity": m["identity"], "score": m["score"]} for m in next(usable)]
-                face.update(service.answer(matches))
+            if face["usable"]:  # "score" stays the detector's; the best match's is "similarity"
+                answer = service.answer([{"identity": m["identity"], "score": m["score"]} for m in next(usable)])
+                face.update(identity=answer["identity"], known=answer["known"], similarity=answer["score"],
+                            matches=answer["matches"])
         known = sum(1 for f in faces if f.get("known"))
         log.info("recognize: %d face(s), %d known (%.0f ms)", len(faces), known, timer.done()["total_ms"])
         return {"faces": faces, "count": len(faces), "known": known, "width": image.width, "height": image.height,

@@ -35,6 +35,18 @@ def test_host_of(header, host):
     assert host_of(header) == host
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height grey pixels and holds none (what a decompression bomb's header says)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def _raw(port: int, head: bytes, body: bytes) -> bytes:
     """Send the head and as much of the body as the server takes; what it answered (it may answer and close
     before the body is all sent: that is the point)."""
@@ -58,7 +70,7 @@ def _raw(port: int, head: bytes, body: bytes) -> bytes:
 def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder, tmp_path):
     a = next(iter(people(face_folder).values()))[0]
     args = ["--checkpoint", str(tiny_model_dir), "--threshold", "0.5", "--public-read", "--max-upload-mb", "0.05",
-            "--body-timeout", "6"]
+            "--body-timeout", "6", "--max-pixels", "4e8"]
     with Server(args, log=tmp_path / "serve.log") as srv:
         # DNS rebinding: a page on evil.example.com resolving to 127.0.0.1 gets nothing, even with --public-read
         r = srv.client.get("/identities", headers={"Host": "evil.example.com"})
@@ -87,6 +99,17 @@ def test_host_allow_list_smuggling_headers_and_names(tiny_model_dir, face_folder
         strip = Image.new("RGB", (2000, 20), (128, 128, 128))
         r = srv.client.post("/search", files={"image": ("strip.png", png_bytes(strip), "image/png")})
         assert r.status_code == 413 and "longer than wide" in r.json()["error"]
+        # a decompression bomb past Pillow's own limit (under this --max-pixels): 413, as documented (was 400)
+        r = srv.client.post("/search", files={"image": ("bomb.png", png_header(14000, 14000), "image/png")})
+        assert r.status_code == 413 and "pixels" in r.json()["error"]
+        # parts per endpoint: verify takes 2 files, search 1 file and 1 field
+        img = upload(a)
+        r = srv.client.post("/verify", files=[("image1", img), ("image2", img), ("image3", img)])
+        assert r.status_code == 413 and "Too many files" in r.json()["error"]
+        r = srv.client.post("/search", files=[("image", img), ("image", img)])
+        assert r.status_code == 413 and "Too many files" in r.json()["error"]
+        r = srv.client.post("/search", files={"image": img}, data={"k": "1", "x": "y"})
+        assert r.status_code == 413 and "Too many fields" in r.json()["error"]
         # names: one Unicode form, nothing hidden
         auth = {"Authorization": f"Bearer {TOKEN}"}
 

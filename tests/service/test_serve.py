@@ -433,3 +433,53 @@ def test_scoped_tokens_rotate_on_sighup_and_public_reads_are_rate_limited(tiny_m
             assert time.monotonic() < deadline, srv.output()
             time.sleep(0.1)
         assert srv.client.get("/status", headers=bearer(admin)).status_code == 200
+
+
+def test_detect_and_recognize_every_face_of_a_group_photo(aligned_model, tmp_path):
+    """Two people on one photo: /detect and /recognize against the detector, aligner and model run in this process."""
+    pytest.importorskip("facenet_pytorch")
+    from facesiam.faces.quality import sharpness
+    from tests.conftest import photo
+
+    left, right = photo(0.6, 0, (40, 60)), photo(0.5, 0, (60, 90), (60, 90, 140))
+    group = Image.new("RGB", (800, 400), (128, 128, 128))
+    group.paste(left, (0, 0))
+    group.paste(right.transpose(Image.FLIP_LEFT_RIGHT), (400, 0))  # a mirrored astronaut: another "person"
+    embedder = TorchEmbedder(aligned_model, device="cpu")
+    aligner = embedder.aligner
+    found = aligner.align_each(group, aligner.detect(group))
+    usable = [r for r in found if r.image is not None]
+    assert len(usable) == 2, "the photo must hold two usable faces"
+    want = embedder.embed_faces([r.image for r in usable])
+    single = [(tmp_path / "left.png", left), (tmp_path / "right.png", right.transpose(Image.FLIP_LEFT_RIGHT))]
+    for path, image in single:
+        image.save(path)
+    threshold = float(want[0] @ want[1]) + 1e-3  # above the two people's similarity: each is only themselves
+    with Server(["--checkpoint", str(aligned_model), "--threshold", str(min(threshold, 0.999))],
+                log=tmp_path / "serve.log") as srv:
+        files = {"image": ("group.png", png_bytes(group), "image/png")}
+        r = srv.client.post("/detect", files=files, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["count"] == len(found) and (got["width"], got["height"]) == group.size
+        for face, ref in zip(got["faces"], found):
+            assert face["box"] == pytest.approx(ref.box, abs=0.1) and face["score"] == pytest.approx(ref.score, abs=1e-4)
+            assert face["usable"] is (ref.image is not None)
+            if ref.image is not None:
+                assert face["quality"]["sharpness"] == pytest.approx(sharpness(ref.image, aligner.size), abs=0.1)
+        assert set(got["timings"]) == {"decode_ms", "detect_ms", "embed_ms", "total_ms"}
+        for name, (path, _) in zip(("Left", "Right"), single):
+            assert srv.client.post("/enroll", data={"identity": name}, files=[("images", upload(path))],
+                                   headers=srv.auth).status_code == 200
+        r = srv.client.post("/recognize", files=files, headers=srv.auth)
+        assert r.status_code == 200, r.text
+        faces = [f for f in r.json()["faces"] if f["usable"]]
+        assert [f["identity"] for f in faces] == ["Left" if f["box"][0] < 400 else "Right" for f in faces]
+        assert r.json()["known"] == 2
+        enrolled = embedder.embed([path for path, _ in single])
+        for face, vector, ref in zip(faces, want, usable):
+            assert face["score"] == pytest.approx(ref.score, abs=1e-4)  # the detector's
+            assert face["similarity"] == pytest.approx(float(np.max(enrolled @ vector)), abs=1e-3)
+        r = srv.client.post("/recognize", files={"image": ("noise.png", noise_png(200), "image/png")},
+                            headers=srv.auth)
+        assert r.status_code == 200 and r.json()["count"] == 0  # no face is an answer, not an error
