@@ -49,7 +49,8 @@ def _faiss():
     return faiss
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32, C-contiguous): cosine = inner product."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise InputError(f"embeddings must be an N x D matrix, got shape {x.shape}")
@@ -129,7 +130,7 @@ class Gallery:
         """A new gallery. For ivf/hnsw, nprobe/ef_search default to the smallest value whose recall@1 estimate
         reaches ``target_recall`` (see ``estimate_recall``)."""
         faiss = _faiss()
-        x = _unit(embeddings)
+        x = unit_rows(embeddings)
         n, d = x.shape
         if n == 0:
             raise InputError("cannot build a gallery from 0 embeddings")
@@ -206,7 +207,7 @@ class Gallery:
         """
         vectors = self.vectors() if x is None else x
         if queries is not None:
-            q = _unit(queries)
+            q = unit_rows(queries)
             _, exact = topk_cosine(q, vectors, 1, device="cpu", normalized=True)
             _, approx = self.index.search(q, 1)
             return float(np.mean(self.identity[approx[:, 0]] == self.identity[exact[:, 0]]))
@@ -243,7 +244,7 @@ class Gallery:
 
     def add(self, embeddings: np.ndarray, identities: Sequence[str], paths: Optional[Sequence[str]] = None) -> None:
         """Append entries (IVF keeps the centroids it was trained with; rebuild if the data shift a lot)."""
-        x = _unit(embeddings)
+        x = unit_rows(embeddings)
         if x.shape[1] != self.index.d:
             raise InputError(f"embeddings have dimension {x.shape[1]}, the gallery {self.index.d}: use the model "
                              f"the gallery was built with ({self.meta.get('checkpoint', 'see gallery.json')})")
@@ -297,7 +298,7 @@ class Gallery:
                        progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k entries per query: (scores Q x k, entry indices Q x k; -1 where fewer exist)."""
         faiss = _faiss()
-        q = _unit(queries)
+        q = unit_rows(queries)
         k = int(min(k, self.size))
         if self.kind == "flat":
             if faiss.get_num_gpus() > 0:

@@ -282,19 +282,32 @@ class FaceDatabase:
         return self.conn.cursor()
 
     def changes_since(self, seq: int) -> list[Change]:
-        """The log after ``seq``, in order, with the embeddings of added faces and identities' current names."""
+        """The log after ``seq``, in order, with the embeddings of added faces and identities' current names.
+
+        Three lookups by primary key rather than one join: a planner without fresh statistics (right after a bulk
+        import) may otherwise scan every face for a catch-up of one."""
         with self._lock:
             cur = self.conn.cursor()
             try:
-                rows = self._run(cur, "SELECT c.seq, c.op, c.face_id, c.identity_id, f.embedding, i.name "
-                                      "FROM changes c LEFT JOIN faces f ON c.op = 'add' AND f.id = c.face_id "
-                                      "LEFT JOIN identities i ON i.id = c.identity_id WHERE c.seq > ? "
-                                      "ORDER BY c.seq", (seq,)).fetchall()
+                rows = self._run(cur, "SELECT seq, op, face_id, identity_id FROM changes WHERE seq > ? ORDER BY seq",
+                                 (seq,)).fetchall()
+                added = sorted({face for _, op, face, _ in rows if op == "add"})
+                idents = sorted({ident for *_, ident in rows if ident is not None})
+                blobs = dict(self._select_in(cur, "SELECT id, embedding FROM faces WHERE id IN ({})", added))
+                names = dict(self._select_in(cur, "SELECT id, name FROM identities WHERE id IN ({})", idents))
                 self.conn.commit()
             finally:
                 cur.close()
-        return [Change(s, op, face, ident, name, None if blob is None else np.frombuffer(bytes(blob), np.float32))
-                for s, op, face, ident, blob, name in rows]
+        return [Change(s, op, face, ident, names.get(ident),
+                       np.frombuffer(bytes(blobs[face]), np.float32) if op == "add" and face in blobs else None)
+                for s, op, face, ident in rows]
+
+    def _select_in(self, cur, statement: str, keys: list, chunk: int = 500) -> list:
+        out = []
+        for start in range(0, len(keys), chunk):
+            part = keys[start:start + chunk]
+            out += self._run(cur, statement.format(", ".join("?" * len(part))), part).fetchall()
+        return out
 
     def faces_of(self, identity: str) -> Optional[list[dict]]:
         """An identity's faces (id, source, model, created), oldest first; None: no such identity."""

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..eval.gallery import ENTRIES_FILE, INDEX_FILE, META_FILE, Gallery
+from ..eval.gallery import ENTRIES_FILE, INDEX_FILE, META_FILE, Gallery, unit_rows
 from ..fileio import recover_directory
 from .database import SQLITE_FILE, FaceDatabase, open_database
 from .live_index import LiveIndex
@@ -40,7 +40,7 @@ class GalleryStore:
                  ef_search: Optional[int] = None):
         self.db, self.model, self.dim = db, model, db.dim
         snap = db.snapshot()
-        self.index = LiveIndex(self.dim, index, vectors=_unit(snap.embeddings), ids=snap.face_ids, nprobe=nprobe,
+        self.index = LiveIndex(self.dim, index, vectors=unit_rows(snap.embeddings), ids=snap.face_ids, nprobe=nprobe,
                                ef_search=ef_search)
         self._apply = threading.Lock()
         self.seq = snap.seq
@@ -74,7 +74,7 @@ class GalleryStore:
 
             def flush():
                 if pending_ids:
-                    self.index.add(np.asarray(pending_ids, np.int64), _unit(np.stack(pending_x)))
+                    self.index.add(np.asarray(pending_ids, np.int64), unit_rows(np.stack(pending_x)))
                     pending_ids.clear()
                     pending_x.clear()
 
@@ -123,7 +123,7 @@ class GalleryStore:
 
     def search(self, embeddings: np.ndarray, k: int) -> list[list[dict]]:
         """Top-k identities per query: [{"identity", "score", "face"}] (an identity's score: its best face's)."""
-        q = _unit(embeddings)
+        q = unit_rows(embeddings)
         k_faces = int(min(self.size, max(k, (k - 1) * self.most_faces + 1)))
         scores, faces = self.index.search(q, k_faces)
         results = []
@@ -166,11 +166,6 @@ class GalleryStore:
         renamed = self.db.rename(old, new)
         self.catch_up()
         return renamed
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
 
 def database_target(gallery: Optional[str | Path], db: Optional[str]) -> str:
