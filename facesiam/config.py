@@ -107,6 +107,11 @@ class LossConfig:
     """random or imprint: start each class centre of a margin loss at the mean direction of its training images'
     embeddings (one forward pass over the train split before step 0, weight imprinting), so a pretrained trunk
     is fine-tuned towards meaningful centres from the first step instead of towards random ones."""
+    partial_fc: float = 0.0
+    """0: every rank holds every class centre (data parallel). RATE in (0, 1]: Partial FC (facesiam/partial_fc.py):
+    each of W ranks holds 1/W of the centres and their optimizer state, and each step uses every positive centre of
+    the global batch plus this share of the others (1.0: all, sharded; 0.1: a tenth). For margin losses; what lets
+    millions of identities train on many GPUs."""
 
 
 @dataclass

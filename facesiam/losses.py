@@ -9,7 +9,8 @@ families (a loss entry's ``family`` info):
   The *value* is W times the loss, so ``Criterion.forward`` returns it divided back for logging.
 - margin classification losses (arcface, subcenter_arcface, cosface) hold class centres: trained parameters
   that live inside the module the trainer hands to DDP, so they are in the optimizer, identical on every rank
-  (gradients all-reduced like any weight) and saved with every checkpoint.
+  (gradients all-reduced like any weight) and saved with every checkpoint. With ``loss.partial_fc`` they are
+  sharded across ranks instead (facesiam/partial_fc.py: Partial FC).
 
 A margin loss can also be paired with a pair loss (``loss.pair_loss``, weighted ``loss.pair_loss_weight``): the class
 centres pull each identity together against all others, the pair loss shapes the batch's own neighbourhoods.
@@ -27,6 +28,7 @@ from pytorch_metric_learning import distances, losses, miners
 from pytorch_metric_learning.utils import distributed as pml_dist
 
 from .errors import InputError
+from .partial_fc import PartialFC, shard_size, world
 from .registry import Registry
 
 if TYPE_CHECKING:  # config imports this module (to validate names against LOSSES and MINERS)
@@ -60,7 +62,15 @@ def check_loss_config(cfg: LossConfig) -> None:
                              f"({', '.join(margin_losses)}), not to {cfg.loss!r}")
         if cfg.init_centres == "imprint":
             raise InputError(f"loss.init_centres imprint needs class centres: a margin loss, not {cfg.loss!r}")
+        if cfg.partial_fc:
+            raise InputError(f"loss.partial_fc shards class centres: it needs a margin loss "
+                             f"({', '.join(margin_losses)}), not {cfg.loss!r}")
         return
+    if cfg.partial_fc and family != "margin":
+        raise InputError(f"loss.partial_fc shards class centres: it needs a margin loss ({', '.join(margin_losses)}), "
+                         f"not {cfg.loss!r}")
+    if cfg.partial_fc and not 0 < cfg.partial_fc <= 1:
+        raise InputError(f"loss.partial_fc must be in (0, 1] (1.0: every centre, sharded), got {cfg.partial_fc}")
     if cfg.pair_loss not in ("none",) + pair_losses:
         raise InputError(f"loss.pair_loss is {cfg.pair_loss!r}; choose none or a pair loss: {', '.join(pair_losses)}")
     if cfg.miner != "none" and cfg.pair_loss == "none":
@@ -181,14 +191,18 @@ class Criterion(nn.Module):
         check_loss_config(cfg)  # config validation ran it already; a LossConfig built in code has not been through it
         self.name = cfg.loss if cfg.pair_loss == "none" else f"{cfg.loss}+{cfg.pair_loss_weight:g}*{cfg.pair_loss}"
         self.pair_loss_weight = cfg.pair_loss_weight
+        self.pair = None
+        if LOSSES.get(cfg.loss).info["family"] == "pair":
+            self.loss, self.pair = None, PairTerm(cfg)
+        elif cfg.partial_fc:
+            per_rank = shard_size(num_classes, world()[1])
+            self.loss = PartialFC(build_pml_loss(cfg, embedding_dim, per_rank), num_classes, cfg.partial_fc,
+                                  subcenters=cfg.subcenters if cfg.loss == "subcenter_arcface" else 1)
+        else:
+            self.loss = build_pml_loss(cfg, embedding_dim, num_classes)
         if cfg.pair_loss != "none":
             # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
-            self.loss = build_pml_loss(cfg, embedding_dim, num_classes)
             self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None))
-        elif LOSSES.get(cfg.loss).info["family"] == "pair":
-            self.loss, self.pair = None, PairTerm(cfg)
-        else:
-            self.loss, self.pair = build_pml_loss(cfg, embedding_dim, num_classes), None
 
     @torch.no_grad()
     def imprint_centres(self, embeddings: torch.Tensor, labels: torch.Tensor, spread: float = 0.1) -> int:
@@ -200,10 +214,15 @@ class Criterion(nn.Module):
         Sub-centres of one class start at the class mean plus ``spread`` times their own random direction, so
         that they are not identical (identical sub-centres would tie in the loss's max and never separate).
         """
-        W = getattr(self.loss, "W", None)
-        if W is None:
+        W = getattr(self.loss, "W", None) if self.loss is not None else None
+        if self.partial is not None:  # this rank's shard: its classes, renumbered from 0
+            W, first, num_classes = self.partial.weight, self.partial.first, self.partial.per_rank
+            mine = (labels >= first) & (labels < first + num_classes)
+            embeddings, labels = embeddings[mine], labels[mine] - first
+        elif W is None:
             raise ValueError(f"loss {self.name!r} has no class centres to imprint")
-        num_classes = self.loss.num_classes
+        else:
+            num_classes = self.loss.num_classes
         per_class = W.shape[1] // num_classes  # SubCenterArcFace lays out class c's sub-centres at c*k .. c*k+k-1
         embeddings = F.normalize(embeddings.float().to(W.device), dim=1)
         labels = labels.to(W.device)
@@ -218,6 +237,11 @@ class Criterion(nn.Module):
         centres[seen] = imprinted[seen].to(W.dtype)
         W.copy_(centres.reshape(-1, W.shape[0]).t())
         return int(seen.sum())
+
+    @property
+    def partial(self):
+        """The Partial FC module when the centres are sharded (loss.partial_fc), else None."""
+        return self.loss if isinstance(self.loss, PartialFC) else None
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = embeddings.float()

@@ -1,6 +1,8 @@
 """Resumable checkpoints and the run directory's model exports.
 
     RUN/checkpoints/step-N/   accelerator.save_state (model, optimizer, scheduler, scaler, RNG, EMA) + TrainState
+                              + centres-RANK-of-WORLD.pt per rank with Partial FC (each rank's class centres and
+                              their optimizer state; restored onto any world size, re-sharded)
     RUN/best/, RUN/final/     exported models (model.safetensors + config.json) for inference
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a crash (kill -9 included) at any
@@ -17,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from ..errors import InputError
 from ..fileio import replace_directory
 from ..model import export_model
@@ -24,6 +28,7 @@ from ..model import export_model
 log = logging.getLogger("facesiam.train")
 
 ACCELERATE_STATE_FILE = "custom_checkpoint_0.pkl"  # TrainState, the first object registered for checkpointing
+CENTRES_FILE = "centres-{rank}-of-{world}.pt"
 
 
 @dataclass
@@ -56,11 +61,15 @@ def list_checkpoints(run: Path) -> list[Path]:
 class Checkpointer:
     """Saves, keeps the newest K of, finds and restores checkpoints; exports best/ and final/ (main process)."""
 
-    def __init__(self, accelerator, run: Path, keep: int, alignment: Optional[dict] = None):
+    def __init__(self, accelerator, run: Path, keep: int, alignment: Optional[dict] = None, centres=None,
+                 optimizer=None):
         self.accelerator = accelerator
         self.run = Path(run)
         self.keep = max(1, keep)
         self.alignment = alignment  # the training data's face alignment: recorded in every export's config.json
+        # Partial FC's sharded centres (partial_fc.PartialFC) and the optimizer holding their state: saved by every
+        # rank beside accelerate's state, which holds the main process's only
+        self.centres, self.optimizer = centres, optimizer
 
     def save(self, step: int) -> Path:
         """accelerator.save_state into a temporary directory, renamed when complete; keep the newest K."""
@@ -72,6 +81,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.centres is not None:
+            torch.save(self.centres.shard_state(self.optimizer), tmp / CENTRES_FILE.format(
+                rank=acc.process_index, world=acc.num_processes))
         acc.wait_for_everyone()
         if acc.is_main_process:
             replace_directory(tmp, final)
@@ -104,6 +116,8 @@ class Checkpointer:
         """Load everything registered with the accelerator; map the epoch position onto another world size."""
         acc = self.accelerator
         acc.load_state(str(path))
+        if self.centres is not None:
+            self._restore_centres(path)
         if (state.world_size, state.batch_size) != (acc.num_processes, batch_size) and state.batches_in_epoch:
             seen = state.batches_in_epoch * state.world_size * state.batch_size
             new_pos = seen // (acc.num_processes * batch_size)
@@ -114,6 +128,15 @@ class Checkpointer:
         state.world_size, state.batch_size = acc.num_processes, batch_size
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch,
                  state.batches_in_epoch)
+
+    def _restore_centres(self, path: Path) -> None:
+        """This rank's Partial FC centres and their optimizer state, from the shards of whatever world size saved."""
+        files = sorted(path.glob(CENTRES_FILE.format(rank="*", world="*")))
+        if not files:
+            raise InputError(f"--resume {path}: the run uses loss.partial_fc but the checkpoint holds no class centre "
+                             f"shards ({CENTRES_FILE.format(rank='R', world='W')}); resume it without partial_fc")
+        self.centres.load_shards([torch.load(f, map_location="cpu", weights_only=True) for f in files],
+                                 self.optimizer)
 
     def export(self, model, model_cfg, name: str, extra: dict) -> Path:
         """RUN/<name>/ (best or final): an inference export, swapped in complete (main process only)."""

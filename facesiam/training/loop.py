@@ -5,7 +5,8 @@
 
 ``Trainer.train`` reads top to bottom: for each accumulation window of the epoch, one ``train_step`` (forward ->
 loss in fp32 -> backward -> clip -> step, or a skip when anything was non-finite), then the cadence decides whether
-to validate (training/validation.py) and checkpoint (training/checkpoint.py). Everything is built by
+to validate (training/validation.py) and checkpoint (training/checkpoint.py); a SIGTERM/SIGUSR1 stops every rank
+after the same step, checkpointed, with exit status 143 (training/preemption.py). Everything is built by
 training/setup.py; what is logged lives in training/tracking.py. Everything needed to resume is explicit: the
 model, optimizer, schedule (and scaler, EMA) states that Accelerate saves, plus ``TrainState``.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from ..optim import build_optimizer, build_schedule, evaluation_weights
 from . import setup
 from .cadence import Cadence
 from .checkpoint import Checkpointer, TrainState
+from .preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, shield_loader_workers
 from .tracking import RunLogger, StepWindow
 from .validation import Validator
 
@@ -57,6 +59,7 @@ class Trainer:
         set_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
         self.data = setup.build_data(cfg, acc)
+        shield_loader_workers(self.data.loader)  # a SIGTERM to the process group must not kill them mid-step
         self.distillation = setup.build_distillation(cfg, acc, self.data)  # None unless distill.teacher is set
         learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes), distillation=self.distillation,
                                       device=acc.device)
@@ -81,7 +84,8 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         self.evaluated = self.ema.module if self.ema is not None else self.network  # what best/ and final/ hold
 
-        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints, alignment=self.data.alignment)
+        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints, alignment=self.data.alignment,
+                                         centres=getattr(learner.criterion, "partial", None), optimizer=self.optimizer)
         resume_from = self.checkpointer.resolve(cfg.resume)
         if resume_from is not None:
             self.checkpointer.restore(resume_from, self.state, cfg.batch_size)
@@ -98,6 +102,7 @@ class Trainer:
         self.window = StepWindow(acc.device)
         self.consecutive_bad = 0
         self.final_exported = False
+        self.preemption = Preemption()
 
     def _teacher_probe(self) -> Optional[Callable[[np.ndarray], dict[str, Any]]]:
         """In a distillation run, what validation adds: the mean student-teacher cosine on the held-out photos."""
@@ -120,24 +125,28 @@ class Trainer:
 
         s, cfg = self.state, self.cfg
         self._log_plan()
-        while s.step < self.total_steps and s.epoch < cfg.epochs:
-            bar = tqdm(total=self.data.steps_per_epoch, initial=s.batches_in_epoch // cfg.grad_accum_steps,
-                       desc=f"epoch {s.epoch}", disable=not self.main, dynamic_ncols=True)
-            for window in self.window.timed(self.data.windows(s.epoch, s.batches_in_epoch)):
-                grad_norm = self.train_step(window)
-                s.batches_in_epoch += len(window)
-                bar.update(1)
-                if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
-                    self._log_step(grad_norm, bar)
-                epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
-                if epoch_end:
-                    s.epoch, s.batches_in_epoch = s.epoch + 1, 0
-                    self.schedule.after_epoch()
-                last = s.step >= self.total_steps or s.epoch >= cfg.epochs
-                self.after_step(boundary=epoch_end or last, last=last)
-                if last:
-                    break
-            bar.close()
+        with self.preemption:  # from here SIGTERM/SIGUSR1 stop the run after a step (training/preemption.py)
+            while s.step < self.total_steps and s.epoch < cfg.epochs:
+                bar = tqdm(total=self.data.steps_per_epoch, initial=s.batches_in_epoch // cfg.grad_accum_steps,
+                           desc=f"epoch {s.epoch}", disable=not self.main, dynamic_ncols=True)
+                for window in self.window.timed(self.data.windows(s.epoch, s.batches_in_epoch)):
+                    grad_norm = self.train_step(window)
+                    s.batches_in_epoch += len(window)
+                    bar.update(1)
+                    if s.step % cfg.log_every_steps == 0 or s.step == self.total_steps:
+                        self._log_step(grad_norm, bar)
+                    epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
+                    if epoch_end:
+                        s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+                        self.schedule.after_epoch()
+                    last = s.step >= self.total_steps or s.epoch >= cfg.epochs
+                    self.after_step(boundary=epoch_end or last, last=last)
+                    if last:
+                        break
+                    if self.preemption.should_stop(self.accelerator):  # any rank got SIGTERM/SIGUSR1
+                        bar.close()
+                        self._stop_preempted()
+                bar.close()
         self.after_step(boundary=True, last=True)  # a run resumed at its end still exports and checkpoints
         return self._finish()
 
@@ -183,6 +192,17 @@ class Trainer:
             self._export_final()
         if checkpoint:
             self.checkpointer.save(self.state.step)
+
+    def _stop_preempted(self) -> NoReturn:
+        """Every rank agreed to stop after this step: checkpoint it (unless the cadence just did) and exit 143."""
+        s = self.state
+        just_saved = self.cadence.last_checkpointed == s.step
+        saved = self.checkpointer.latest() if just_saved else self.checkpointer.save(s.step)
+        if self.main:
+            log.warning("preempted: stopped after step %d of %d, checkpoint %s; exit status %d (relaunch with "
+                        "--resume latest)", s.step, self.total_steps, saved, PREEMPTED_EXIT_CODE)
+        self.accelerator.end_training()  # flushes the trackers, closes the process group
+        raise Preempted(s.step)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _skip_step(self) -> None:

@@ -23,6 +23,7 @@ from ..augment.transforms import build_eval_transform, build_train_transform
 from ..data import DistributedPerClassSampler, ShardDataset
 from ..augment.batch import DeferredTrainTransform, ModelInput, collate
 from ..data.format import METADATA_FILE, read_metadata
+from ..data.remote import is_remote
 from ..device import resolve_device
 from ..distill import DistillCriterion
 from ..errors import InputError
@@ -102,7 +103,7 @@ class TrainData:
 def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_TIMEOUT) -> TrainData:
     """Shards -> datasets (seeded augmentation), the distributed per-class sampler and the loader (with workers, one
     that delivers nothing for ``loader_timeout`` seconds is an error)."""
-    if not (Path(cfg.data) / METADATA_FILE).is_file():
+    if not is_remote(cfg.data) and not (Path(cfg.data) / METADATA_FILE).is_file():  # a URL: read_metadata says
         raise InputError(f"{Path(cfg.data) / METADATA_FILE} not found; make shards first: "
                          f"python tools/make_shards.py FACES/ {cfg.data}")
     m, a = cfg.model, cfg.augment
@@ -203,7 +204,13 @@ def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Dis
     if cfg.compile:
         model = torch.compile(model)
     if distillation is None:
-        return MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
+        learner = MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
+        if learner.criterion.partial is not None:  # each rank's centres differ: DDP must neither sync nor average them
+            from torch.nn.parallel import DistributedDataParallel
+
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                learner, learner.criterion.partial.ddp_ignored("criterion.loss"))
+        return learner
     criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight)
     criterion.set_targets(*distillation.train, device=device)
     return MetricLearner(model, criterion)

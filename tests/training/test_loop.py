@@ -216,3 +216,33 @@ def test_two_processes_imprint_the_centres_of_the_global_batch(synthetic_shards,
     # Each class's 2-process centre is nearest to the same class's 1-process centre: labels stayed with their rows.
     assert torch.equal(cross.argmax(1), torch.arange(len(trained))), cross
     assert cross.diagonal().mean() > 0.7
+
+
+def test_partial_fc_trains_on_two_processes_resumes_exactly_and_reshards_onto_one(synthetic_shards, tmp_path):
+    """Partial FC (centres sharded over 2 gloo ranks, half the negatives sampled): a resumed run ends with exactly
+    the weights of an uninterrupted one (each rank's centres and their AdamW state come back from its own file),
+    and the 2-rank checkpoint resumes on one process with the centres laid end to end."""
+    flags = ["--data", str(synthetic_shards), *TINY, "--lr", "1e-3", "--val-split", "none", "--loss", "arcface",
+             "--margin", "20", "--scale", "16", "--partial-fc", "0.5", "--max-steps", "4", "--epochs", "5"]
+    accelerate_launch(REPO / "launch" / "train.py", [*flags, "--output", str(tmp_path / "a"),
+                                                     "--checkpoint-every-steps", "2"])
+    step2 = tmp_path / "a" / "checkpoints" / "step-2"
+    shards = [torch.load(step2 / f"centres-{r}-of-2.pt", weights_only=True) for r in range(2)]
+    assert "criterion.loss.loss.W" not in _weights(step2)  # the centres live in the per-rank files only
+    accelerate_launch(REPO / "launch" / "train.py", [*flags, "--output", str(tmp_path / "b"), "--resume", str(step2)])
+    a, b = _weights(tmp_path / "a" / "checkpoints" / "step-4"), _weights(tmp_path / "b" / "checkpoints" / "step-4")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    for r in range(2):
+        want = torch.load(tmp_path / "a" / "checkpoints" / "step-4" / f"centres-{r}-of-2.pt", weights_only=True)
+        got = torch.load(tmp_path / "b" / "checkpoints" / "step-4" / f"centres-{r}-of-2.pt", weights_only=True)
+        assert torch.equal(want["weight"], got["weight"]) and torch.equal(want["optimizer"]["exp_avg_sq"],
+                                                                            got["optimizer"]["exp_avg_sq"])
+        assert not torch.equal(want["weight"], shards[r]["weight"]), "the centres trained"
+    # one process, from the 2-rank checkpoint: every class's centre, in order, then it trains on
+    reset_accelerate()
+    summary = main([*flags, "--output", str(tmp_path / "one"), "--resume", str(step2), "--max-steps", "3"])
+    assert summary["steps"] == 3
+    one = torch.load(tmp_path / "one" / "checkpoints" / "step-3" / "centres-0-of-1.pt", weights_only=True)
+    classes = shards[0]["num_classes"]
+    assert one["weight"].shape == (32, classes) and one["world_size"] == 1
