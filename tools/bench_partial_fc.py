@@ -47,7 +47,8 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def _worker(rank: int, world: int, init: str, classes: int, rate: float, batch: int, steps: int, out) -> None:
+def _worker(rank: int, world: int, init: str, classes: int, rate: float, batch: int, steps: int, device: str,
+            out) -> None:
     import torch
     import torch.distributed as dist
 
@@ -58,13 +59,14 @@ def _worker(rank: int, world: int, init: str, classes: int, rate: float, batch: 
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     torch.manual_seed(rank)
-    base = rss_mb()
-    crit = Criterion(LossConfig(loss="arcface", margin=None, scale=None, partial_fc=rate), DIM, classes)
+    cuda = device == "cuda"
+    base = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
+    crit = Criterion(LossConfig(loss="arcface", margin=None, scale=None, partial_fc=rate), DIM, classes).to(device)
     opt = torch.optim.AdamW(crit.parameters(), lr=1e-3)
     times = []
     for step in range(steps + 1):  # the first step allocates the AdamW state: not timed
-        emb = torch.randn(batch, DIM, requires_grad=True)
-        labels = torch.randint(0, classes, (batch,))
+        emb = torch.randn(batch, DIM, device=device, requires_grad=True)
+        labels = torch.randint(0, classes, (batch,), device=device)
         t = time.perf_counter()
         loss, _ = crit(emb, labels)
         loss.backward()
@@ -75,20 +77,24 @@ def _worker(rank: int, world: int, init: str, classes: int, rate: float, batch: 
         opt.zero_grad(set_to_none=False)
         if world > 1:
             dist.barrier()
+        if cuda:
+            torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - t)
-    out[rank] = {"memory_mb": peak_rss_mb() - base, "step_s": sorted(times)[len(times) // 2],
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    out[rank] = {"memory_mb": peak - base, "step_s": sorted(times)[len(times) // 2],
                  "centres": int(crit.loss.weight.shape[1] if rate else crit.loss.W.shape[1])}
     if world > 1:
         dist.destroy_process_group()
 
 
-def measure(classes: int, rate: float, world: int, batch: int, steps: int) -> dict:
+def measure(classes: int, rate: float, world: int, batch: int, steps: int, device: str = "cpu") -> dict:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), classes, rate, batch, steps, out), nprocs=world)
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), classes, rate, batch, steps, device, out),
+                 nprocs=world)
         ranks = [out[r] for r in range(world)]
     return {"memory_mb": max(r["memory_mb"] for r in ranks), "step_s": max(r["step_s"] for r in ranks),
             "centres": ranks[0]["centres"]}
@@ -126,19 +132,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--full-max-2", type=int, default=100_000,
                    help="largest C run data-parallel on 2 ranks (2 x 8 GB of centres at 1M does not fit 24 GB)")
+    p.add_argument("--device", default="cpu", help="cpu (gloo ranks; memory = peak RSS) or cuda (one GPU: --worlds 1; "
+                   "memory = peak CUDA allocation)")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="numbers of processes to measure")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args()
     rows = []
     for classes in args.classes:
-        for world in (1, 2):
+        for world in args.worlds:
             for rate in (0.0, args.rate):
                 if rate == 0.0 and world == 2 and classes > args.full_max_2:
                     continue
-                r = measure(classes, rate, world, args.batch, args.steps)
+                r = measure(classes, rate, world, args.batch, args.steps, args.device)
                 rows.append({"classes": classes, "world": world, "rate": rate, **r})
                 print(f"C={classes:,} W={world} {'Partial FC ' + str(rate) if rate else 'data parallel'}: "
                       f"{r['memory_mb']:,.0f} MB per rank, {r['step_s'] * 1000:,.0f} ms per step, "
-                      f"{r['centres']:,} centres per rank", flush=True)
+                      f"{r['centres']:,} centres per rank, {world * args.batch / r['step_s']:,.0f} samples/s", flush=True)
     # the model's fixed part and L (per method): fitted on the 1-rank runs, checked on the 2-rank ones
     fits = {rate: fit_model([r for r in rows if r["world"] == 1 and r["rate"] == rate], args.batch)
             for rate in (0.0, args.rate)}
@@ -146,7 +155,7 @@ def main() -> None:
         r["model_mb"] = model_mb(r["classes"], r["world"], args.batch, r["rate"], fits[r["rate"]])
         print(f"  model for C={r['classes']:,} W={r['world']} rate {r['rate']}: {r['model_mb']:,.0f} MB "
               f"(measured {r['memory_mb']:,.0f})")
-    if args.write_doc:
+    if args.write_doc and args.device == "cpu" and 2 in args.worlds:
         write_doc(args, rows, fits)
 
 

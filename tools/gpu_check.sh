@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session: the checks that need a device, in one go, most important first.
 #   bash tools/gpu_check.sh [OUT] [PART]   (run from the repository root on the GPU machine)
-# PART: speed (issue 17 only, ~9 minutes on an H200: fits one 10-minute call), rest (the older checks), all
-# (default). It
+# PART: speed (issue 17 only, ~9 minutes on an H200: fits one 10-minute call), partialfc (issue 31 only: Partial FC
+# at 1M identities, a few minutes), rest (the older checks), all (default). It
 # 1. installs the wheels the GPU machine lacks (../shared/wheels/py312, copied to ./wheels and carried along),
 # 2. runs the GPU parts of the test suite (CUDA scoring, bf16 training step, batch augmentation on CUDA vs CPU),
 # speed (issue 17):
@@ -31,7 +31,7 @@ date -u > "$OUT/date.txt"
 PART=${2:-all}
 timeout 60 python3 -m pytest -q tests/eval/test_metrics.py tests/eval/test_neighbours.py tests/test_model.py \
   tests/data/test_batch_augment.py > "$OUT/tests.txt" 2>&1
-if [ "$PART" != rest ]; then
+if [ "$PART" = all ] || [ "$PART" = speed ]; then
   FAST="--channels-last true --mixed-precision bf16 --num-workers 12 --augment-implementation fused"
   timeout 270 python3 tools/bench_train.py --size 224 --steps 60 --warmup 15 --facesiam-flags "$FAST" \
     --facesiam-flags "$FAST --augment-device cuda" --facesiam-flags "$FAST --compile true" \
@@ -41,6 +41,10 @@ if [ "$PART" != rest ]; then
     --no-previous > "$OUT/bench_eval_gpu.txt" 2>&1
 fi
 [ "$PART" = speed ] && { echo "done: see $OUT"; exit 0; }
+# issue 31: Partial FC at 1M identities on the one GPU, data parallel vs sampled (samples/s, peak CUDA memory)
+[ "$PART" = rest ] || timeout 300 python3 tools/bench_partial_fc.py --device cuda --worlds 1 --classes 1000000 --batch 256 --steps 10 \
+  > "$OUT/bench_partial_fc_gpu.txt" 2>&1
+[ "$PART" = partialfc ] && { echo "done: see $OUT"; exit 0; }
 timeout 240 python3 tools/bench_serve.py --device cuda --clients 32 --requests 640 > "$OUT/bench_serve.txt" 2>&1
 if [ -d ../shared/data/lfw-devtrain ]; then
   python3 tools/make_shards.py ../shared/data/lfw-devtrain /tmp/lfw --val-identities 0.15 --seed 2 --no-progress

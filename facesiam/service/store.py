@@ -115,7 +115,8 @@ class GalleryStore:
 
     def identities(self) -> dict[str, int]:
         """Enrolled names -> number of faces, in enrolment order."""
-        return {self.names[i]: c for i, c in sorted(self.counts.items()) if i in self.names}
+        with self._apply:  # a catch-up on another thread must not change the tables while they are read whole
+            return {self.names[i]: c for i, c in sorted(self.counts.items()) if i in self.names}
 
     def count(self, identity: str) -> int:
         ident = self.by_name.get(identity)
