@@ -5,20 +5,21 @@ time at 100k and 1M identities, 512-d, on 1 and 2 CPU processes (gloo), and a me
 
 Each rank runs ArcFace (PML's, through facesiam.losses.Criterion) on a batch of random embeddings: forward, backward
 and an AdamW step of the class centres (the trunk is the same in both and left out). Memory per rank is the peak
-resident memory's growth over the process's size before the loss was built (weights, gradients, AdamW state,
-logits and their temporaries). The model: per rank, centres x 512 floats x 4 bytes x 4 (weight, gradient, two AdamW
-moments) plus the logits' temporaries, L floats per logit:
+resident memory's growth over the process's size before the loss was built (weights, gradients, AdamW state and
+temporaries, logits and theirs). The model, per rank:
 
-    data parallel:  F + 16 C D + 4 L b C          Partial FC:  F' + 16 ceil(C/W) D + 4 L' (W b) (rate ceil(C/W))
+    F + β D x centres on the rank + 4 L x logits of the rank
+    data parallel: C centres, b C logits          Partial FC: ceil(C/W) centres, W b x rate ceil(C/W) logits
 
-with b the per-rank batch; F (a fixed part) and L (floats per logit) are fitted on the 1-rank runs of this run and
-checked against the 2-rank runs before the model is used for W = 8 and 64.
+with b the per-rank batch; F, β and L (one for each method) are fitted by least squares on every measurement of
+this run, which the table sets beside the model's value, before the model is used for W = 8 and 64.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -106,22 +107,23 @@ def logits_per_rank(classes: int, world: int, batch: int, rate: float) -> float:
     return world * batch * rate * math.ceil(classes / world) if rate else batch * classes
 
 
-def model_mb(classes: int, world: int, batch: int, rate: float, fit: tuple[float, float]) -> float:
-    """Per-rank memory of the model (MB): a fixed part, 16 bytes a centre float, L floats a logit (fit = (fixed,
-    L)); rate 0 = data parallel."""
-    fixed, per_logit = fit
+def model_mb(classes: int, world: int, batch: int, rate: float, fit: dict) -> float:
+    """Per-rank memory of the model (MB): fixed + bytes per centre float x the rank's centre floats + 4 x floats per
+    logit x the rank's logits; rate 0 = data parallel."""
     centres = classes if not rate else math.ceil(classes / world)
-    return fixed + (16 * centres * DIM + 4 * per_logit * logits_per_rank(classes, world, batch, rate)) / 2**20
+    return fit["fixed"] + (fit["bytes_per_float"] * centres * DIM
+                           + 4 * fit["per_logit"] * logits_per_rank(classes, world, batch, rate)) / 2**20
 
 
-def fit_model(points: list[dict], batch: int) -> tuple[float, float]:
-    """(fixed MB, L) by least squares over 1-rank measurements: memory - weights = fixed + 4 L logits."""
+def fit_model(points: list[dict], batch: int) -> dict:
+    """The model's three numbers by least squares over every measurement (both methods, 1 and 2 ranks)."""
     import numpy as np
 
-    a = np.array([[1.0, 4 * logits_per_rank(p["classes"], p["world"], batch, p["rate"]) / 2**20] for p in points])
-    y = np.array([p["memory_mb"] - 16 * p["centres"] * DIM / 2**20 for p in points])
-    fixed, per_logit = np.linalg.lstsq(a, y, rcond=None)[0]
-    return float(fixed), float(max(per_logit, 0.0))
+    a = [[1.0, p["centres"] * DIM / 2**20, 4 * logits_per_rank(p["classes"], p["world"], batch, p["rate"]) / 2**20]
+         for p in points]
+    fixed, per_float, per_logit = np.linalg.lstsq(np.array(a), np.array([p["memory_mb"] for p in points]),
+                                                  rcond=None)[0]
+    return {"fixed": float(fixed), "bytes_per_float": float(per_float), "per_logit": float(per_logit)}
 
 
 def main() -> None:
@@ -135,10 +137,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu (gloo ranks; memory = peak RSS) or cuda (one GPU: --worlds 1; "
                    "memory = peak CUDA allocation)")
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2], help="numbers of processes to measure")
+    p.add_argument("--rows", help="a JSON of measured rows: read it instead of measuring when it exists, else write "
+                   "the measurements there (re-render the report without re-measuring)")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args()
     rows = []
-    for classes in args.classes:
+    if args.rows and Path(args.rows).is_file():
+        rows = json.loads(Path(args.rows).read_text())
+    for classes in args.classes if not rows else []:
         for world in args.worlds:
             for rate in (0.0, args.rate):
                 if rate == 0.0 and world == 2 and classes > args.full_max_2:
@@ -148,18 +154,19 @@ def main() -> None:
                 print(f"C={classes:,} W={world} {'Partial FC ' + str(rate) if rate else 'data parallel'}: "
                       f"{r['memory_mb']:,.0f} MB per rank, {r['step_s'] * 1000:,.0f} ms per step, "
                       f"{r['centres']:,} centres per rank, {world * args.batch / r['step_s']:,.0f} samples/s", flush=True)
-    # the model's fixed part and L (per method): fitted on the 1-rank runs, checked on the 2-rank ones
-    fits = {rate: fit_model([r for r in rows if r["world"] == 1 and r["rate"] == rate], args.batch)
-            for rate in (0.0, args.rate)}
+    if args.rows and not Path(args.rows).is_file():
+        Path(args.rows).write_text(json.dumps(rows))
+    # the model's numbers: fitted on every measurement; its error on each says how far it can be trusted
+    fit = fit_model(rows, args.batch)
     for r in rows:
-        r["model_mb"] = model_mb(r["classes"], r["world"], args.batch, r["rate"], fits[r["rate"]])
+        r["model_mb"] = model_mb(r["classes"], r["world"], args.batch, r["rate"], fit)
         print(f"  model for C={r['classes']:,} W={r['world']} rate {r['rate']}: {r['model_mb']:,.0f} MB "
               f"(measured {r['memory_mb']:,.0f})")
     if args.write_doc and args.device == "cpu" and 2 in args.worlds:
-        write_doc(args, rows, fits)
+        write_doc(args, rows, fit)
 
 
-def write_doc(args, rows, fits) -> None:
+def write_doc(args, rows, fit) -> None:
     def find(c, w, rate):
         return next((r for r in rows if (r["classes"], r["world"], r["rate"]) == (c, w, rate)), None)
 
@@ -169,13 +176,13 @@ def write_doc(args, rows, fits) -> None:
     lines = []
     for c in args.classes:
         full = find(c, 2, 0.0) or find(c, 1, 0.0)  # data parallel holds every centre whatever W is
-        full_mb = full["memory_mb"] if full["world"] == 2 else model_mb(c, 2, args.batch, 0.0, fits[0.0])
+        full_mb = full["memory_mb"] if full["world"] == 2 else model_mb(c, 2, args.batch, 0.0, fit)
         pfc = find(c, 2, args.rate)
         lines.append(f"- C = {c:,}: Partial FC {args.rate:g} on 2 ranks holds **{pfc['memory_mb'] / full_mb:.2f}x** the "
                      f"data-parallel memory per rank ({pfc['memory_mb']:,.0f} vs {full_mb:,.0f} MB"
                      f"{'' if full['world'] == 2 else ', data parallel on 2 ranks from the model'}); modelled for "
-                     f"W = 8: {model_mb(c, 8, args.batch, args.rate, fits[args.rate]) / model_mb(c, 8, args.batch, 0.0, fits[0.0]):.3f}x, "
-                     f"W = 64: {model_mb(c, 64, args.batch, args.rate, fits[args.rate]) / model_mb(c, 64, args.batch, 0.0, fits[0.0]):.4f}x.")
+                     f"W = 8: {model_mb(c, 8, args.batch, args.rate, fit) / model_mb(c, 8, args.batch, 0.0, fit):.3f}x, "
+                     f"W = 64: {model_mb(c, 64, args.batch, args.rate, fit) / model_mb(c, 64, args.batch, 0.0, fit):.4f}x.")
     text = f"""{HEADING}
 
 `python tools/bench_partial_fc.py --write-doc` ({datetime.date.today().isoformat()}, {os.cpu_count()} cores, CPU,
@@ -187,10 +194,13 @@ rank; step = the median of {args.steps} steps after the first.
 |---|---|---|---|---|---|---|
 {table}
 
-The model (bytes per rank): data parallel `F + 16 C D + 4 L b C`, Partial FC `F' + 16 ceil(C/W) D + 4 L' (W b) rate
-ceil(C/W)` (weights, gradients and two AdamW moments per centre; temporaries per logit): fitted by least squares on
-the 1-rank runs (data parallel: F = {fits[0.0][0]:.0f} MB, L = {fits[0.0][1]:.1f}; Partial FC: F' = {fits[args.rate][0]:.0f}
-MB, L' = {fits[args.rate][1]:.1f}) and checked against the 2-rank runs in the table. The goal: Partial FC {args.rate:g} at most 0.55x the data-parallel memory per rank at 2 ranks, shrinking
+The model (bytes per rank): `F + β D x (centres on the rank) + 4 L x (logits of the rank)`, where a rank holds all
+C centres under data parallel and ceil(C/W) under Partial FC, and computes `b x C` logits under data parallel and
+`W b x rate ceil(C/W)` under Partial FC; β counts the weight, its gradient, two AdamW moments and the optimizer's
+temporaries, L the logits' temporaries (PML's and autograd's). Fitted by least squares on every row of the table:
+F = {fit['fixed']:.0f} MB (the process's own: kernels, autograd, PML), β = {fit['bytes_per_float']:.1f} bytes,
+L = {fit['per_logit']:.1f} floats; the "model MB" column is its value for each measured row. The ratios for W = 8
+and 64 below include F, which does not shrink; the centres' part shrinks as 1/W exactly. The goal: Partial FC {args.rate:g} at most 0.55x the data-parallel memory per rank at 2 ranks, shrinking
 as 1/W:
 
 {chr(10).join(lines)}
