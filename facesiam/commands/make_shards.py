@@ -2,6 +2,7 @@
 
     python tools/make_shards.py SRC DST [--val-identities N|F] [--resize PIXELS] [--center-crop FRACTION]
     python tools/make_shards.py PHOTOS DST --align [--multi central] ...   # detect + align raw photos first
+    python tools/make_shards.py SRC s3://bucket/shards ...   # or gs://: written locally, uploaded dataset.json last
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional, Union
 import sys
 
 from ..data import writer
+from ..data.remote import is_remote
 from . import command
 from .common import ProgressBar, add_alignment_options, alignment_options
 
@@ -27,6 +29,11 @@ def _count_or_fraction(text: str) -> Union[int, float, list[str]]:
         if not 0 < value < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: give a count (integer) or a fraction in (0, 1)")
         return value
+
+
+def _destination(text: str) -> Union[Path, str]:
+    """A local folder (Path) or a URL (kept as text: Path would fold its '//')."""
+    return text if is_remote(text) else Path(text)
 
 
 def _size(text: str) -> int:
@@ -64,7 +71,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         description="Pack an ImageFolder (SRC/<identity>/<image>) into WebDataset tar shards plus an offset index "
                     "and DST/dataset.json. Broken images are skipped and listed, never fatal.")
     parser.add_argument("src", type=Path, help="ImageFolder: one sub-folder per identity")
-    parser.add_argument("dst", type=Path, help="output folder (must be new or empty unless --overwrite)")
+    parser.add_argument("dst", type=_destination,
+                        help="output folder (must be new or empty unless --overwrite), or a URL: s3://bucket/prefix, "
+                             "gs://... (written in $TMPDIR, then uploaded with dataset.json last; options from "
+                             "FSSPEC_S3_ENDPOINT_URL etc.)")
     parser.add_argument("--val-identities", type=_count_or_fraction, default=None,
                         help="hold out whole identities as a 'val' split: a count (e.g. 100), a fraction "
                              "(e.g. 0.1) or a file naming them one per line; default: none")
@@ -107,12 +117,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     bar = ProgressBar("align", disable=args.no_progress)
     try:
-        meta = align_shards(args.src, args.dst, align_progress=bar, **options, **alignment_options(args))
+        if is_remote(args.dst):  # aligned and packed locally, then uploaded
+            with writer.remote_destination(args.dst, args.overwrite, not args.no_progress) as local:
+                meta = align_shards(args.src, local, align_progress=bar, **options, **alignment_options(args))
+        else:
+            meta = align_shards(args.src, args.dst, align_progress=bar, **options, **alignment_options(args))
     finally:
         bar.close()
-    report_skipped(meta["alignment"], "make_shards", args.dst / writer.METADATA_FILE)
+    report_skipped(meta["alignment"], "make_shards", f"{args.dst}/{writer.METADATA_FILE}")
     c = meta["alignment"]["counts"]
     print(f"make_shards: aligned {c['aligned']:,} of {c['images']:,} photos ({c['skipped']:,} skipped, "
           f"{c['multi_face']:,} with several faces, {c['center']:,} centre-cropped); alignment and every image's "
-          f"result in {args.dst / writer.METADATA_FILE}", file=sys.stderr)
+          f"result in {args.dst}/{writer.METADATA_FILE}", file=sys.stderr)
     return meta

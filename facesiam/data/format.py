@@ -7,6 +7,9 @@ Layout of a shard folder (written by facesiam.data.writer.write_shards / tools/m
     index/train.npz ...       per sample: shard, byte offset and size of the image member, label, path
     dataset.json              classes, splits, counts, options, skipped files (written last)
 
+The folder may also be a URL (``s3://``, ``gs://``, ``https://``): ``read_metadata`` and ``load_index`` then read
+cached copies of dataset.json and the index (facesiam/data/remote.py); the index is never rebuilt remotely.
+
 * Labels follow torchvision's ImageFolder (sorted identity folders); all splits share that label space.
 * ``KEY`` is ``<label>_<n>`` (ASCII, no dot: WebDataset splits key and extension at the first dot);
   ``KEY.json`` is ``{"path": <path relative to SRC>, "identity": <name>, "label": <int>}`` (UTF-8), so
@@ -27,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, and_more
 from ..fileio import atomic_write
+from .remote import RemoteFolder, is_remote
 
 SHARD_FORMAT = "facesiam-shards"
 SHARD_FORMAT_VERSION = 1
@@ -131,8 +135,11 @@ def scan_shards(root: str | os.PathLike, shards: list[str]) -> ShardIndex:
     return builder.build(shards, sizes)
 
 
-def load_index(root: str | os.PathLike, split: str, shards: list[str]) -> ShardIndex:
-    """The split's offset index; rebuilt from the tars (and saved when possible) if missing or stale."""
+def load_index(root: str | os.PathLike | RemoteFolder, split: str, shards: list[str]) -> ShardIndex:
+    """The split's offset index; rebuilt from the tars (and saved when possible) if missing or stale. At a URL
+    (a RemoteFolder) it is read from the local cache and checked against the tars' sizes, never rebuilt."""
+    if isinstance(root, RemoteFolder) or is_remote(root):
+        return _load_remote_index(root if isinstance(root, RemoteFolder) else RemoteFolder(root), split, shards)
     root = Path(root)
     path = index_path(root, split)
     if path.is_file():
@@ -153,12 +160,37 @@ def load_index(root: str | os.PathLike, split: str, shards: list[str]) -> ShardI
     return index
 
 
-def read_metadata(root: str | os.PathLike) -> dict:
-    path = Path(root) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} is not a shard folder; write one with "
-                                f"tools/make_shards.py SRC {root}")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+def _load_remote_index(folder: RemoteFolder, split: str, shards: list[str]) -> ShardIndex:
+    again = f"make the shards again with tools/make_shards.py SRC {folder.url} --overwrite"
+    index = ShardIndex.load(folder.cached(f"{INDEX_DIR}/{split}.npz", f"the index is not rebuilt remotely: {again}"))
+    sizes = folder.sizes(shards)
+    missing = [name for name in shards if sizes.get(name) is None]
+    if missing:
+        raise InputError(f"{folder.url_of(missing[0])} not found{and_more(missing)}: the shard set is incomplete; "
+                         f"{again}")
+    if index.shards != list(shards) or index.shard_bytes.tolist() != [sizes[name] for name in shards]:
+        raise InputError(f"{folder.url_of(INDEX_DIR + '/' + split + '.npz')} does not match the shards (they changed "
+                         f"after it was written); {again}")
+    return index
+
+
+def read_metadata(root: str | os.PathLike | RemoteFolder) -> dict:
+    """dataset.json of a shard folder (local, or a URL / RemoteFolder: through the local cache)."""
+    if isinstance(root, RemoteFolder) or is_remote(root):
+        folder = root if isinstance(root, RemoteFolder) else RemoteFolder(root)
+        path: Any = folder.url_of(METADATA_FILE)
+        text = folder.cached(METADATA_FILE, f"check the URL, or write a shard set there with tools/make_shards.py "
+                                            f"SRC {folder.url}").read_text(encoding="utf-8")
+    else:
+        path = Path(root) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {root} is not a shard folder; write one with "
+                                    f"tools/make_shards.py SRC {root}")
+        text = path.read_text(encoding="utf-8")
+    try:
+        meta = json.loads(text)
+    except ValueError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); make the shards again with tools/make_shards.py") from None
     if meta.get("format") != SHARD_FORMAT or meta.get("version", 0) > SHARD_FORMAT_VERSION:
         raise InputError(f"{path}: unknown shard format {meta.get('format')!r} version {meta.get('version')!r}; "
                          f"this facesiam reads {SHARD_FORMAT!r} up to version {SHARD_FORMAT_VERSION}")

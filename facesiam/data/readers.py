@@ -4,7 +4,9 @@ The map-style datasets share one interface: ``len(ds)``, ``ds.labels`` (int64, n
 ``ds.num_classes``, ``ds.paths`` (relative to the source ImageFolder), ``ds[i] -> (image, label)`` and
 ``ds[(i, aug_seed)]``, which runs the transform under a torch RNG seeded with ``aug_seed`` (state restored
 afterwards): a sample's augmentation then depends only on (i, aug_seed), never on DataLoader worker count or
-order, which is what makes training runs exactly reproducible and resumable.
+order, which is what makes training runs exactly reproducible and resumable. ``ds.__getitems__(keys)`` (what
+torch's DataLoader calls for a whole batch) returns ``[ds[k] for k in keys]``; a ShardDataset at a URL fetches the
+batch's bytes in parallel there (facesiam/data/remote.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .folder import list_image_folder
 from .images import decode_rgb, decode_rgb_array, load_rgb
 from ..errors import InputError
 from .format import METADATA_FILE, load_index, read_metadata
+from .remote import RemoteFolder, is_remote
 
 Key = Union[int, tuple[int, int]]
 
@@ -56,14 +59,23 @@ class _FaceDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, key: Key):
+        index, seed = self._key(key)
+        return self._item(index, seed, self._image(index))
+
+    def __getitems__(self, keys: list[Key]) -> list:
+        """A batch: ``[self[k] for k in keys]`` (torch's DataLoader calls this for a batch when it exists)."""
+        return [self[k] for k in keys]
+
+    def _key(self, key: Key) -> tuple[int, Optional[int]]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        index %= len(self)
-        image = self._image(index)
+        return index % len(self), (None if seed is None else int(seed))
+
+    def _item(self, index: int, seed: Optional[int], image: Any):
         if self.transform is not None:
-            image = self.transform(image) if seed is None else apply_seeded(self.transform, image, int(seed))
+            image = self.transform(image) if seed is None else apply_seeded(self.transform, image, seed)
         return image, (index if self.return_index else int(self.labels[index]))
 
     def _image(self, index: int):
@@ -78,24 +90,32 @@ class ShardDataset(_FaceDataset):
     Shard files are opened lazily in each process (at most ``max_open_shards`` at once), and the dataset
     pickles without open handles, so it is safe in DataLoader worker processes. Use one dataset object per
     thread if you read from threads (the open-file cache is per object and not locked).
+
+    ``root`` may be a URL (``s3://bucket/shards``, ``gs://...``, ``https://...``; fsspec's ``storage_options``
+    or its FSSPEC_* environment variables): dataset.json and the index come from a local cache, ``ds[i]`` is one
+    range request, and ``__getitems__`` fetches a batch's ranges in parallel while decoding what has arrived
+    (facesiam/data/remote.py). ``self.root`` is then the URL (a str), else a Path.
     """
 
     max_open_shards = 128  # per process; well under the usual 1024 open files limit
     draft_size: Optional[int] = None  # decode JPEGs reduced while both sides stay >= this (images.decode_rgb)
     decode_array: bool = False  # decode to H x W x 3 uint8 arrays with OpenCV (images.decode_rgb_array), not PIL
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None):
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None, *,
+                 storage_options: Optional[dict] = None):
+        self.remote = RemoteFolder(str(root), storage_options) if is_remote(root) else None
+        self.root: Union[Path, str] = self.remote.url if self.remote else Path(root)
         self.split = split
         self.transform = transform
-        meta = read_metadata(self.root)
+        meta = read_metadata(self.remote or self.root)
         if split not in meta["splits"]:
-            raise InputError(f"{self.root / METADATA_FILE} has no split {split!r} (it has {', '.join(sorted(meta['splits']))}); "
+            raise InputError(f"{self.root}/{METADATA_FILE} has no split {split!r} (it has {', '.join(sorted(meta['splits']))}); "
                              f"pass --split with one of those, or make shards with --val-identities for a 'val' split")
         self.classes: list[str] = list(meta["classes"])
-        self._index = load_index(self.root, split, meta["splits"][split]["shards"])
+        self._index = load_index(self.remote or self.root, split, meta["splits"][split]["shards"])
         self.labels: np.ndarray = self._index.label
-        self._shard_paths = [str(self.root / name) for name in self._index.shards]
+        self._shard_paths = [f"{self.root}/{name}" if self.remote else str(self.root / name)
+                             for name in self._index.shards]
         self._paths: Optional[list[str]] = None
         self._files: OrderedDict[int, int] = OrderedDict()  # shard number -> fd, least recently used first
         self._pid = os.getpid()
@@ -109,14 +129,38 @@ class ShardDataset(_FaceDataset):
     def read_bytes(self, index: int) -> bytes:
         """The stored image bytes of sample ``index`` (JPEG, PNG or WebP), without decoding."""
         shard, offset, size = int(self._index.shard[index]), int(self._index.offset[index]), int(self._index.size[index])
+        if self.remote is not None:
+            return self.remote.read(self._index.shards[shard], offset, size)
         data = os.pread(self._fd(shard), size, offset)
         if len(data) != size:
             raise OSError(f"{self._shard_paths[shard]}: short read at byte {offset} (shard truncated?); "
                           f"rebuild the shards with tools/make_shards.py")
         return data
 
+    def iter_bytes(self, indices: list[int]):
+        """(position in ``indices``, image bytes) for every index: at a URL in parallel, in arrival order;
+        locally one pread each, in order."""
+        if self.remote is None:
+            yield from ((k, self.read_bytes(i)) for k, i in enumerate(indices))
+            return
+        ix = self._index
+        yield from self.remote.read_many([(ix.shards[int(ix.shard[i])], int(ix.offset[i]), int(ix.size[i]))
+                                          for i in indices])
+
+    def __getitems__(self, keys: list[Key]) -> list:
+        """A batch. At a URL its byte ranges are fetched in parallel and each image decoded as it arrives."""
+        if self.remote is None:
+            return [self[k] for k in keys]
+        parsed = [self._key(k) for k in keys]
+        out: list = [None] * len(parsed)
+        for k, raw in self.iter_bytes([index for index, _ in parsed]):
+            out[k] = self._item(parsed[k][0], parsed[k][1], self._decode(raw))
+        return out
+
     def _image(self, index: int):
-        raw = self.read_bytes(index)
+        return self._decode(self.read_bytes(index))
+
+    def _decode(self, raw: bytes):
         return decode_rgb_array(raw, self.draft_size) if self.decode_array else decode_rgb(raw, self.draft_size)
 
     def _fd(self, shard: int) -> int:
@@ -183,8 +227,9 @@ class ImageFolderDataset(_FaceDataset):
 
 def open_dataset(path: str | os.PathLike, split: str = "train",
                  transform: Optional[Callable] = None) -> Union[ShardDataset, ImageFolderDataset]:
-    """ShardDataset when ``path`` holds dataset.json, else ImageFolderDataset (a whole folder; ``split`` unused)."""
-    if (Path(path) / METADATA_FILE).is_file():
+    """ShardDataset when ``path`` holds dataset.json or is a URL (s3://, gs://, https://: shards there), else
+    ImageFolderDataset (a whole folder; ``split`` unused)."""
+    if is_remote(path) or (Path(path) / METADATA_FILE).is_file():
         return ShardDataset(path, split, transform)
     return ImageFolderDataset(path, transform)
 

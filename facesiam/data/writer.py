@@ -9,6 +9,10 @@ The layout written is described in facesiam/data/format.py.
   (dataset.json last), so DST never shows a partial shard, and a good old dataset is replaced (overwrite)
   only by a complete new one.
 
+``dst`` may be a URL (``s3://bucket/shards``, ``gs://...``): the folder is written locally in a temporary folder
+(``$TMPDIR``: room for the whole set) and uploaded with dataset.json last (``remote_destination``; see
+facesiam/data/remote.py), so a partial upload is never a valid shard set.
+
 Samples stay in ImageFolder order (identity by identity), so index i of a split is stable and readable by
 streaming too; training draws batches through ShardDataset and a sampler, so nothing needs pre-shuffling.
 """
@@ -19,10 +23,13 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Collection, Optional, Sequence, Union
+from typing import Collection, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -32,6 +39,7 @@ from ..fileio import staged_directory, write_json
 from .folder import FolderListing, available_cpus, check_destination, list_image_folder, printable_name
 from .format import SHARD_FORMAT, SHARD_FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
 from .images import BadImage, pack_image
+from .remote import RemoteFolder, is_remote
 
 MAX_SAMPLES_PER_SHARD = 10_000
 MAX_BYTES_PER_SHARD = 256 * 2**20  # WebDataset advice: shards of 100 MB - 1 GB; face crops are ~10-30 kB
@@ -191,13 +199,37 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
+_SHARD_SET_FILE = re.compile(r"[^/]+\.tar|index/[^/]+\.npz|" + re.escape(METADATA_FILE))
+
+
+def is_shard_set_file(name: str) -> bool:
+    """Whether ``name`` (relative to a shard folder) is a file that write_shards writes."""
+    return bool(_SHARD_SET_FILE.fullmatch(name))
+
+
+@contextmanager
+def remote_destination(url: str, overwrite: bool = False, progress: bool = True) -> Iterator[Path]:
+    """``with remote_destination("s3://b/shards") as local: write a shard folder into local`` -- checked before
+    (writable, not something else, --overwrite), uploaded after with dataset.json last; never on failure."""
+    folder = RemoteFolder(url)
+    folder.check_destination(overwrite, marker=METADATA_FILE, own=is_shard_set_file, what="a shard folder")
+    with tempfile.TemporaryDirectory(prefix="facesiam-shards-") as tmp:
+        local = Path(tmp) / "shards"
+        yield local
+        start = time.perf_counter()
+        sent = folder.upload(local, last=METADATA_FILE, overwrite=overwrite, own=is_shard_set_file, progress=progress)
+        if progress:
+            print(f"make_shards: uploaded {_human_bytes(sent)} in {time.perf_counter() - start:.1f} s -> {folder.url}",
+                  file=sys.stderr)
+
+
 def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
                  val_identities: Union[int, float, Sequence[str], None] = None,
                  max_samples_per_shard: int = MAX_SAMPLES_PER_SHARD, max_bytes_per_shard: int = MAX_BYTES_PER_SHARD,
                  workers: Optional[int] = None, seed: int = 0, resize: Optional[int] = None,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
                  source: Optional[str] = None, alignment: Optional[dict] = None, unlabeled: bool = False,
-                 exclude: Optional[Collection[str]] = None) -> dict:
+                 exclude: Optional[Collection[str]] = None, shown_as: Optional[str] = None) -> dict:
     """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
 
     ``alignment``: the alignment record of an ``src`` made by align_faces (its alignment.json, read with
@@ -221,7 +253,15 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
         (data/folder.list_image_folder); for distillation, which needs no labels. No val split can be held out.
     exclude: paths relative to ``src`` to leave out (make_shards --exclude: the doctor's suspects); dataset.json
         counts them under options.excluded.
+    shown_as: what the messages call ``dst`` (default: ``dst``), e.g. the URL a local folder is uploaded to.
+    ``dst`` may be a URL (s3://, gs://): written locally, then uploaded (``remote_destination``).
     """
+    if is_remote(dst):
+        with remote_destination(str(dst), overwrite, progress) as local:
+            return write_shards(src, local, val_identities=val_identities, max_samples_per_shard=max_samples_per_shard,
+                                max_bytes_per_shard=max_bytes_per_shard, workers=workers, seed=seed, resize=resize,
+                                center_crop=center_crop, progress=progress, source=source or str(Path(src).resolve()),
+                                alignment=alignment, unlabeled=unlabeled, exclude=exclude, shown_as=str(dst))
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
@@ -267,7 +307,7 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
         meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, packed["kept_per_label"],
                        listing, options, packed["converted"], skipped, alignment)
 
-    _report(meta, dst, time.perf_counter() - start, len(jobs), progress)
+    _report(meta, shown_as or dst, time.perf_counter() - start, len(jobs), progress)
     return meta
 
 
@@ -391,13 +431,13 @@ def _finish(staging: Path, source: str, writers: dict, classes: list[str], val_l
     return meta
 
 
-def _report(meta: dict, dst: Path, seconds: float, files: int, progress: bool) -> None:
+def _report(meta: dict, dst: Union[Path, str], seconds: float, files: int, progress: bool) -> None:
     """Problems always go to stderr (nothing bad is silent); the summary only with progress."""
     out = sys.stderr
     skipped = meta["skipped"]
     if skipped:
         print(f"make_shards: skipped {len(skipped)} unusable file(s) (all listed under \"skipped\" in "
-              f"{dst / METADATA_FILE}):", file=out)
+              f"{dst}/{METADATA_FILE}):", file=out)
         for item in skipped[:SKIPPED_SHOWN]:
             print(f"  {item['path']}: {item['reason']}", file=out)
         if len(skipped) > SKIPPED_SHOWN:

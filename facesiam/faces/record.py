@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..data.format import METADATA_FILE, read_metadata
+from ..data.remote import is_remote
 from ..errors import InputError
 from .aligner import SKIP_KINDS, STATUSES
 
@@ -57,7 +58,10 @@ def read_alignment(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
 
 
 def recorded_alignment(data: str | os.PathLike) -> Optional[dict[str, Any]]:
-    """The alignment ``data`` (a shard folder or an ImageFolder) already went through, or None: raw images."""
+    """The alignment ``data`` (a shard folder, local or at a URL, or an ImageFolder) already went through, or None:
+    raw images."""
+    if is_remote(data):
+        return (read_metadata(data).get("alignment") or {}).get("info")
     data = Path(data)
     if (data / METADATA_FILE).is_file():
         return (read_metadata(data).get("alignment") or {}).get("info")

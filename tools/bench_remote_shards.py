@@ -1,0 +1,266 @@
+"""Benchmark: the training loader reading shards from object storage and over HTTP vs from local disk, in one run.
+
+The same shards are read three ways by training's own loader (facesiam.training.setup.build_data with the default
+TrainConfig: DistributedPerClassSampler batches of 32, m=4, 2 DataLoader workers, prefetch 4, the fused train
+augmentation at 224 px): from local disk, from a local S3-compatible server (moto's server mode, s3://) and from a
+local HTTP server with Range support (tests/data/servers.py, http://). One epoch each, interleaved, best of
+--repeats; prints images/s and the ratios to local disk. Goal: >= 0.8x local disk.
+
+Both servers run in one separate process on the same machine (their CPU time is reported apart from the loader's):
+on 2 shared cores they compete with the 2 loader workers, which a real object store does not. That process runs at
+a raised priority (nice -10, as root) so that it answers at once, as a remote server on its own CPU would, instead
+of waiting for a time slice behind the busy workers; its CPU time still comes out of the loader's. moto reads the whole
+object for every range request (an emulator's cost; S3's is independent of object size), so the shards here are
+cut at --shard-mb (4 MB); the local-disk baseline reads the very same shards.
+
+Data: a subset of ../shared/data/lfw-devtrain (whole identities in name order, symlinked) when present, else
+synthetic faces (facesiam.synthetic). --write-doc replaces the "## Shards on object storage (S3, HTTP) vs local
+disk" section of docs/benchmarks.md.
+
+    python tools/bench_remote_shards.py --write-doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # loader workers use one thread each anyway; keep the parent alike
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests/data/servers.py: the servers the tests start
+
+import torch  # noqa: E402
+
+from benchdoc import DOC, LFW, cpu_seconds, write_section  # noqa: E402  tools/ is on sys.path as a script
+from tests.data.servers import S3_ENV  # noqa: E402
+
+HEADING = "## Shards on object storage (S3, HTTP) vs local disk"
+GOAL = 0.8
+SERVER_NICE = -10  # the servers' process priority (see _serve)
+
+
+def _serve(folder: str, queue, stop) -> None:
+    """The servers' process: HTTP with ranges over ``folder``, moto's S3 with ``folder`` uploaded to s3://bench/."""
+    os.environ.update(S3_ENV)
+    try:  # a remote server answers at once, on its own CPU: here it must not wait behind the busy loader workers
+        os.setpriority(os.PRIO_PROCESS, 0, SERVER_NICE)
+        priority = f"nice {SERVER_NICE}"
+    except (OSError, AttributeError):
+        priority = "the default priority (raising it needs root)"
+    import fsspec
+
+    from tests.data.servers import RangeServer, start_moto
+
+    moto, endpoint = start_moto()
+    fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
+    fs.mkdir("bench")
+    fs.put(folder.rstrip("/") + "/", "bench/shards/", recursive=True)
+    with RangeServer(folder) as http:
+        queue.put((endpoint, http.url, priority))
+        stop.wait()
+    moto.stop()
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_epoch(data: str, cfg_overrides: dict) -> int:
+    """Images of one epoch through training's own loader over ``data``."""
+    from facesiam.config import TrainConfig
+    from facesiam.training.setup import build_data
+
+    cfg = TrainConfig(data=data, output="", **cfg_overrides)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+    train = build_data(cfg, accelerator)
+    train.sampler.set_epoch(0)
+    return sum(len(labels) for _, labels in train.loader)
+
+
+def request_plan(shards: Path, cfg_overrides: dict) -> tuple[float, float]:
+    """(range requests per image, bytes fetched per image byte) of one epoch's batches: a batch's neighbouring
+    ranges of one shard share one request (remote.plan_requests)."""
+    from facesiam.config import TrainConfig
+    from facesiam.data import DistributedPerClassSampler, ShardDataset
+    from facesiam.data.remote import plan_requests
+
+    cfg = TrainConfig(**cfg_overrides)
+    ds = ShardDataset(shards)
+    sampler = DistributedPerClassSampler(ds.labels, cfg.batch_size, cfg.m_per_class, seed=cfg.seed)
+    ix, requests, images, fetched, stored = ds._index, 0, 0, 0, 0
+    for batch in sampler:
+        wanted = [(int(ix.shard[i]), int(ix.offset[i]), int(ix.size[i])) for i, _ in batch]
+        plan = plan_requests(wanted)
+        requests, images = requests + len(plan), images + len(batch)
+        fetched += sum(end - start for _, start, end, _ in plan)
+        stored += sum(size for _, _, size in wanted)
+    return requests / images, fetched / stored
+
+
+def race(repeats: int, contenders: dict, server_pid: int) -> dict:
+    """Interleaved runs; per contender the best wall time's (wall, loader CPU, server CPU, images) and the
+    images/s of every run."""
+    best: dict = {}
+    every: dict = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            wall, cpu, server = time.perf_counter(), cpu_seconds(), _process_cpu(server_pid)
+            images = fn()
+            run = (time.perf_counter() - wall, cpu_seconds() - cpu, _process_cpu(server_pid) - server, images)
+            print(f"  {name}: {images / run[0]:,.0f} images/s", file=sys.stderr)
+            every[name].append(images / run[0])
+            if name not in best or run[0] < best[name][0]:
+                best[name] = run
+    return best, every
+
+
+def lfw_subset(target: Path, images: int) -> Path | None:
+    """Whole LFW identities in name order until ``images`` images, as symlinks (nothing copied)."""
+    if not LFW.is_dir():
+        return None
+    target.mkdir(parents=True)
+    count = 0
+    for person in sorted(p for p in LFW.iterdir() if p.is_dir()):
+        (target / person.name).symlink_to(person, target_is_directory=True)
+        count += sum(1 for _ in person.iterdir())
+        if count >= images:
+            break
+    return target
+
+
+def report(r: dict, args) -> str:
+    local = r["best"]["local disk"]
+    lines = [HEADING, "",
+             f"{datetime.date.today().isoformat()}, `python tools/bench_remote_shards.py --write-doc` on "
+             f"{platform.machine()} with {os.cpu_count()} cores shared with other jobs, torch "
+             f"{torch.__version__.split('+')[0]}. Training's own loader (build_data, default TrainConfig: batches of "
+             f"{r['cfg']['batch_size']}, m={r['cfg']['m_per_class']}, {r['cfg']['num_workers']} workers, fused "
+             f"augmentation at {r['cfg']['image_size']} px), one epoch of {local[3]:,} images per run, the three "
+             f"sources interleaved, best of {args.repeats}. {r['what']}, packed by make_shards into "
+             f"{r['shards']} shards of at most {args.shard_mb} MB. The S3 server (moto's server mode) and the HTTP "
+             f"server (Range support) run in one process on the same 2 cores as the loader, at {r['priority']}: a "
+             f"remote server answers at once from its own CPU, which this one cannot do while it waits for a time "
+             f"slice behind the 2 busy loader workers; its CPU time still comes out of the loader's.", "",
+             "| source | images/s | vs local disk | every run, images/s | loader CPU ms/image | loader CPU: local "
+             "disk / this | server CPU ms/image |", "|---|---:|---:|---:|---:|---:|---:|"]
+    met = []
+    for name, (wall, cpu, server, images) in r["best"].items():
+        ratio = local[0] / wall
+        goal = "" if name == "local disk" else f" (goal >= {GOAL}x)"
+        if name != "local disk":
+            met.append(ratio >= GOAL)
+        runs = ", ".join(f"{v:,.0f}" for v in r["every"][name])
+        lines.append(f"| {name} | {images / wall:,.0f} | **{ratio:.2f}x**{goal} | {runs} | {cpu / images * 1e3:.2f} | "
+                     f"{local[1] / local[3] / (cpu / images):.2f}x | {server / images * 1e3:.2f} |")
+    def cpu_ms(name: str) -> float:  # loader CPU per image above local disk's
+        wall_, cpu_, _, images_ = r["best"][name]
+        return (cpu_ / images_ - local[1] / local[3]) * 1e3
+
+    http = r["best"]["HTTP (Range)"]
+    http_wall, http_cpu = local[0] / http[0], (local[1] / local[3]) / (http[1] / http[3])
+    waiting = (f" (HTTP runs at {http_wall:.2f}x in wall time but {http_cpu:.2f}x in loader CPU)"
+               if http_wall < http_cpu - 0.05 else "")
+    verdict = ("met for both" if all(met) else "met for neither" if not any(met) else
+               "met for " + ", ".join(n for n, ok in zip(list(r["best"])[1:], met) if ok) + " only")
+    from facesiam.data.remote import MAX_MERGED, MERGE_GAP
+
+    lines += ["", f"Range requests per image: **{r['plan'][0]:.2f}**, bytes fetched per image byte: {r['plan'][1]:.2f} "
+                  f"(a batch's ranges of one shard at most {MERGE_GAP >> 10} kB apart share one request of at most "
+                  f"{MAX_MERGED >> 20} MB; the m={r['cfg']['m_per_class']} images of an identity lie side by side; "
+                  f"images drawn twice are fetched once). Goal >= {GOAL}x local disk: **{verdict}**.", "",
+              "How to read this. Each loader worker requests a batch's ranges all at once (coroutines on fsspec's "
+              "event loop) and decodes each image as soon as its bytes arrive, so the waits overlap decoding. Three "
+              "costs remain. (1) The client's CPU per request in the loader workers, which object storage costs a "
+              "training machine anywhere (the *loader CPU* columns): botocore builds, signs and parses every S3 "
+              f"request ({cpu_ms('S3 (moto server)'):.2f} ms more per image than local disk here, ~2-3 ms per "
+              f"request whatever its size), an aiohttp HTTP request a fraction of that ({cpu_ms('HTTP (Range)'):.2f} "
+              "ms per image). (2) The servers' CPU (moto copies the whole object for every range request), which "
+              "here shares the 2 cores with the loader and which a real object store does not put on the training "
+              "machine. (3) Waiting: every epoch starts new loader workers (persistent_workers off), which open new "
+              "connections, and each batch waits for its first range before it decodes anything; on 2 busy cores "
+              f"this is not hidden{waiting}. The *loader CPU: local "
+              "disk / this* column is the speed a CPU-bound loader would reach with the server elsewhere and no "
+              "waiting. Runs on this shared machine swing by up to 1.5x (the *every run* column); compare ratios of "
+              "the same run only.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lfw-images", type=int, default=3000, help="LFW subset size (whole identities)")
+    parser.add_argument("--synthetic", type=int, nargs=2, default=(300, 10), metavar=("IDS", "PER_ID"),
+                        help="synthetic identities and images per identity when LFW is absent (112 px)")
+    parser.add_argument("--shard-mb", type=float, default=4, help="shard size limit in MB (make_shards)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per source; the best counts")
+    parser.add_argument("--write-doc", action="store_true", help=f"update '{HEADING}' in docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from facesiam.config import TrainConfig
+    from facesiam.data import write_shards
+    from facesiam.synthetic import make_synthetic_faces
+
+    defaults = TrainConfig()
+    cfg = {"batch_size": defaults.batch_size, "m_per_class": defaults.m_per_class,
+           "num_workers": defaults.num_workers, "image_size": defaults.model.image_size}
+    overrides = {k: v for k, v in cfg.items() if k != "image_size"}
+    with tempfile.TemporaryDirectory(prefix="bench_remote_") as tmp:
+        tmp = Path(tmp)
+        os.environ["FACESIAM_CACHE"] = str(tmp / "cache")
+        src = lfw_subset(tmp / "lfw", args.lfw_images)
+        if src is not None:
+            what = (f"LFW-devtrain subset, the first identities up to {args.lfw_images} images (250x250 JPEG; Huang "
+                    f"et al., UMass TR 07-49, 2007)")
+        else:
+            print(f"{LFW} not found: synthetic faces instead", file=sys.stderr)
+            ids, per_id = args.synthetic
+            src = make_synthetic_faces(tmp / "synthetic", ids, per_id, size=112, workers=2, progress=False)
+            what = f"Synthetic faces (facesiam.synthetic), {ids} x {per_id} at 112 px"
+        meta = write_shards(src, tmp / "shards", max_bytes_per_shard=int(args.shard_mb * 2**20), progress=False)
+        shards = sum(len(s["shards"]) for s in meta["splits"].values())
+
+        ctx = multiprocessing.get_context("spawn")
+        queue, stop = ctx.Queue(), ctx.Event()
+        server = ctx.Process(target=_serve, args=(str(tmp / "shards"), queue, stop), daemon=True)
+        server.start()
+        try:
+            endpoint, http_url, priority = queue.get(timeout=120)
+            os.environ.update(S3_ENV)
+            import fsspec
+
+            fsspec.config.conf["s3"] = {"endpoint_url": endpoint}  # what FSSPEC_S3_ENDPOINT_URL=... sets
+            sources = {"local disk": str(tmp / "shards"), "S3 (moto server)": "s3://bench/shards",
+                       "HTTP (Range)": http_url}
+            for name, data in sources.items():  # warm: page cache, metadata cache, imports
+                print(f"warm-up {name}: {one_epoch(data, overrides)} images", file=sys.stderr)
+            best, every = race(args.repeats, {name: (lambda d=data: one_epoch(d, overrides))
+                                       for name, data in sources.items()}, server.pid)
+        finally:
+            stop.set()
+            server.join(timeout=30)
+            if server.is_alive():
+                server.terminate()
+        results = {"best": best, "every": every, "cfg": cfg, "priority": priority, "what": what, "shards": shards,
+                   "plan": request_plan(tmp / "shards", overrides)}
+
+    text = report(results, args)
+    print(text)
+    if args.write_doc:
+        write_section(HEADING, text)
+        print(f"wrote {DOC}", file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    main()
