@@ -47,7 +47,7 @@ def _single(loss: str):
         value, _ = module["crit"](module["net"](x), labels)
         value.backward()
         opt.step()
-        values.append(float(value))
+        values.append(float(value.detach()))
     W = module["crit"].loss.W
     return values, module["net"].weight.detach().clone(), W.detach().clone(), opt.state[W]
 
@@ -100,7 +100,7 @@ def _rank_worker(rank: int, world: int, loss: str):
         value, _ = ddp(x[half], labels[half])
         value.backward()
         opt.step()
-        values.append(float(value))
+        values.append(float(value.detach()))
     return values, module["net"].weight.detach().numpy(), partial.shard_state(opt)
 
 

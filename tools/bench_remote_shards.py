@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # tests/data/servers.py: the servers the tests st
 
 import torch  # noqa: E402
 
-from benchdoc import DOC, LFW, cpu_seconds, write_section  # noqa: E402  tools/ is on sys.path as a script
+from benchdoc import DOC, LFW, cpu_seconds, lfw_subset, write_section  # noqa: E402  tools/ is on sys.path as a script
 from tests.data.servers import S3_ENV  # noqa: E402
 
 HEADING = "## Shards on object storage (S3, HTTP) vs local disk"
@@ -123,20 +123,6 @@ def race(repeats: int, contenders: dict, server_pid: int) -> dict:
             if name not in best or run[0] < best[name][0]:
                 best[name] = run
     return best, every
-
-
-def lfw_subset(target: Path, images: int) -> Path | None:
-    """Whole LFW identities in name order until ``images`` images, as symlinks (nothing copied)."""
-    if not LFW.is_dir():
-        return None
-    target.mkdir(parents=True)
-    count = 0
-    for person in sorted(p for p in LFW.iterdir() if p.is_dir()):
-        (target / person.name).symlink_to(person, target_is_directory=True)
-        count += sum(1 for _ in person.iterdir())
-        if count >= images:
-            break
-    return target
 
 
 def report(r: dict, args) -> str:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import LFW, REPO, write_section
+from benchdoc import LFW, REPO, free_port, wait_ready, write_section
 
 HEADING = "## Service: facesiam serve under load (micro-batching on vs off)"
 TOKEN = "bench-token-0123456789abcdef"
@@ -41,12 +40,6 @@ def photos(n: int, tmp: Path) -> list[bytes]:
     return [f.read_bytes() for f in files]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(model: Path, port: int, max_batch: int, wait_ms: float, threads: int, device: str,
           log: Path) -> subprocess.Popen:
     env = {**os.environ, "FACESIAM_TOKEN": TOKEN, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
@@ -54,22 +47,6 @@ def start(model: Path, port: int, max_batch: int, wait_ms: float, threads: int, 
                              "--threshold", "0.5", "--port", str(port), "--max-batch", str(max_batch),
                              "--batch-wait-ms", str(wait_ms), "--device", device], env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {timeout}s")
 
 
 async def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:

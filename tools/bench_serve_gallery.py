@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import REPO, write_section
+from benchdoc import REPO, free_port, wait_ready, write_section
 
 sys.path.insert(0, str(REPO))
 HEADING = "## Service gallery: a database and an index changed in place (issue 30)"
@@ -104,22 +104,6 @@ def start_server(args: list[str], port: int, log: Path, env: dict) -> subprocess
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {timeout}s")
-
-
 async def search_load(url: str, clients: int, seconds: float, enrol: bool, rng) -> dict:
     import httpx
 
@@ -163,7 +147,7 @@ def serve_under_enrolment(model: Path, target: str, n: int, clients: int, second
                          "--device", "cpu"], port, tmp / "search.log", {"OMP_NUM_THREADS": "2"})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc)
+        wait_ready(url, proc, timeout=600)
         asyncio.run(search_load(url, clients, 2, False, rng))  # warm-up
         alone, during = [], []
         for _ in range(2):  # interleaved, so a change of the machine's speed hits both
@@ -249,14 +233,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postgres(args, tmp: Path):

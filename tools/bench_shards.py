@@ -43,7 +43,7 @@ from facesiam.synthetic import make_synthetic_faces  # noqa: E402
 from facesiam.data.folder import list_image_folder  # noqa: E402
 from facesiam.data.images import decode_rgb  # noqa: E402
 
-from benchdoc import DOC, LFW, race, write_section  # tools/ is on sys.path when a tool runs as a script
+from benchdoc import DOC, LFW, lfw_subset, race, write_section  # tools/ is on sys.path when a tool runs as a script
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Data: make_shards and ShardDataset"
@@ -164,19 +164,6 @@ def cost_breakdown(src: Path, shards: Path, image_size: int, repeats: int, count
 
 
 # ----------------------------------------------------------------------------- data and report
-
-def lfw_subset(target: Path, images: int) -> Path | None:
-    """Whole LFW identities in name order until `images` images, as symlinks (nothing copied)."""
-    if not LFW.is_dir():
-        return None
-    target.mkdir(parents=True)
-    count = 0
-    for person in sorted(p for p in LFW.iterdir() if p.is_dir()):
-        (target / person.name).symlink_to(person, target_is_directory=True)
-        count += sum(1 for _ in person.iterdir())
-        if count >= images:
-            break
-    return target
 
 
 def report(results: dict, args) -> str:

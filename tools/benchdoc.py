@@ -1,9 +1,12 @@
 """Shared by the benchmarks: timing (best of interleaved repeats, CPU time with children), the LFW data they
-read (../shared/data, credited in their reports) and replacing one '## ' section of docs/benchmarks.md."""
+read (../shared/data, credited in their reports), servers they start on a free localhost port, and replacing one
+'## ' section of docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import resource
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,6 +20,43 @@ def cpu_seconds() -> float:
     """User + system time of this process and of its finished (joined) children, e.g. pool and loader workers."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def lfw_subset(target: Path, images: int) -> Path | None:
+    """Whole LFW identities in name order until ``images`` images, as symlinks (nothing copied); None without LFW."""
+    if not LFW.is_dir():
+        return None
+    target.mkdir(parents=True)
+    count = 0
+    for person in sorted(p for p in LFW.iterdir() if p.is_dir()):
+        (target / person.name).symlink_to(person, target_is_directory=True)
+        count += sum(1 for _ in person.iterdir())
+        if count >= images:
+            break
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until ``url``/healthz answers 200 (SystemExit when the server exits or the time is up)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout}s")
 
 
 def race(repeats: int, contenders: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
