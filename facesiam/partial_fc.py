@@ -196,11 +196,13 @@ def _centres_not_missing(module: PartialFC, incompatible) -> None:
 
 
 def reshard(shards: Sequence[dict], rank: int, world_size: int) -> dict:
-    """One rank's share of centres saved by ``shards`` (one ``shard_state`` per rank of the saving run), for a run of
-    ``world_size`` ranks: the columns are laid end to end in class order, the old padding dropped, new padding
+    """One rank's share of centres saved by ``shards`` (one ``shard_state`` per rank of the saving run, or only this
+    rank's own when the world size is the same), for a run of ``world_size`` ranks: the columns are laid end to end in class order, the old padding dropped, new padding
     added. Optimizer tensors shaped like the centres are split the same way; the others (a step count) are kept."""
     shards = sorted(shards, key=lambda s: s["rank"])
     first = shards[0]
+    if len(shards) == 1 and (first["rank"], first["world_size"]) == (rank, world_size):
+        return first  # the rank's own shard, saved on the same world size: nothing to lay end to end
     if [s["rank"] for s in shards] != list(range(first["world_size"])):
         raise InputError(f"Partial FC checkpoint: expected the centres of {first['world_size']} ranks, found ranks "
                          f"{[s['rank'] for s in shards]}; the checkpoint is incomplete")

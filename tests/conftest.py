@@ -30,6 +30,15 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def load_tool(name: str):
     """tools/NAME.py as a module (the tools are scripts, not a package)."""
     import importlib.util

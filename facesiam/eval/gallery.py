@@ -64,6 +64,17 @@ def default_nlist(n: int) -> int:
     return int(max(1, min(2 ** round(math.log2(4 * math.sqrt(max(n, 1)))), n // 39)))
 
 
+def trained_ivf(x: np.ndarray, nlist: int):
+    """An empty faiss.IndexIVFFlat (inner product) whose ``nlist`` cells are trained on unit rows ``x``: 10 k-means
+    iterations on at most 40 points a cell (a seeded sample), which is all the cells need (see default_nlist)."""
+    faiss = _faiss()
+    n, d = x.shape
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10
+    index.train(x if n <= 40 * nlist else x[np.random.default_rng(0).choice(n, 40 * nlist, replace=False)])
+    return index
+
+
 def topk_cosine(queries: Array, reference: Array, k: int, *, exclude: Optional[Array] = None,
                 device: Union[str, torch.device, None] = None, normalized: bool = False,
                 query_block: Optional[int] = None, reference_block: Optional[int] = None,
@@ -142,11 +153,7 @@ class Gallery:
             index = faiss.IndexFlatIP(d)
         elif kind == "ivf":
             nlist = int(nlist or default_nlist(n))
-            quantizer = faiss.IndexFlatIP(d)
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            index.cp.niter = 10
-            train = x if n <= 40 * nlist else x[np.random.default_rng(0).choice(n, 40 * nlist, replace=False)]
-            index.train(train)
+            index = trained_ivf(x, nlist)
             params["nlist"] = nlist
         else:
             index = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)

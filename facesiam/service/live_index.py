@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InputError
-from ..eval.gallery import DEFAULT_TARGET_RECALL, default_nlist, topk_cosine
+from ..eval.gallery import DEFAULT_TARGET_RECALL, default_nlist, topk_cosine, trained_ivf
 
 log = logging.getLogger("facesiam.serve")
 
@@ -48,7 +48,7 @@ class LiveIndex:
         faiss = _faiss()
         vectors = np.zeros((0, dim), np.float32) if vectors is None else np.ascontiguousarray(vectors, np.float32)
         ids = np.zeros(0, np.int64) if ids is None else np.ascontiguousarray(ids, np.int64)
-        self.dim, self.requested, self._lock, self._hidden = dim, kind, threading.Lock(), set()
+        self.dim, self._lock, self._hidden = dim, threading.Lock(), set()
         self.note = ""
         t0 = time.perf_counter()
         if kind == "ivf":
@@ -58,11 +58,7 @@ class LiveIndex:
                              f"searching exactly (flat) until a restart finds enough")
                 kind = "flat"
             else:
-                self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-                self.index.cp.niter = 10
-                train = vectors if len(vectors) <= 40 * nlist else \
-                    vectors[np.random.default_rng(0).choice(len(vectors), 40 * nlist, replace=False)]
-                self.index.train(train)
+                self.index = trained_ivf(vectors, nlist)
                 self.index.set_direct_map_type(faiss.DirectMap.Hashtable)  # remove_ids by id without a scan
         self._room = 0  # flat: rows the vector array holds without growing
         if kind == "flat":

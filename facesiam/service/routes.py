@@ -21,6 +21,11 @@ from .tokens import PUBLIC
 log = logging.getLogger("facesiam.serve")
 
 
+def sent_json(request: Request) -> bool:
+    """Whether the request carries JSON (embeddings) rather than a multipart form (photos)."""
+    return request.headers.get("content-type", "").startswith("application/json")
+
+
 def info_routes(service: Service) -> APIRouter:
     router, store, settings = APIRouter(), service.store, service.settings
 
@@ -73,7 +78,7 @@ def probe_routes(service: Service) -> APIRouter:
     @scoped("read")
     async def verify(request: Request):
         timer = Timer()
-        if request.headers.get("content-type", "").startswith("application/json"):
+        if sent_json(request):
             data = await service.json_body(request)
             emb = np.concatenate([service.embedding_of(data, "embedding1"), service.embedding_of(data, "embedding2")])
         else:
@@ -90,7 +95,7 @@ def probe_routes(service: Service) -> APIRouter:
     @scoped("read")
     async def search(request: Request):
         timer = Timer()
-        if request.headers.get("content-type", "").startswith("application/json"):
+        if sent_json(request):
             data = await service.json_body(request)
             k, emb = k_of(data.get("k"), settings.top_k), service.embedding_of(data, "embedding")
         else:
@@ -155,7 +160,7 @@ def gallery_routes(service: Service) -> APIRouter:
     @scoped("write")
     async def enroll(request: Request):
         timer = Timer()
-        if request.headers.get("content-type", "").startswith("application/json"):
+        if sent_json(request):
             data = await service.json_body(request)
             identity = checked_name(data.get("identity"))
             emb = service.embedding_of(data, "embeddings", many=True)

@@ -130,8 +130,11 @@ class Checkpointer:
                  state.batches_in_epoch)
 
     def _restore_centres(self, path: Path) -> None:
-        """This rank's Partial FC centres and their optimizer state, from the shards of whatever world size saved."""
-        files = sorted(path.glob(CENTRES_FILE.format(rank="*", world="*")))
+        """This rank's Partial FC centres and their optimizer state, from the shards of whatever world size saved
+        (only its own file when that world size is this run's: at a million identities each file is gigabytes)."""
+        acc = self.accelerator
+        own = path / CENTRES_FILE.format(rank=acc.process_index, world=acc.num_processes)
+        files = [own] if own.is_file() else sorted(path.glob(CENTRES_FILE.format(rank="*", world="*")))
         if not files:
             raise InputError(f"--resume {path}: the run uses loss.partial_fc but the checkpoint holds no class centre "
                              f"shards ({CENTRES_FILE.format(rank='R', world='W')}); resume it without partial_fc")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 httpx = pytest.importorskip("httpx", reason='the service tests need: pip install -e ".[serve]"')
 pytest.importorskip("fastapi", reason='the service tests need: pip install -e ".[serve]"')
@@ -25,12 +24,6 @@ pytest.importorskip("uvicorn", reason='the service tests need: pip install -e ".
 TOKEN = "test-token-0123456789abcdef"
 START_TIMEOUT = 120  # seconds for the server to import torch, load the model and answer /healthz
 REQUEST_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -14,13 +14,14 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Optional
+
+from tests.conftest import free_port
 
 COMMAND_TIMEOUT = 60  # seconds for every initdb / pg_ctl call (pg_ctl start waits up to START_WAIT itself)
 START_WAIT = 60
@@ -70,12 +71,6 @@ def find_bindir() -> Optional[Path]:
             if _has_server_binaries(bindir):
                 return bindir
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
