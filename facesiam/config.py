@@ -23,7 +23,7 @@ import yaml
 
 from .errors import InputError
 from .fileio import write_text
-from .losses import LOSSES, MINERS
+from .losses import LOSSES, MINERS, loss_defaults, resolve_loss_defaults
 from .optim import OPTIMIZERS, SCHEDULERS
 from .registry import Registry
 from .selection import SELECTION_METRICS
@@ -37,7 +37,9 @@ class ModelConfig:
     """What is needed to rebuild the embedding network (exported with ``best/``)."""
 
     backbone: str = "tf_efficientnetv2_b0"
-    """Any timm model name; the classifier is removed (``num_classes=0``) and its pooled features feed the head."""
+    """A face backbone of facesiam/backbones (iresnet18/34/50/100/200, mobilefacenet: arcface_torch's networks, 112 px;
+    ``--pretrained`` takes their backbone.pth) or any timm model name (its classifier removed, ``num_classes=0``, its
+    pooled features feed the head)."""
     embedding_dim: int = 512
     """Size of the L2-normalised embedding."""
     head: Literal["linear", "face"] = "linear"
@@ -71,7 +73,8 @@ class AugmentConfig:
     """ColorJitter strength for brightness, contrast and saturation."""
     augment_implementation: Literal["torchvision", "fused"] = "fused"
     """fused (the same random parameters as the reference, one OpenCV warp for flip + rotation + crop, one colour
-    matrix, JPEGs decoded reduced when the crop allows: ~3x the images/s per loader core; augment/fused.py)
+    matrix, JPEGs decoded reduced when the crop allows: more images/s per loader core, see docs/benchmarks.md,
+    "Training data path"; augment/fused.py)
     or torchvision (the reference: PIL stages one after another; the experiment YAMLs of docs/results.md pin it)."""
     augment_device: Literal["loader", "cuda", "cpu"] = "loader"
     """Where the fused augmentation runs. loader: per image in the DataLoader workers. cuda: the workers only decode
@@ -86,10 +89,11 @@ class LossConfig:
 
     loss: str = "triplet"
     """A pair loss (sees the global batch) or a margin classification loss (trained class centres); losses.LOSSES."""
-    margin: Optional[float] = 0.1
-    """Loss margin; None takes PML's default. ArcFace margins are in degrees, as in PML (28.6 deg = 0.5 rad)."""
+    margin: Optional[float] = None
+    """The loss's margin, in that loss's unit; None takes the chosen loss's own default (listed in --help, resolved into
+    RUN/config.yaml with its unit). ArcFace margins are in degrees, as in PML (28.6 deg = 0.5 rad)."""
     scale: Optional[float] = None
-    """Logit scale of the margin classification losses; None takes PML's default (64)."""
+    """Logit scale of the margin classification losses; None takes the chosen loss's own default (64)."""
     subcenters: int = 3
     """Sub-centres per class for subcenter_arcface."""
     distance: Literal["cosine", "euclidean"] = "cosine"
@@ -135,6 +139,10 @@ class OptimConfig:
     """AdamW epsilon."""
     momentum: float = 0.9
     """SGD momentum."""
+    nesterov: bool = True
+    """SGD: Nesterov momentum (false: plain momentum, as arcface_torch's recipes)."""
+    poly_power: float = 2.0
+    """poly: the decay's power (arcface_torch's PolyScheduler: 2; its later PolynomialLRWarmup: 1)."""
     scheduler: str = "cosine_epoch"
     """The learning-rate schedule (optim.SCHEDULERS); a schedule-free optimizer gets none."""
     t_max: int = 50
@@ -220,8 +228,10 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides epochs when reached first)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """no | bf16 | fp16 (fp16 only on CUDA; it uses a GradScaler)."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """None: follow the launcher (``accelerate launch --config_file`` sets it: bf16 in accelerate_configs' GPU
+    files; no launcher: no). no | bf16 | fp16 (fp16 only on CUDA; it uses a GradScaler) must agree with the launcher's
+    when there is one. RUN/config.yaml records what ran."""
     seed: int = 0
     """Seeds weights, sampling order and every augmentation."""
     num_workers: int = 2
@@ -234,6 +244,11 @@ class TrainConfig:
     """Also validate every N steps (0: only at each epoch end and at the end of training)."""
     val_batch_size: int = 128
     """Batch size for embedding the validation split."""
+    val_bin: str = ""
+    """Verification sets in insightface's .bin format, comma-separated (lfw.bin,cfp_fp.bin: aligned 112x112 pairs;
+    tools/make_bin.py makes one of your own people), scored at every validation with the field's 10-fold protocol
+    (eval/verification_bin.py) and logged as bin/NAME/accuracy; best_metric bin:NAME selects best/ by one. With no
+    val split (e.g. a .rec source) validation runs on them alone."""
     best_metric: str = "tar_at_far_1e-03"
     """Validation metric that selects RUN/best, higher is better (selection.SELECTION_METRICS)."""
     checkpoint_every_steps: int = 0
@@ -402,8 +417,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config (atomically) so every run records exactly what it ran."""
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    """Write the resolved config (atomically) so every run records exactly what it ran; a comment on top gives the
+    units of the loss's margin and scale (they differ from loss to loss)."""
+    units = "".join(f"# loss.{key} {getattr(cfg.loss, key):g}: {unit} ({cfg.loss.loss})\n"
+                    for key, (_, unit) in loss_defaults(cfg.loss).items() if getattr(cfg.loss, key) is not None)
+    write_text(path, units + yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def loss_defaults_help(key: str) -> str:
+    """For --help of --margin / --scale: every loss's own default with its unit."""
+    parts = []
+    for name in LOSSES.names():
+        default = loss_defaults(LossConfig(loss=name)).get(key)
+        if default is not None:
+            parts.append(f"{name} {default[0]:g} ({default[1]})")
+    return f"Defaults: {'; '.join(parts)}." if parts else ""
 
 
 REGISTRIES: dict[str, Registry] = {
@@ -460,6 +488,7 @@ def validate(cfg: TrainConfig) -> None:
             entries.append(registry.get(_value(cfg, key)))
         except InputError as err:
             raise InputError(f"config key '{key}': {err}") from None
+    cfg.loss = resolve_loss_defaults(cfg.loss)  # the loss's own margin and scale, recorded as values
     for entry in entries:
         if entry.check is not None:
             entry.check(cfg)

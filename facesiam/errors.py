@@ -16,6 +16,10 @@ class InputError(FacesiamError, ValueError):
     """Bad input from the user: a file, a flag or a config value (a ValueError, for callers that catch those)."""
 
 
+class ConflictError(InputError):
+    """The input is well formed but clashes with what exists (a name taken): the service answers 409, not 400."""
+
+
 def and_more(items) -> str:
     """After naming the first of ``items`` in a message: how many more there are (" (and 3 more)"), or ""."""
     return f" (and {len(items) - 1} more)" if len(items) > 1 else ""

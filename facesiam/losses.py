@@ -19,6 +19,8 @@ centres pull each identity together against all others, the pair loss shapes the
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,8 +36,11 @@ from .registry import Registry
 if TYPE_CHECKING:  # config imports this module (to validate names against LOSSES and MINERS)
     from .config import LossConfig, TrainConfig
 
+log = logging.getLogger("facesiam.train")
+
 LOSSES = Registry("loss")
-"""name -> build(cfg: LossConfig, embedding_dim, num_classes) -> a bare PML loss; info ``family``: pair | margin."""
+"""name -> build(cfg: LossConfig, embedding_dim, num_classes) -> a bare PML loss; info ``family``: pair | margin, and
+the loss's own defaults ``margin`` / ``scale`` as (value, unit) where it has that knob (resolve_loss_defaults)."""
 MINERS = Registry("miner")
 """name -> build(cfg: LossConfig) -> a PML miner, or None (``none``: every pair/triplet of the batch)."""
 
@@ -44,11 +49,6 @@ def _distance(cfg: LossConfig) -> distances.BaseDistance:
     if cfg.distance == "cosine":
         return distances.CosineSimilarity()
     return distances.LpDistance(normalize_embeddings=True, p=2)
-
-
-def _kwargs(**kw: object) -> dict:
-    """Drop None values so PML's own defaults apply."""
-    return {k: v for k, v in kw.items() if v is not None}
 
 
 def check_loss_config(cfg: LossConfig) -> None:
@@ -77,51 +77,91 @@ def check_loss_config(cfg: LossConfig) -> None:
         raise InputError(f"miner {cfg.miner!r} applies to pair losses, not {cfg.loss!r} (set loss.pair_loss to add one)")
 
 
+ARC_DEGREES = "degrees of angular margin, as in PML (28.6 deg = 0.5 rad, arcface_torch's m=0.5)"
+SCALE = "logit scale s (PML's and arcface_torch's 64)"
+
+
+def loss_defaults(cfg: LossConfig) -> dict[str, tuple[float, str]]:
+    """The chosen loss's own defaults for ``margin`` and ``scale``: name -> (value, unit); none for a knob it lacks.
+
+    An entry's default is a (value, unit) pair, or a function of the LossConfig where it depends on another field
+    (contrastive: on the distance)."""
+    info = LOSSES.get(cfg.loss).info
+    return {key: info[key](cfg) if callable(info[key]) else info[key] for key in ("margin", "scale") if key in info}
+
+
+def resolve_loss_defaults(cfg: LossConfig) -> LossConfig:
+    """``cfg`` with margin and scale that are None set to the chosen loss's own defaults (loss_defaults).
+
+    One default per loss, not one per field: a margin of 0.1 means a triplet margin in cosine distance but a tenth of
+    a degree for ArcFace. Resolved values are what RUN/config.yaml records.
+    """
+    defaults = loss_defaults(cfg)
+    values = {key: defaults[key][0] for key in ("margin", "scale") if getattr(cfg, key) is None and key in defaults}
+    return dataclasses.replace(cfg, **values) if values else cfg
+
+
 def _check(cfg: TrainConfig) -> None:
     check_loss_config(cfg.loss)
+    margin = cfg.loss.margin
+    if loss_defaults(cfg.loss).get("margin", (None, ""))[1] == ARC_DEGREES and margin is not None and 0 < margin < 1:
+        log.warning("loss.margin %g for %s is in degrees (as in PML): almost no margin; if you meant %g rad "
+                    "(arcface_torch's unit), that is --margin %.1f", margin, cfg.loss.loss, margin, math.degrees(margin))
 
 
-@LOSSES.register("triplet", family="pair", check=_check)
+@LOSSES.register("triplet", family="pair", check=_check, margin=(0.1, "cosine distance (1 - similarity): the seed "
+                 "article's; PML's own is 0.05"))
 def _triplet(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a pair loss, TripletMarginLoss with loss.margin and loss.distance (the seed article's)."""
-    return losses.TripletMarginLoss(distance=_distance(cfg), **_kwargs(margin=cfg.margin))
+    return losses.TripletMarginLoss(distance=_distance(cfg), margin=cfg.margin)
 
 
-@LOSSES.register("contrastive", family="pair", check=_check)
+@LOSSES.register("contrastive", family="pair", check=_check, margin=lambda cfg: (
+    (0.5, "cosine similarity that negatives are pushed below") if cfg.distance == "cosine"
+    else (1.0, "euclidean distance that negatives are pushed beyond (PML's default)")))
 def _contrastive(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a pair loss, ContrastiveLoss (with cosine, negatives pushed below loss.margin)."""
     # With cosine similarity, pos_margin is the similarity positives must reach, neg_margin the ceiling for negatives.
     if cfg.distance == "cosine":
-        return losses.ContrastiveLoss(distance=_distance(cfg), pos_margin=1.0,
-                                      neg_margin=cfg.margin if cfg.margin is not None else 0.5)
-    return losses.ContrastiveLoss(distance=_distance(cfg), **_kwargs(neg_margin=cfg.margin))
+        return losses.ContrastiveLoss(distance=_distance(cfg), pos_margin=1.0, neg_margin=cfg.margin)
+    return losses.ContrastiveLoss(distance=_distance(cfg), neg_margin=cfg.margin)
 
 
-@LOSSES.register("multisimilarity", family="pair", check=_check)
+@LOSSES.register("multisimilarity", family="pair", check=_check,
+                 margin=(0.5, "cosine similarity: the loss's base (PML's default)"))
 def _multisimilarity(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a pair loss, MultiSimilarityLoss (cosine; loss.margin is its base)."""
-    return losses.MultiSimilarityLoss(distance=distances.CosineSimilarity(), **_kwargs(base=cfg.margin))
+    return losses.MultiSimilarityLoss(distance=distances.CosineSimilarity(), base=cfg.margin)
 
 
-@LOSSES.register("arcface", family="margin", check=_check)
+@LOSSES.register("arcface", family="margin", check=_check, margin=(28.6, ARC_DEGREES), scale=(64.0, SCALE))
 def _arcface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a margin loss, ArcFaceLoss (loss.margin in degrees, loss.scale)."""
     return losses.ArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
-                              **_kwargs(margin=cfg.margin, scale=cfg.scale))
+                              margin=cfg.margin, scale=cfg.scale)
 
 
-@LOSSES.register("subcenter_arcface", family="margin", check=_check)
+@LOSSES.register("subcenter_arcface", family="margin", check=_check, margin=(28.6, ARC_DEGREES),
+                 scale=(64.0, SCALE))
 def _subcenter_arcface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a margin loss, SubCenterArcFaceLoss (loss.subcenters centres per class)."""
     return losses.SubCenterArcFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
-                                       sub_centers=cfg.subcenters, **_kwargs(margin=cfg.margin, scale=cfg.scale))
+                                       sub_centers=cfg.subcenters, margin=cfg.margin, scale=cfg.scale)
 
 
-@LOSSES.register("cosface", family="margin", check=_check)
+@LOSSES.register("cosface", family="margin", check=_check,
+                 margin=(0.35, "cosine subtracted from the true class's logit (PML's; arcface_torch uses 0.4)"),
+                 scale=(64.0, SCALE))
 def _cosface(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
     """a margin loss, CosFaceLoss (additive cosine margin, loss.scale)."""
     return losses.CosFaceLoss(num_classes=num_classes, embedding_size=embedding_dim,
-                              **_kwargs(margin=cfg.margin, scale=cfg.scale))
+                              margin=cfg.margin, scale=cfg.scale)
+
+
+def _miner_margin(cfg: LossConfig) -> float:
+    """A triplet miner's margin: the triplet loss's (loss.margin, resolved), else the triplet default."""
+    triplet = cfg if cfg.loss == "triplet" else dataclasses.replace(cfg, loss="triplet", margin=None)
+    return resolve_loss_defaults(triplet).margin
 
 
 @MINERS.register("none")
@@ -132,14 +172,14 @@ def _no_miner(cfg: LossConfig) -> None:
 
 @MINERS.register("semihard")
 def _semihard(cfg: LossConfig) -> miners.BaseMiner:
-    """semi-hard triplets (TripletMarginMiner, loss.margin or 0.1)."""
-    return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="semihard", distance=_distance(cfg))
+    """semi-hard triplets (TripletMarginMiner, with the triplet loss's margin)."""
+    return miners.TripletMarginMiner(margin=_miner_margin(cfg), type_of_triplets="semihard", distance=_distance(cfg))
 
 
 @MINERS.register("hard")
 def _hard(cfg: LossConfig) -> miners.BaseMiner:
-    """hard triplets (TripletMarginMiner, loss.margin or 0.1)."""
-    return miners.TripletMarginMiner(margin=cfg.margin or 0.1, type_of_triplets="hard", distance=_distance(cfg))
+    """hard triplets (TripletMarginMiner, with the triplet loss's margin)."""
+    return miners.TripletMarginMiner(margin=_miner_margin(cfg), type_of_triplets="hard", distance=_distance(cfg))
 
 
 @MINERS.register("multisimilarity")
@@ -149,8 +189,8 @@ def _multisimilarity_miner(cfg: LossConfig) -> miners.BaseMiner:
 
 
 def build_pml_loss(cfg: LossConfig, embedding_dim: int, num_classes: int) -> losses.BaseMetricLossFunction:
-    """The bare PML loss for cfg (no distributed wrapping)."""
-    return LOSSES.get(cfg.loss).build(cfg, embedding_dim, num_classes)
+    """The bare PML loss for cfg (no distributed wrapping; margin and scale left None take the loss's defaults)."""
+    return LOSSES.get(cfg.loss).build(resolve_loss_defaults(cfg), embedding_dim, num_classes)
 
 
 def build_miner(cfg: LossConfig) -> miners.BaseMiner | None:
@@ -164,7 +204,7 @@ class PairTerm(nn.Module):
     def __init__(self, cfg: LossConfig):
         super().__init__()
         self.loss = build_pml_loss(cfg, 0, 0)
-        self.miner = build_miner(cfg)
+        self.miner = build_miner(resolve_loss_defaults(cfg))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         world = torch.distributed.get_world_size() if pml_dist.is_distributed() else 1
@@ -201,8 +241,8 @@ class Criterion(nn.Module):
         else:
             self.loss = build_pml_loss(cfg, embedding_dim, num_classes)
         if cfg.pair_loss != "none":
-            # The pair term takes PML's defaults for its own margin; loss.margin belongs to the margin loss.
-            self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None))
+            # The pair term takes its own loss's default margin; loss.margin belongs to the margin loss.
+            self.pair = PairTerm(dataclasses.replace(cfg, loss=cfg.pair_loss, margin=None, scale=None))
 
     @torch.no_grad()
     def imprint_centres(self, embeddings: torch.Tensor, labels: torch.Tensor, spread: float = 0.1) -> int:

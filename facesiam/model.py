@@ -1,4 +1,5 @@
-"""The embedding network: a timm trunk plus an embedding head, L2-normalised; export and reload for inference.
+"""The embedding network: a trunk (timm's, or a face backbone of facesiam/backbones) plus an embedding head,
+L2-normalised; export and reload for inference.
 
 The model knows nothing about parallelism, losses or file formats of the data: the trainer wraps it.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import BACKBONES, build_trunk, from_arcface
 from .config import ModelConfig
 from .errors import FacesiamError, InputError
 from .fileio import staged_directory
@@ -34,7 +37,7 @@ class PretrainedWeightsError(FacesiamError, RuntimeError):
 
 
 class EmbeddingModel(nn.Module):
-    """trunk (timm, pooled features) -> head -> L2-normalised embedding (float32)."""
+    """trunk (timm's pooled features, or a face backbone's feature map) -> head -> L2-normalised embedding (float32)."""
 
     def __init__(self, trunk: nn.Module, head: nn.Module):
         super().__init__()
@@ -69,15 +72,26 @@ def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
                 b.copy_(saved[name])
 
 
-def build_head(kind: str, in_features: int, embedding_dim: int, dropout: float = 0.0) -> nn.Module:
-    """The seed's plain Linear, or the BN-Dropout-Linear-BN embedding head used by arcface_torch-style models."""
+def build_head(kind: str, in_features: int | tuple[int, ...], embedding_dim: int, dropout: float = 0.0) -> nn.Module:
+    """The seed's plain Linear, or the BN-Dropout-Linear-BN embedding head used by arcface_torch-style models.
+
+    in_features: the trunk's feature size, or the (C, H, W) shape of a trunk that returns a map (facesiam/backbones'
+    IResNet: 512x7x7). On a map the face head is arcface_torch's output block: BatchNorm2d over the channels, dropout,
+    flatten, Linear over all C*H*W values, BatchNorm1d; the linear head flattens the map before its Linear.
+    """
+    shape = (in_features,) if isinstance(in_features, int) else tuple(in_features)
+    flat = math.prod(shape)
     if kind == "linear":
-        return nn.Linear(in_features, embedding_dim)
+        return nn.Linear(flat, embedding_dim) if len(shape) == 1 else nn.Sequential(nn.Flatten(1),
+                                                                                      nn.Linear(flat, embedding_dim))
     if kind == "face":
+        norm = nn.BatchNorm1d(shape[0]) if len(shape) == 1 else nn.BatchNorm2d(shape[0])
+        flatten = [] if len(shape) == 1 else [nn.Flatten(1)]
         return nn.Sequential(
-            nn.BatchNorm1d(in_features),
+            norm,
             nn.Dropout(dropout),
-            nn.Linear(in_features, embedding_dim, bias=False),
+            *flatten,
+            nn.Linear(flat, embedding_dim, bias=False),
             nn.BatchNorm1d(embedding_dim),
         )
     raise InputError(f"unknown head {kind!r}: use 'linear' or 'face'")
@@ -124,6 +138,8 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
 def build_model(cfg: ModelConfig) -> EmbeddingModel:
     """Create the trunk (random, hub or local weights) and the head; fails early with a clear message."""
     pretrained = cfg.pretrained or "none"
+    if cfg.backbone in BACKBONES:
+        return _build_face_backbone_model(cfg, pretrained)
     if pretrained == "hub":
         try:
             trunk = timm.create_model(cfg.backbone, pretrained=True, num_classes=0)
@@ -144,6 +160,57 @@ def build_model(cfg: ModelConfig) -> EmbeddingModel:
     if pretrained not in ("none", "hub") and Path(pretrained).is_dir():
         load_checkpoint_weights(model, cfg, pretrained)
     return model
+
+
+def _build_face_backbone_model(cfg: ModelConfig, pretrained: str) -> EmbeddingModel:
+    """A backbone of facesiam/backbones (arcface_torch's IResNet, MobileFaceNet): its trunk and the head over its
+    feature map; --pretrained FILE takes an arcface_torch backbone.pth or a facesiam state dict."""
+    trunk = build_trunk(cfg)
+    model = EmbeddingModel(trunk, build_head(cfg.head, trunk.feature_shape, cfg.embedding_dim, cfg.dropout))
+    if cfg.head == "face" and BACKBONES.get(cfg.backbone).info["frozen_embedding_scale"]:
+        model.head[-1].weight.requires_grad_(False)  # arcface_torch never trains it (IResNet's `features` BN)
+    if pretrained != "none":
+        if Path(pretrained).is_dir():
+            load_checkpoint_weights(model, cfg, pretrained)
+        else:
+            load_face_backbone_weights(model, cfg, pretrained)
+    return model
+
+
+def load_face_backbone_weights(model: EmbeddingModel, cfg: ModelConfig, path: str | Path) -> None:
+    """``--pretrained FILE`` for a face backbone: an arcface_torch ``backbone.pth`` of the same architecture, or a
+    facesiam state dict (trunk.* / head.*, e.g. an export's model.safetensors). The trunk must fit tensor for tensor;
+    the head loads when this run's head fits it (``face``, same embedding size), else it stays newly initialised,
+    with a warning (a 512-d arcface_torch model fine-tuned into a 128-d one keeps its trunk)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file {path} not found; pass --pretrained none, an "
+                                     "arcface_torch backbone.pth or a facesiam export directory")
+    state = read_state_dict(path)
+    if not any(k.startswith("trunk.") for k in state):
+        found = from_arcface(state)
+        if found is None:
+            raise PretrainedWeightsError(f"{path}: neither an arcface_torch backbone state dict nor a facesiam one "
+                                         f"(e.g. {list(state)[:2]}); is it for --backbone {cfg.backbone}?")
+        if found[0] != cfg.backbone:
+            name = found[0]
+            raise PretrainedWeightsError(f"{path} is an arcface_torch {BACKBONES.get(name).info['arcface_name']} "
+                                         f"({name}); this run's backbone is {cfg.backbone}: set --backbone {name}")
+        state = found[1]
+    trunk = {k[len("trunk."):]: v for k, v in state.items() if k.startswith("trunk.")}
+    own = model.trunk.state_dict()
+    if trunk.keys() != own.keys() or any(trunk[k].shape != own[k].shape for k in own):
+        raise PretrainedWeightsError(f"{path} does not fit backbone {cfg.backbone}: "
+                                     f"{_describe_mismatch(trunk, own)}; is it for the same --backbone?")
+    model.trunk.load_state_dict(trunk, strict=True)
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    own_head = model.head.state_dict()
+    if head.keys() == own_head.keys() and all(head[k].shape == own_head[k].shape for k in own_head):
+        model.head.load_state_dict(head, strict=True)
+        log.info("started from %s: trunk and head (%d-d)", path, cfg.embedding_dim)
+    else:
+        log.warning("started from %s: trunk only; its head does not fit this run's (%s, %d-d), so the head is newly "
+                    "initialised", path, cfg.head, cfg.embedding_dim)
 
 
 def load_checkpoint_weights(model: EmbeddingModel, cfg: ModelConfig, path: str | Path) -> None:
@@ -176,7 +243,7 @@ def export_model(model: EmbeddingModel, cfg: ModelConfig, out_dir: str | Path, e
                  alignment: dict | None = None) -> Path:
     """Write out_dir/model.safetensors + out_dir/config.json; a complete export replaces the old one at once.
 
-    alignment: how the training faces were aligned (data/align.alignment_info, from the shards' dataset.json);
+    alignment: how the training faces were aligned (faces/aligner.alignment_info, from the shards' dataset.json);
     stored as config.json's "alignment" so that inference detects and aligns raw images the same way.
     """
     from safetensors.torch import save_file

@@ -87,8 +87,8 @@ def _adamw(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
 
 @OPTIMIZERS.register("sgd")
 def _sgd(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (optim.momentum) and L2 weight decay."""
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+    """SGD with momentum (optim.momentum; Nesterov's unless optim.nesterov is false) and L2 weight decay."""
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
 
 
 @OPTIMIZERS.register("schedulefree_adamw", check=_check_schedule_free, schedule_free=True,
@@ -215,6 +215,19 @@ def _constant(o: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int
         if not o.cooldown_steps or left > o.cooldown_steps:
             return 1.0
         return floor + (1 - floor) * (left - 1) / o.cooldown_steps
+
+    return _warmup_schedule(o, optimizer, decay)
+
+
+@SCHEDULERS.register("poly", check=_refuse_cooldown, per_step=True)
+def _poly(o: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Schedule:
+    """per step, linear warm-up (optim.warmup_steps) then (1 - progress)^optim.poly_power decay to 0 at the run's end:
+    arcface_torch's PolyScheduler (power 2; its later PolynomialLRWarmup: 1; eta_min unused)."""
+    warm = max(0, o.warmup_steps)
+
+    def decay(step: int) -> float:
+        progress = min(1.0, max(0, step - warm) / max(1, total_steps - warm))
+        return (1 - progress) ** o.poly_power
 
     return _warmup_schedule(o, optimizer, decay)
 

@@ -222,3 +222,21 @@ def reshard(shards: Sequence[dict], rank: int, world_size: int) -> dict:
         else:
             optimizer[key] = value
     return {"num_classes": classes, "k": k, "weight": split([s["weight"] for s in shards]), "optimizer": optimizer}
+
+
+def exclude_from_ddp(module: torch.nn.Module, names: list[str]) -> None:
+    """Make DistributedDataParallel leave these parameters alone (no broadcast at start, no gradient all-reduce).
+
+    DDP has no public way to do this; its private static method sets the attribute that ``DDP.__init__`` reads. It is
+    called through this one guarded function so that a torch release that renames it fails here, in one clear line,
+    instead of DDP silently averaging every rank's different centres (tests/test_partial_fc.py checks the effect on
+    two gloo ranks).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    setter = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if setter is None:
+        raise RuntimeError(f"torch {torch.__version__}: DistributedDataParallel has no "
+                           "_set_params_and_buffers_to_ignore_for_model any more, so Partial FC cannot keep each "
+                           "rank's class centres out of DDP; train without loss.partial_fc or use an earlier torch")
+    setter(module, names)

@@ -3,11 +3,73 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
-from .registry import Registry
+from .errors import InputError
+from .registry import Entry, Registry
 
-SELECTION_METRICS = Registry("selection metric")
+BIN_PREFIX = "bin:"
+
+
+def bin_name(path: Union[str, os.PathLike]) -> str:
+    """The set's name: the file name without .bin (``data/cfp_fp.bin`` -> ``cfp_fp``)."""
+    name = Path(path).name
+    return name[:-4] if name.lower().endswith(".bin") else name
+
+
+def bin_paths(spec: Union[str, Sequence[str], None]) -> list[str]:
+    """``"a/lfw.bin,b/cfp_fp.bin"`` (or a list) -> the paths; two sets with the same name are an error."""
+    paths = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else (spec or [])) if p and p.strip()]
+    names = [bin_name(p) for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        same = ", ".join(p for p in paths if bin_name(p) == twice[0])
+        raise InputError(f"two verification sets are called {twice[0]!r} ({same}); their names (file names without "
+                         ".bin) must differ: rename one")
+    return paths
+
+
+def _bin_set(name: object) -> Optional[str]:
+    """NAME of a ``bin:NAME`` selection metric, else None."""
+    if isinstance(name, str) and name.startswith(BIN_PREFIX) and len(name) > len(BIN_PREFIX):
+        return name[len(BIN_PREFIX):]
+    return None
+
+
+class SelectionMetrics(Registry):
+    """The registry, plus one entry per .bin verification set: ``bin:cfp_fp`` selects by the 10-fold accuracy of
+    val_bin's cfp_fp.bin (its name: the file name without .bin), and refuses a set that val_bin does not list."""
+
+    open_names = True
+    """Names beyond the registered ones are valid (bin:NAME): a command line must not limit them to names()."""
+
+    def get(self, name: str) -> Entry:
+        set_name = _bin_set(name)
+        if set_name is None:
+            try:
+                return super().get(name)
+            except InputError as err:
+                raise InputError(f"{err}, or {BIN_PREFIX}NAME (a --val-bin set)") from None
+
+        def check(cfg: Any) -> None:
+            names = [bin_name(p) for p in bin_paths(cfg.val_bin)]
+            if set_name not in names:
+                raise InputError(f"best_metric {name} selects by the verification set {set_name}.bin, which val_bin "
+                                 f"does not list ({', '.join(names) or 'empty'}); add --val-bin PATH/{set_name}.bin")
+
+        return Entry(name, _reader("bin", set_name, "accuracy_mean"),
+                     f"the 10-fold accuracy of the .bin set {set_name}", check)
+
+    def describe(self) -> str:
+        return super().describe() + f"; {BIN_PREFIX}NAME: 10-fold accuracy of the --val-bin set NAME.bin"
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or _bin_set(name) is not None
+
+
+SELECTION_METRICS = SelectionMetrics("selection metric")
 """name -> build(metrics: dict) -> the value (higher is better), or None when the metric is undefined."""
 
 

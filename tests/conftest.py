@@ -30,13 +30,7 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from facesiam.testing import free_port  # noqa: E402,F401  the tests' servers bind to it (as the benchmarks' do)
 
 
 def load_tool(name: str):

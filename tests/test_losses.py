@@ -220,3 +220,75 @@ def test_combinations_that_fit_pass():
     config_from_dict({"loss": {"loss": "arcface", "pair_loss": "multisimilarity", "miner": "multisimilarity",
                                "init_centres": "imprint"}})
     config_from_dict({"loss": {"loss": "triplet", "miner": "semihard"}})
+
+
+# ------------------------------------------------------------------------------------------ each loss's own defaults
+# The expected values are PML's own constructor defaults (read from a bare PML object), except where facesiam documents
+# its own choice (triplet: the seed article's 0.1; contrastive on cosine: 0.5 instead of a distance margin).
+def _pml(name: str):
+    from pytorch_metric_learning import losses as pml
+
+    return {"arcface": pml.ArcFaceLoss(num_classes=3, embedding_size=4),
+            "subcenter_arcface": pml.SubCenterArcFaceLoss(num_classes=3, embedding_size=4),
+            "cosface": pml.CosFaceLoss(num_classes=3, embedding_size=4),
+            "multisimilarity": pml.MultiSimilarityLoss(),
+            "contrastive": pml.ContrastiveLoss()}[name]
+
+
+@pytest.mark.parametrize("name,attrs", [
+    ("arcface", ("margin", "scale")), ("subcenter_arcface", ("margin", "scale")), ("cosface", ("margin", "scale")),
+    ("multisimilarity", ("base",)),
+])
+def test_a_loss_without_margin_or_scale_gets_its_own_defaults_not_another_losss(name, attrs):
+    import math
+
+    cfg = config_from_dict({"loss": {"loss": name}})  # what `--loss NAME` alone gives
+    built = build_pml_loss(cfg.loss, 8, 4)
+    for attr in attrs:
+        assert getattr(built, attr) == pytest.approx(getattr(_pml(name), attr)), attr
+    if name in ("arcface", "subcenter_arcface"):  # 28.6 degrees: arcface_torch's m = 0.5 rad
+        assert math.radians(cfg.loss.margin) == pytest.approx(0.5, abs=1e-3)
+        assert built.margin > 0.4  # PML keeps the margin in radians internally: never the 0.1 degree of before
+    # The resolved values are recorded, so RUN/config.yaml says what ran.
+    assert cfg.loss.margin is not None and (cfg.loss.scale is not None) == (LOSSES.get(name).info["family"] == "margin")
+
+
+def test_triplet_and_contrastive_defaults_are_facesiams_documented_ones():
+    from facesiam.losses import loss_defaults
+
+    assert config_from_dict({}).loss.margin == loss_defaults(LossConfig(loss="triplet"))["margin"][0] == 0.1
+    assert build_pml_loss(LossConfig(loss="triplet"), 8, 4).margin == pytest.approx(0.1)
+    cosine = build_pml_loss(LossConfig(loss="contrastive"), 8, 4)
+    assert (cosine.pos_margin, cosine.neg_margin) == (1.0, 0.5)
+    euclidean = build_pml_loss(LossConfig(loss="contrastive", distance="euclidean"), 8, 4)
+    assert euclidean.neg_margin == _pml("contrastive").neg_margin  # PML's own on a distance
+
+
+def test_an_explicit_margin_wins_and_a_radian_looking_arcface_margin_warns(caplog):
+    with caplog.at_level("WARNING", logger="facesiam.train"):
+        cfg = config_from_dict({"loss": {"loss": "arcface", "margin": 0.5}})
+    assert cfg.loss.margin == 0.5
+    assert "in degrees" in caplog.text and "--margin 28.6" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="facesiam.train"):
+        config_from_dict({"loss": {"loss": "arcface", "margin": 20}})
+        config_from_dict({"loss": {"loss": "cosface", "margin": 0.35}})  # cosface margins are cosines: no warning
+    assert "in degrees" not in caplog.text
+
+
+def test_help_and_saved_config_give_each_losss_margin_unit(tmp_path, capsys):
+    from facesiam.commands.train import parser
+    from facesiam.config import save_yaml
+
+    text = " ".join(parser().format_help().split())
+    assert "arcface 28.6 (degrees" in text and "triplet 0.1 (cosine distance" in text and "cosface 64 (logit" in text
+    save_yaml(config_from_dict({"loss": {"loss": "arcface"}}), tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert saved.startswith("# loss.margin 28.6: degrees") and "# loss.scale 64: logit scale" in saved
+    assert config_from_dict(__import__("yaml").safe_load(saved)).loss.margin == 28.6  # comments do not change it
+
+
+def test_a_triplet_miner_uses_the_triplet_margin_not_a_margin_loss_degrees():
+    arc = LossConfig(loss="arcface", margin=28.6, pair_loss="triplet", miner="semihard")
+    assert build_miner(arc).margin == pytest.approx(0.1)
+    assert build_miner(LossConfig(loss="triplet", margin=0.3, miner="hard")).margin == pytest.approx(0.3)

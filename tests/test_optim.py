@@ -59,7 +59,7 @@ def test_optimizer_groups_cover_every_parameter_once_with_their_lr_multipliers()
 
 # When each schedule changes the lr; a new scheduler must say here when it steps.
 UNIT = {"cosine_epoch": "epoch", "step": "epoch", "cosine": "optimizer_step", "constant": "optimizer_step",
-        "plateau": "validation"}
+        "poly": "optimizer_step", "plateau": "validation"}
 SETTINGS = {"step_size": 1, "t_max": 4, "warmup_steps": 3, "patience": 1, "gamma": 0.5}
 
 
@@ -182,6 +182,24 @@ def test_constant_schedule_cools_down_linearly_to_eta_min_over_its_last_steps():
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("power", [2.0, 1.0])
+def test_poly_schedule_is_arcface_torchs_warmup_then_squared_decay_to_zero(power):
+    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 0.1, "scheduler": "poly", "warmup_steps": 4,
+                                                          "eta_min": 1e-3, "poly_power": power}}, num_classes=5)
+    schedule = build_schedule(cfg, optimizer, total_steps=40)
+    lrs = []
+    for _ in range(40):
+        lrs.append(_lrs(optimizer))
+        optimizer.step()
+        schedule.after_optimizer_step()
+    # arcface_torch's PolyScheduler: base_lr * (1 - (step - warmup) / (total - warmup)) ** 2 after a linear warm-up
+    # (facesiam's warm-up counts the step being taken, so the first step already moves); eta_min plays no part.
+    expected = [0.1 * (s + 1) / 4 for s in range(4)] + [0.1 * (1 - (s - 4) / 36) ** power for s in range(4, 40)]
+    np.testing.assert_allclose([lr[0] for lr in lrs], expected, rtol=1e-9)
+    np.testing.assert_allclose([lr[1] for lr in lrs], expected, rtol=1e-9)  # the trunk's group alike
+    assert lrs[-1][0] == pytest.approx(0.1 / 36 ** power), "the last step is one step short of 0"
+
+
 def test_frozen_trunk_weights_do_not_move_until_unfrozen():
     torch.manual_seed(0)
     cfg, learner, optimizer = _learner_and_optimizer(
@@ -222,3 +240,10 @@ def test_each_entry_checks_the_fields_it_uses(optim, match):
 def test_valid_combinations_pass():
     config_from_dict({"optim": {"optimizer": "adamw", "ema_decay": 0.99}})  # the plain optimizer keeps the EMA
     config_from_dict({"optim": {"scheduler": "constant", "cooldown_steps": 5, "trunk_frozen_steps": 3}})
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_momentum_is_nesterovs_unless_asked_otherwise(nesterov):
+    _, _, optimizer = _learner_and_optimizer({"optim": {"optimizer": "sgd", "lr": 0.1, "nesterov": nesterov}},
+                                             num_classes=3)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"] is nesterov

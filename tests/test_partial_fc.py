@@ -11,7 +11,7 @@ import torch
 
 from facesiam.config import LossConfig
 from facesiam.losses import Criterion
-from facesiam.partial_fc import PartialFC, reshard, shard_size
+from facesiam.partial_fc import PartialFC, exclude_from_ddp, reshard, shard_size
 
 from .conftest import run_distributed
 
@@ -90,7 +90,9 @@ def _rank_worker(rank: int, world: int, loss: str):
         mine = reference["crit"].loss.W[:, rank * per_rank * k:(rank + 1) * per_rank * k]
         partial.weight.zero_()
         partial.weight[:, :mine.shape[1]] = mine
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, partial.ddp_ignored("crit.loss"))
+    # facesiam's one guarded call of DDP's private ignore list: if torch changes what it does, the centres are
+    # broadcast or averaged across ranks and this run no longer equals the one-process reference.
+    exclude_from_ddp(module, partial.ddp_ignored("crit.loss"))
     ddp = DistributedDataParallel(module)
     opt = _optimizer(module)
     values = []
@@ -160,3 +162,16 @@ def test_partial_fc_config_is_checked():
         target.loss.W = torch.nn.Parameter(torch.zeros(DIM, 8))
         target.load_shards([{"rank": 0, "world_size": 1, "num_classes": 7, "k": 1, "weight": torch.zeros(DIM, 7),
                              "optimizer": {}}])
+
+
+def test_a_torch_without_ddps_ignore_list_fails_in_one_clear_line(monkeypatch):
+    from torch.nn.parallel import DistributedDataParallel
+
+    assert callable(getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)), \
+        "torch renamed DDP's ignore list: facesiam.partial_fc.exclude_from_ddp must follow"
+    module = torch.nn.Linear(2, 2)
+    exclude_from_ddp(module, ["weight"])
+    assert module._ddp_params_and_buffers_to_ignore == ["weight"]  # what DDP.__init__ reads
+    monkeypatch.delattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model")
+    with pytest.raises(RuntimeError, match="partial_fc"):
+        exclude_from_ddp(module, ["weight"])

@@ -67,9 +67,9 @@ def test_choices_come_from_the_registries():
 
 @pytest.mark.parametrize("values,message", [
     ({"optim": {"scheduler": "cosin"}}, "config key 'optim.scheduler': unknown scheduler 'cosin'; choose one of "
-                                        "cosine_epoch, cosine, step, plateau, constant"),
+                                        "cosine_epoch, cosine, step, plateau, constant, poly"),
     ({"best_metric": "eer"}, "config key 'best_metric': unknown selection metric 'eer'; choose one of "
-                             "tar_at_far_1e-03, auc, rank1, map_at_r, neg_eer, teacher_cosine"),
+                             "tar_at_far_1e-03, auc, rank1, map_at_r, neg_eer, teacher_cosine, or bin:NAME (a --val-bin set)"),
     ({"loss": {"miner": "easy"}}, "config key 'loss.miner': unknown miner 'easy'; choose one of "
                                   "none, semihard, hard, multisimilarity"),
     ({"model": {"head": "mlp"}}, "config key 'model.head' is 'mlp'; choose one of linear, face"),
@@ -83,7 +83,7 @@ def test_unknown_names_in_a_config_are_one_line_errors(values, message):
 
 def test_help_lists_the_choices_and_a_typo_is_refused_with_them(capsys):
     text = parser().format_help()
-    assert "--scheduler {cosine_epoch,cosine,step,plateau,constant}" in text
+    assert "--scheduler {cosine_epoch,cosine,step,plateau,constant,poly}" in text
     assert "--wandb {none,off,offline,online}" in text
     assert "plateau: ReduceLROnPlateau" in " ".join(text.split()), "each entry's one-line doc"
     with pytest.raises(SystemExit):

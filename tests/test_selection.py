@@ -27,3 +27,17 @@ def test_an_undefined_metric_is_none_and_an_unknown_one_an_error():
     assert selection_value(undefined, "auc") == pytest.approx(0.9)
     with pytest.raises(InputError, match="unknown selection metric 'eer'; choose one of tar_at_far_1e-03, auc"):
         selection_value(METRICS, "eer")
+
+
+def test_bin_metrics_select_by_a_val_bin_sets_accuracy_and_need_the_set():
+    from facesiam.config import config_from_overrides
+
+    assert selection_value({"bin": {"cfp_fp": {"accuracy_mean": 0.93}}}, "bin:cfp_fp") == pytest.approx(0.93)
+    assert selection_value({"bin": {"lfw": {"accuracy_mean": 0.99}}}, "bin:cfp_fp") is None
+    assert "bin:lfw" in SELECTION_METRICS and "bin:" not in SELECTION_METRICS
+    cfg = config_from_overrides(None, {"val_bin": "sets/lfw.bin, sets/cfp_fp.bin", "best_metric": "bin:cfp_fp"})
+    assert cfg.best_metric == "bin:cfp_fp"
+    with pytest.raises(InputError, match=r"bin:agedb_30 .* which val_bin does not list \(lfw, cfp_fp\)"):
+        config_from_overrides(None, {"val_bin": "sets/lfw.bin,sets/cfp_fp.bin", "best_metric": "bin:agedb_30"})
+    with pytest.raises(InputError, match="two verification sets are called 'lfw'"):
+        config_from_overrides(None, {"val_bin": "a/lfw.bin,b/lfw.bin", "best_metric": "bin:lfw"})

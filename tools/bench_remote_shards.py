@@ -3,7 +3,7 @@
 The same shards are read three ways by training's own loader (facesiam.training.setup.build_data with the default
 TrainConfig: DistributedPerClassSampler batches of 32, m=4, 2 DataLoader workers, prefetch 4, the fused train
 augmentation at 224 px): from local disk, from a local S3-compatible server (moto's server mode, s3://) and from a
-local HTTP server with Range support (tests/data/servers.py, http://). One epoch each, interleaved, best of
+local HTTP server with Range support (facesiam/testing/servers.py, http://). One epoch each, interleaved, best of
 --repeats; prints images/s and the ratios to local disk. Goal: >= 0.8x local disk.
 
 Both servers run in one separate process on the same machine (their CPU time is reported apart from the loader's):
@@ -36,12 +36,12 @@ from types import SimpleNamespace
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # loader workers use one thread each anyway; keep the parent alike
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests/data/servers.py: the servers the tests start
+sys.path.insert(0, str(REPO))  # facesiam from a checkout that is not installed
 
 import torch  # noqa: E402
 
 from benchdoc import DOC, LFW, cpu_seconds, lfw_subset, write_section  # noqa: E402  tools/ is on sys.path as a script
-from tests.data.servers import S3_ENV  # noqa: E402
+from facesiam.testing.servers import S3_ENV  # noqa: E402
 
 HEADING = "## Shards on object storage (S3, HTTP) vs local disk"
 GOAL = 0.8
@@ -58,7 +58,7 @@ def _serve(folder: str, queue, stop) -> None:
         priority = "the default priority (raising it needs root)"
     import fsspec
 
-    from tests.data.servers import RangeServer, start_moto
+    from facesiam.testing.servers import RangeServer, start_moto
 
     moto, endpoint = start_moto()
     fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)

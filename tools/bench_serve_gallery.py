@@ -13,7 +13,7 @@ the service's limits -- the goals of issue 30 (tools/bench_serve.py measures bat
 4. the pixel budget: a 6300 x 6300 grey PNG (51 KB) searched through a model that detects faces (MTCNN), with the
    default --max-side 2048 and without shrinking: the request's time and the server's peak memory.
 
-PostgreSQL: --pg-url, else a throw-away server started as the tests start one (tests/service/postgres.py), else
+PostgreSQL: --pg-url, else a throw-away server started as the tests start one (facesiam/testing/postgres.py), else
 skipped. Embeddings are random unit vectors (the cost of a gallery does not depend on what they encode).
 """
 
@@ -240,7 +240,7 @@ def postgres(args, tmp: Path):
     if args.pg_url:
         return args.pg_url, lambda: None
     try:
-        from tests.service.postgres import start_postgres
+        from facesiam.testing.postgres import start_postgres
 
         server = start_postgres(tmp / "pg")
     except Exception as err:  # no binaries, no psycopg: the PostgreSQL rows are left out
@@ -250,7 +250,7 @@ def postgres(args, tmp: Path):
 
 
 def new_pg_database(server_url: str) -> str:
-    from tests.service.postgres import create_database
+    from facesiam.testing.postgres import create_database
 
     return create_database(server_url)
 

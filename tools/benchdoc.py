@@ -5,11 +5,12 @@ read (../shared/data, credited in their reports), servers they start on a free l
 from __future__ import annotations
 
 import resource
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Callable
+
+from facesiam.testing import free_port  # noqa: F401  re-exported: the bench tools' servers bind to it
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "benchmarks.md"
@@ -34,12 +35,6 @@ def lfw_subset(target: Path, images: int) -> Path | None:
         if count >= images:
             break
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:

@@ -24,7 +24,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # facesiam from a checkout that is not installed
+from facesiam.testing import free_port  # noqa: E402
+
 TIMEOUT = 180  # seconds for one launch (~10 s here): a hang (ranks that disagree) fails instead
 WORLD = 2
 # 2 ranks x batch 8: epochs of 9 steps, so a stop a few steps in is mid-epoch. Checkpoints only at epoch ends and
@@ -54,15 +56,9 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ranks(args: list[str], log: Path) -> list[subprocess.Popen]:
     """WORLD `python launch/train.py ARGS` processes with the environment torchrun gives its workers."""
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for rank in range(WORLD):
         env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
@@ -76,7 +72,7 @@ def start_torchrun(args: list[str], log: Path, max_restarts: int = 1) -> subproc
     """torchrun, elastic (c10d rendezvous, 1 to 2 nodes), restarting a failed worker group up to ``max_restarts``
     times; last_call_timeout=1: this one node waits 1 s, not 30, for a second one to join."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", f"--nproc-per-node={WORLD}",
-           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+           f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
            "--rdzv-conf=last_call_timeout=1", "--monitor-interval=0.1", str(REPO / "launch" / "train.py"), *args]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -127,10 +123,12 @@ def checkpoints(run: Path) -> list[int]:
 
 
 def train_state(run: Path, step: int) -> dict:
-    """The loop's position saved in checkpoint step-N (TrainState, the first object registered with Accelerate)."""
-    import torch
+    """The loop's position saved in checkpoint step-N (its train_state.json)."""
+    from dataclasses import asdict
 
-    return torch.load(run / "checkpoints" / f"step-{step}" / "custom_checkpoint_0.pkl", weights_only=False)
+    from facesiam.training.checkpoint import read_train_state
+
+    return asdict(read_train_state(run / "checkpoints" / f"step-{step}"))
 
 
 def same_weights(a: Path, b: Path) -> bool:

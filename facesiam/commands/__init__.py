@@ -22,13 +22,16 @@ EXPECTED_ERRORS = (FacesiamError, FileNotFoundError, FileExistsError, NotADirect
 
 COMMANDS = {
     "demo": ("demo", "the whole path on generated faces: data -> shards -> train -> evaluate"),
+    "fit": ("fit", "your own photos -> a served model in one command (check, align, distil, fine-tune, evaluate, export)"),
     "make-synthetic-faces": ("make_synthetic_faces", "write an ImageFolder of procedurally drawn faces"),
     "align-faces": ("align_faces", "detect faces and align them to 112x112 crops (5-point similarity transform)"),
-    "make-shards": ("make_shards", "pack an ImageFolder into WebDataset shards"),
+    "make-shards": ("make_shards", "pack an ImageFolder (or insightface RecordIO data) into WebDataset shards"),
+    "export-rec": ("export_rec", "write shards as insightface RecordIO (train.rec/.idx/property) for other trainers"),
     "train": ("train", "train a model (use `accelerate launch launch/train.py` for several processes)"),
     "embed": ("embed", "embed an ImageFolder or shard split with a trained model"),
     "evaluate": ("evaluate", "1:1 verification and 1:N identification metrics, plots, report"),
     "make-pairs": ("make_pairs", "write an LFW-format pairs file for a data set"),
+    "make-bin": ("make_bin", "write an insightface .bin verification set (lfw.bin's format) from aligned crops"),
     "doctor": ("doctor", "find wrong labels, duplicates, merged people and bad photos; quarantine and undo"),
     "cluster": ("cluster", "sort unlabelled photos into one folder per proposed person (+ unsure/)"),
     "gallery": ("gallery", "build, extend and search a persistent FAISS gallery"),
@@ -36,6 +39,7 @@ COMMANDS = {
     "serve": ("serve", "the face-verification and search service with a web page (FastAPI on uvicorn)"),
     "export": ("export", "export a trained model to ONNX (dynamic batch, preprocessing and alignment as metadata)"),
     "convert-weights": ("convert_weights", "convert third-party ImageNet weights for --pretrained"),
+    "model-stats": ("model_stats", "parameters, GMACs and GFLOPs of backbones (face backbones at 112 px)"),
 }
 
 

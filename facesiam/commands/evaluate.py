@@ -2,6 +2,8 @@
 
     python tools/evaluate.py --embeddings emb.npz --out REPORT [--pairs pairs.txt] [--unenrolled 0.1]
     python tools/evaluate.py --checkpoint RUN/best --data DATA [--split val] [--flip] --out REPORT
+    python tools/evaluate.py --checkpoint RUN/final --ijb IJBC --out REPORT   # IJB-C/IJB-B templates, 1:1 and 1:N
+    python tools/evaluate.py --checkpoint RUN/final --bin lfw.bin,cfp_fp.bin --out REPORT  # insightface .bin sets
     accelerate launch tools/evaluate.py --checkpoint ... # embedding on every process, scoring on the main one
 
 The protocols and metrics are described in facesiam/eval/pipeline.py and facesiam/eval/metrics.py.
@@ -41,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     add_model_arguments(p, required=False)
     p.add_argument("--out", required=True, help="report directory (metrics.json, *.png, report.md)")
     p.add_argument("--pairs", help="LFW-format pairs file to evaluate as well")
+    p.add_argument("--ijb", metavar="DIR", help="an IJB-C or IJB-B folder (meta/, loose_crop/): its template 1:1 and "
+                   "1:N protocols with --checkpoint, crop + mirror always (facesiam/eval/ijb.py; embeddings cached in --out, "
+                   "resumable)")
+    p.add_argument("--bin", metavar="LFW.BIN[,CFP_FP.BIN]", help="insightface .bin verification sets, comma-separated: "
+                   "the field's 10-fold accuracy (image + mirror), AUC, TAR@FAR; with --checkpoint, --data optional "
+                   "(facesiam/eval/verification_bin.py)")
     p.add_argument("--protocol", nargs="+", choices=PROTOCOLS, default=None,
                    help="protocols to run (default: verification identification, and pairs with --pairs)")
     p.add_argument("--unenrolled", type=_parse_unenrolled, default=None,
@@ -58,6 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     p = _parser()
     args = p.parse_args(argv)
     log_to_stderr()
+    if args.ijb:
+        return _evaluate_ijb(p, args, argv)
+    if args.bin and not (args.data or args.embeddings):
+        return _evaluate_bin(p, args, argv)
+    if args.bin and args.embeddings:
+        p.error("--bin embeds the .bin images with the model: pass --checkpoint RUN/final, not --embeddings")
     if bool(args.embeddings) == bool(args.checkpoint or args.data):
         p.error("pass either --embeddings NPZ or --checkpoint RUN/best with --data DATA")
     if bool(args.checkpoint) != bool(args.data):
@@ -76,8 +90,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         metrics = evaluate_model(args.checkpoint, args.data, split=args.split, flip=args.flip,
                                  batch_size=args.batch_size, num_workers=args.num_workers, accelerator=accelerator,
                                  device=args.device, align=args.align, **options)
+        bins = _bin_sets(args, accelerator) if args.bin else None  # every process embeds its share of them too
         if metrics is None:  # not the main process: it embedded its share
             return None
+        if bins:
+            metrics["bin"] = bins
     metrics["source"]["command"] = " ".join(shlex.quote(a) for a in ["tools/evaluate.py",
                                                                      *(sys.argv[1:] if argv is None else argv)])
     figures = write_report_dir(metrics, args.out)
@@ -92,6 +109,56 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         summary.append(f"pairs accuracy {pr['accuracy_mean']:.4f} ± {pr['accuracy_std']:.4f}")
     log.info("%s; wrote %s/metrics.json, report.md and %d plots (%.1fs)", "; ".join(summary), args.out,
              len(figures), time.time() - t0)
+    if args.wandb != "off":
+        from pathlib import Path
+
+        log_to_wandb(metrics, figures, args.wandb, args.wandb_project, name=Path(args.out).name)
+    return metrics
+
+
+def _evaluate_ijb(p: argparse.ArgumentParser, args: argparse.Namespace, argv: Optional[Sequence[str]]) -> dict:
+    """evaluate --checkpoint RUN/final --ijb DIR --out REPORT: IJB-B/IJB-C (metrics.json entry, report section)."""
+    import os
+
+    if not args.checkpoint or args.data or args.embeddings:
+        p.error("--ijb takes a model: --checkpoint RUN/final (not --data or --embeddings)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--ijb runs in one process: start it with python, not accelerate launch")
+    from ..eval.ijb import run_checkpoint, summary
+
+    command = " ".join(shlex.quote(a) for a in ["tools/evaluate.py", *(sys.argv[1:] if argv is None else argv)])
+    result = run_checkpoint(args.checkpoint, args.ijb, args.out, batch_size=args.batch_size,
+                            num_workers=args.num_workers, device=args.device, command=command)
+    log.info("%s; wrote %s/metrics.json and report.md", summary(result), args.out)
+    return result
+
+
+def _bin_sets(args: argparse.Namespace, accelerator) -> Optional[dict]:
+    """{name: metrics} of the --bin sets (None off the main process); each set's line is logged."""
+    from ..eval.verification_bin import evaluate_bin_files
+
+    return evaluate_bin_files(args.checkpoint, args.bin, batch_size=args.batch_size, num_workers=args.num_workers,
+                              accelerator=accelerator, device=args.device)
+
+
+def _evaluate_bin(p: argparse.ArgumentParser, args: argparse.Namespace,
+                  argv: Optional[Sequence[str]]) -> Optional[dict]:
+    """evaluate --checkpoint RUN/final --bin lfw.bin[,cfp_fp.bin] --out REPORT: the .bin sets alone."""
+    if not args.checkpoint:
+        p.error("--bin takes a model: --checkpoint RUN/final")
+    from ..eval.embed import launched_accelerator
+    from ..eval.report import log_to_wandb, write_report_dir
+    from ..eval.verification_bin import bin_paths, bin_source
+
+    t0 = time.time()
+    bins = _bin_sets(args, launched_accelerator(cpu=args.device == "cpu"))
+    if bins is None:  # not the main process: it embedded its share
+        return None
+    command = ["tools/evaluate.py", *(sys.argv[1:] if argv is None else argv)]
+    source = {**bin_source(args.checkpoint, bin_paths(args.bin)), "command": " ".join(map(shlex.quote, command))}
+    metrics = {"bin": bins, "source": source, "timing": {"bin": time.time() - t0}}
+    figures = write_report_dir(metrics, args.out)
+    log.info("wrote %s/metrics.json, report.md and %d plots (%.1fs)", args.out, len(figures), time.time() - t0)
     if args.wandb != "off":
         from pathlib import Path
 

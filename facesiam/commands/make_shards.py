@@ -3,6 +3,8 @@
     python tools/make_shards.py SRC DST [--val-identities N|F] [--resize PIXELS] [--center-crop FRACTION]
     python tools/make_shards.py PHOTOS DST --align [--multi central] ...   # detect + align raw photos first
     python tools/make_shards.py SRC s3://bucket/shards ...   # or gs://: written locally, uploaded dataset.json last
+    python tools/make_shards.py MS1MV3/ DST   # insightface RecordIO (train.rec + train.idx): images copied as stored
+    python tools/make_shards.py CROPS/ DST --aligned arcface112   # crops already aligned onto the ArcFace template
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Optional, Union
 import sys
 
 from ..data import writer
+from ..data.recordio import RecordFile, is_record_folder
 from ..data.remote import is_remote
+from ..errors import InputError
 from . import command
 from .common import ProgressBar, add_alignment_options, alignment_options
 
@@ -64,13 +68,44 @@ def _excluded(findings: Optional[str], src: Path) -> Optional[set[str]]:
     return files
 
 
+def _given_alignment(src: Path, aligned: Optional[str]) -> Optional[dict]:
+    """The alignment record for dataset.json of data aligned before make_shards: an align_faces folder's
+    alignment.json, crops aligned elsewhere (--aligned NAME), RecordIO data (arcface112 at property's size, as
+    faces/record.recorded_alignment says, unless --aligned none)."""
+    from ..faces.aligner import prealigned_info
+    from ..faces.record import count_results, read_alignment, recorded_alignment
+
+    if aligned == "none":
+        return None
+    if not is_record_folder(src):
+        record = read_alignment(src) if src.is_dir() else None
+        if record is not None and aligned is None:
+            return record
+        info, images = (prealigned_info(aligned) if aligned else None), None
+    else:
+        info, images = recorded_alignment(src), len(RecordFile(src).image_keys)
+        if aligned and (info is None or info["size"] != prealigned_info(aligned)["size"]):
+            raise InputError(f"{src}/property does not describe {prealigned_info(aligned)['size']} px square crops: "
+                             f"they are not on the template --aligned {aligned} names")
+    if info is None:
+        return None
+    counts = count_results([])
+    if images is not None:
+        counts.update(images=images, aligned=images)
+    return {"alignment": info, "source": str(src.resolve()), "counts": counts, "images": []}
+
+
 @command("make_shards")
 def main(argv: Optional[list[str]] = None) -> dict:
+    from ..faces.aligner import PREALIGNED
+
     parser = argparse.ArgumentParser(
         prog="make_shards",
         description="Pack an ImageFolder (SRC/<identity>/<image>) into WebDataset tar shards plus an offset index "
-                    "and DST/dataset.json. Broken images are skipped and listed, never fatal.")
-    parser.add_argument("src", type=Path, help="ImageFolder: one sub-folder per identity")
+                    "and DST/dataset.json. Broken images are skipped and listed, never fatal. An insightface RecordIO "
+                    "folder (train.rec, train.idx, property) is packed as stored, without decoding.")
+    parser.add_argument("src", type=Path, help="ImageFolder: one sub-folder per identity; or an insightface RecordIO "
+                                               "folder (train.rec, train.idx, property: MS1MV3, Glint360K, ...)")
     parser.add_argument("dst", type=_destination,
                         help="output folder (must be new or empty unless --overwrite), or a URL: s3://bucket/prefix, "
                              "gs://... (written in $TMPDIR, then uploaded with dataset.json last; options from "
@@ -103,15 +138,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
                            "pack the crops; dataset.json records the alignment and every image's result (as "
                            "tools/align_faces.py SRC FACES && tools/make_shards.py FACES DST would)")
     add_alignment_options(face, size_flag="--align-size")
+    face.add_argument("--aligned", choices=[*PREALIGNED, "none"], default=None,
+                      help="SRC holds crops already aligned onto this template (arcface112: insightface's 112 px "
+                           "ArcFace crops): dataset.json records the alignment as --align would, so a model trained on "
+                           "them detects and aligns raw photos at inference. Default for RecordIO data: arcface112 "
+                           "(at property's size); none: record no alignment")
     args = parser.parse_args(argv)
     options = dict(val_identities=args.val_identities, max_samples_per_shard=args.max_samples_per_shard,
                    max_bytes_per_shard=args.max_bytes_per_shard, workers=args.workers, seed=args.seed,
                    resize=args.resize, center_crop=args.center_crop, overwrite=args.overwrite, unlabeled=args.unlabeled,
                    progress=not args.no_progress, exclude=_excluded(args.exclude, args.src))
+    if args.align and args.aligned:
+        raise InputError("--align aligns raw photos, --aligned says they already are: give one of them")
     if not args.align:
-        from ..faces.record import read_alignment  # an aligned folder (align_faces) keeps its record in dataset.json
-
-        return writer.write_shards(args.src, args.dst, alignment=read_alignment(args.src), **options)
+        return writer.write_shards(args.src, args.dst, alignment=_given_alignment(args.src, args.aligned), **options)
     from ..faces.folder import align_shards
     from .align_faces import report_skipped
 

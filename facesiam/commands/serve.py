@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
                         "names and --host are served, so a web page cannot reach the service by DNS rebinding")
     p.add_argument("--body-timeout", type=float, default=60.0,
                    help="seconds a request body may take in all, and a sixth of it (at most 10) to stall (408 after)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection may take to send a "
+                   "request's line and headers, from opening or from its last answer (closed after; default 10)")
+    p.add_argument("--limit-concurrency", type=int, default=256, help="most connections and requests at once; "
+                   "503 above (default 256)")
+    p.add_argument("--forwarded-allow-ips", metavar="IPS", help="comma-separated addresses of the reverse proxies "
+                   "whose X-Forwarded-For / X-Forwarded-Proto are trusted (default: none; the rate limit then counts "
+                   "the connecting address)")
+    p.add_argument("--max-faces", type=int, default=20, help="most faces /recognize and /detect handle in one photo "
+                   "(413 above, before embedding; default 20)")
+    p.add_argument("--public-cost-rate", type=float, default=20.0, help="work one client may ask for without a "
+                   "token, in megapixels x faces a second, bursts of ten seconds' worth (default 20)")
     p.add_argument("--top-k", type=int, default=5, help="identities a search returns (default 5)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload in MB (default 10)")
     p.add_argument("--max-pixels", type=float, default=40e6, help="largest image in pixels (default 40e6)")
@@ -112,7 +123,8 @@ def build(args: argparse.Namespace):
                                keep_images=Path(args.keep_images) if args.keep_images else None, align=args.align,
                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
                                allowed_hosts=allowed_hosts(args.host, args.allow_host),
-                               body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6))
+                               body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6),
+                               max_faces=args.max_faces, public_cost_rate=args.public_cost_rate)
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment
@@ -120,6 +132,20 @@ def build(args: argparse.Namespace):
         log.info("uploads are aligned as the model was trained: %s", describe_alignment(embedder.alignment))
     store = open_store(args.gallery, args.db, embedder.embedding_dim, model=name, index=args.index)
     return create_app(embedder, settings, store), settings
+
+
+def uvicorn_options(args: argparse.Namespace) -> dict:
+    """uvicorn's settings: proxy headers trusted only from --forwarded-allow-ips (uvicorn trusts 127.0.0.1 by
+    default, which let any local client pick its rate-limit address), and deadlines for slow clients: the request
+    head (--header-timeout), idle keep-alive connections, the head's size, connections at once."""
+    from ..service.hardening import KEEP_ALIVE, MAX_HEAD_BYTES, header_timeout_protocol
+
+    if args.header_timeout <= 0 or args.limit_concurrency < 1:
+        raise InputError("--header-timeout must be > 0 and --limit-concurrency >= 1")
+    return {"host": args.host, "port": args.port, "log_level": "info", "access_log": args.access_log,
+            "proxy_headers": bool(args.forwarded_allow_ips), "forwarded_allow_ips": args.forwarded_allow_ips or None,
+            "timeout_keep_alive": KEEP_ALIVE, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
+            "http": header_timeout_protocol(args.header_timeout), "limit_concurrency": args.limit_concurrency}
 
 
 @command("serve")
@@ -130,7 +156,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         import uvicorn
     except ImportError:
         raise InputError('facesiam serve needs FastAPI and uvicorn: pip install -e ".[serve]"') from None
+    from ..service.hardening import AccessLogWithoutQuery
+
     log_to_stderr()
+    options = uvicorn_options(args)
     app, settings = build(args)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -148,4 +177,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  " (re-read on SIGHUP)" if tokens.path else "")
     print(f"facesiam serve: http://{args.host}:{args.port}/ (web page); POST /verify /search /recognize /detect "
           f"/enroll (pid {os.getpid()})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+    logging.getLogger("uvicorn.access").addFilter(AccessLogWithoutQuery())
+    uvicorn.run(app, **options)

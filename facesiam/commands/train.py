@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional, Sequence
 
-from ..config import CHOICES, FLAG_FIELDS, REGISTRIES, config_from_overrides, field_docs
+from ..config import CHOICES, FLAG_FIELDS, REGISTRIES, config_from_overrides, field_docs, loss_defaults_help
 from . import command
 
 
@@ -28,7 +28,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help = f"{key}: {docs[name]}" if docs.get(name) else key
         if key in REGISTRIES:
             help += f" Choices: {REGISTRIES[key].describe()}."
+        if key in ("loss.margin", "loss.scale"):
+            help += " " + loss_defaults_help(name)
         choices = ["none" if c is None else c for c in CHOICES[key]] if key in CHOICES else None
+        if getattr(REGISTRIES.get(key), "open_names", False):  # e.g. best_metric bin:NAME: the registry checks it
+            choices = None
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, choices=choices,
                             metavar=None if choices else name.upper(), help=help.replace("%", "%%"))
 

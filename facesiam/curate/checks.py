@@ -221,7 +221,8 @@ def tail_threshold(top_scores: np.ndarray, pairs: int) -> Optional[float]:
     100th and 1,000th largest centre cosines are impostor pairs, and the top is extrapolated from them assuming
     an exponential tail of -log(1 - cosine) (each factor 10 in rank adds the same amount), which fits the centres
     of both a strong (dlib) and a weak model on LFW (docs/curate.md). Identity centres are far tighter than photo
-    pairs, so a photo-pair FAR says little about them: on LFW, FAR 1e-5 let through 9x more merges than there were.
+    pairs, so a photo-pair FAR says little about them: on LFW, FAR 1e-5 let through many times more merges than there
+    were (docs/curate.md).
     """
     top = np.sort(np.asarray(top_scores, np.float64))[::-1]
     if pairs < TAIL_MIN_PAIRS or len(top) < 1000:

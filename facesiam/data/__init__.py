@@ -12,6 +12,9 @@ from typing import Any
 _HOMES = {
     "ShardDataset": "readers",
     "ImageFolderDataset": "readers",
+    "RecordDataset": "readers",
+    "RecordFile": "recordio",
+    "write_rec": "recordio",
     "open_dataset": "readers",
     "build_stream": "readers",
     "apply_seeded": "readers",

@@ -26,7 +26,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -95,6 +95,17 @@ class IndexBuilder:
         self.label.append(label)
         self.paths += path.encode("utf-8")
         self.path_end.append(len(self.paths))
+
+    def extend(self, shard: int, offsets: np.ndarray, sizes: np.ndarray, labels: Sequence[int],
+               paths: Sequence[str]) -> None:
+        """``add`` for many samples of one shard (the shard writer's add_many)."""
+        encoded = [p.encode("utf-8") for p in paths]
+        self.shard.extend([shard] * len(encoded))
+        self.offset.extend(np.asarray(offsets, np.int64).tolist())
+        self.size.extend(np.asarray(sizes, np.int64).tolist())
+        self.label.extend(int(v) for v in labels)
+        self.path_end.extend((len(self.paths) + np.cumsum([len(e) for e in encoded], dtype=np.int64)).tolist())
+        self.paths += b"".join(encoded)
 
     def build(self, shards: list[str], shard_bytes: list[int]) -> ShardIndex:
         def arr(a, dtype):

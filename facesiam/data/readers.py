@@ -1,4 +1,5 @@
-"""Reading face data: ShardDataset (random access into shards), ImageFolderDataset, open_dataset, build_stream.
+"""Reading face data: ShardDataset (random access into shards), RecordDataset (insightface RecordIO),
+ImageFolderDataset, open_dataset, build_stream.
 
 The map-style datasets share one interface: ``len(ds)``, ``ds.labels`` (int64, no decoding), ``ds.classes``,
 ``ds.num_classes``, ``ds.paths`` (relative to the source ImageFolder), ``ds[i] -> (image, label)`` and
@@ -225,12 +226,63 @@ class ImageFolderDataset(_FaceDataset):
         return f"ImageFolderDataset({str(self.root)!r}: {len(self):,} images, {self.num_classes:,} identities)"
 
 
+class RecordDataset(_FaceDataset):
+    """Map-style dataset over an insightface RecordIO folder (train.rec + train.idx + property; facesiam/data/
+    recordio.py), with ShardDataset's interface: ``ds[i]`` is one read through the .idx, ``ds.labels`` come from
+    the record headers (header 0's identity ranges when present) without decoding any image. A .rec holds one
+    split, "train". Pickles without its open file, so it is safe in DataLoader workers."""
+
+    draft_size: Optional[int] = None  # as ShardDataset's
+    decode_array: bool = False
+    _decode = ShardDataset._decode
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", transform: Optional[Callable] = None):
+        from .recordio import RecordFile
+
+        if split != "train":
+            raise InputError(f"{root} is RecordIO data, which holds one split, 'train' (not {split!r}): validate on "
+                             f"verification sets (.bin), or make shards with --val-identities for a 'val' split")
+        self.root, self.split, self.transform = Path(root), split, transform
+        self.record = RecordFile(root)
+        self.keys: np.ndarray = self.record.image_keys
+        self.labels: np.ndarray = self.record.labels
+        self.classes: list[str] = self.record.classes
+        self._paths: Optional[list[str]] = None
+
+    @property
+    def paths(self) -> list[str]:
+        if self._paths is None:
+            self._paths = [f"{self.record.path.name}#{k}" for k in self.keys.tolist()]
+        return self._paths
+
+    def read_bytes(self, index: int) -> bytes:
+        """The stored image bytes of sample ``index``, without decoding."""
+        return self.record.read_sample(int(self.keys[index]))[1]
+
+    def _image(self, index: int):
+        return self._decode(self.read_bytes(index))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_paths"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (f"RecordDataset({str(self.record.path)!r}: {len(self):,} images, "
+                f"{len(np.unique(self.labels)):,} of {self.num_classes:,} identities)")
+
+
 def open_dataset(path: str | os.PathLike, split: str = "train",
-                 transform: Optional[Callable] = None) -> Union[ShardDataset, ImageFolderDataset]:
-    """ShardDataset when ``path`` holds dataset.json or is a URL (s3://, gs://, https://: shards there), else
-    ImageFolderDataset (a whole folder; ``split`` unused)."""
+                 transform: Optional[Callable] = None) -> Union[ShardDataset, RecordDataset, ImageFolderDataset]:
+    """ShardDataset when ``path`` holds dataset.json or is a URL (s3://, gs://, https://: shards there),
+    RecordDataset for a RecordIO folder (train.rec + train.idx), else ImageFolderDataset (a whole folder; ``split``
+    unused)."""
+    from .recordio import is_record_folder
+
     if is_remote(path) or (Path(path) / METADATA_FILE).is_file():
         return ShardDataset(path, split, transform)
+    if is_record_folder(path):
+        return RecordDataset(path, split, transform)
     return ImageFolderDataset(path, transform)
 
 

@@ -19,7 +19,8 @@ streaming too; training draws batches through ShardDataset and a sampler, so not
 
 from __future__ import annotations
 
-import json
+import collections
+import concurrent.futures
 import multiprocessing
 import os
 import random
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from json.encoder import encode_basestring as _json_string  # a JSON string, non-ASCII kept (ensure_ascii=False)
 from pathlib import Path
 from typing import Collection, Iterator, Optional, Sequence, Union
 
@@ -38,6 +40,7 @@ from ..errors import InputError, and_more
 from ..fileio import staged_directory, write_json
 from .folder import FolderListing, available_cpus, check_destination, list_image_folder, printable_name
 from .format import SHARD_FORMAT, SHARD_FORMAT_VERSION, INDEX_DIR, METADATA_FILE, ShardIndex, IndexBuilder, index_path
+from . import recordio
 from .images import BadImage, pack_image
 from .remote import RemoteFolder, is_remote
 
@@ -72,6 +75,57 @@ def ustar_header(name: str, size: int) -> bytes:
     return encoded.ljust(100, b"\0") + _HEADER_MIDDLE + size_field + tail
 
 
+_HEADER_BLANK = np.frombuffer(b"\0" * 100 + _HEADER_MIDDLE + b"\0" * 12 + _HEADER_TAIL, np.uint8)  # name, size: 0
+_ZEROS = [b"\0" * k for k in range(BLOCK)]
+
+
+def _octal(values: np.ndarray, digits: int) -> np.ndarray:
+    """Zero-padded octal ASCII digits of each value, one row each (uint8)."""
+    shifts = 3 * np.arange(digits - 1, -1, -1, dtype=np.int64)
+    return ((values.astype(np.int64)[:, None] >> shifts) & 7).astype(np.uint8) + ord("0")
+
+
+def ustar_headers(names: Sequence[str], sizes: np.ndarray) -> bytes:
+    """``b"".join(ustar_header(n, s) for n, s in zip(names, sizes))`` built as one array: the same bytes at a
+    fraction of the cost per member."""
+    return _ustar_array(names, sizes).tobytes()
+
+
+def _ustar_array(names: Sequence[str], sizes: np.ndarray) -> np.ndarray:
+    """The headers of ``ustar_headers`` as a (members, 512) uint8 array."""
+    encoded = [name.encode("ascii") for name in names]
+    if encoded and (max(map(len, encoded)) > 100 or int(sizes.max()) >= 8**11):
+        raise ValueError("a tar member name or size does not fit a ustar header")
+    name_field = np.frombuffer(b"".join(e.ljust(100, b"\0") for e in encoded), np.uint8).reshape(-1, 100)
+    size_field = _octal(sizes, 11)
+    headers = np.tile(_HEADER_BLANK, (len(names), 1))
+    headers[:, :100] = name_field
+    headers[:, 124:135] = size_field
+    checksum = _HEADER_FIXED_SUM + name_field.sum(axis=1, dtype=np.int64) + size_field.sum(axis=1, dtype=np.int64)
+    headers[:, 148:154] = _octal(checksum, 6)
+    headers[:, 154] = 0
+    return headers
+
+
+def _blocks(items: Sequence[bytes]) -> np.ndarray:
+    """Items of at most BLOCK bytes, each zero-padded to one block: a (len, BLOCK) uint8 array."""
+    return np.frombuffer(b"".join(item.ljust(BLOCK, b"\0") for item in items), np.uint8).reshape(-1, BLOCK)
+
+
+def _write_pieces(file, pieces: list) -> None:
+    """Write the buffers ``pieces`` in order with os.writev (no joined copy of them in memory)."""
+    file.flush()
+    fd = file.fileno()
+    limit = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024  # buffers one writev takes (Linux 1024)
+    for k in range(0, len(pieces), limit):
+        batch = pieces[k:k + limit]
+        written, total = os.writev(fd, batch), sum(map(len, batch))
+        if written < total:  # a short write (rare on a regular file): the rest in plain writes
+            rest = memoryview(b"".join(batch))[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+
+
 class _SplitWriter:
     """Writes one split's samples into size-limited tar shards and records each image member's byte offset."""
 
@@ -84,6 +138,22 @@ class _SplitWriter:
         self.index = IndexBuilder()
         self._file = None
         self._offset = 0
+        self._io: Optional[concurrent.futures.ThreadPoolExecutor] = None  # add_many's writes, in order
+        self._pending: collections.deque = collections.deque()
+
+    def _run(self, fn, *args) -> None:
+        """``fn(*args)`` (a file operation): here, or after add_many's start on its I/O thread, in order, while
+        the caller builds the next chunk (write and fsync release the GIL); at most two chunks wait."""
+        if self._io is None:
+            fn(*args)
+            return
+        self._pending.append(self._io.submit(fn, *args))
+        while len(self._pending) > 2:
+            self._pending.popleft().result()  # an I/O error (disk full) surfaces here
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
@@ -94,18 +164,24 @@ class _SplitWriter:
 
     def _close(self) -> None:
         end = self._offset + 2 * BLOCK  # two zero blocks end the archive
-        self._file.write(b"\0" * (end - self._offset + (-end % RECORD)))
-        self._file.flush()
-        os.fsync(self._file.fileno())  # the rename below must never expose an incomplete shard after a crash
-        self.shard_bytes.append(self._file.tell())
-        self._file.close()
+        self._run(self._finish_file, self._file, end - self._offset + (-end % RECORD), self.shards[-1])
         self._file = None
-        name = self.shards[-1]
+
+    def _finish_file(self, file, padding: int, name: str) -> None:
+        file.write(b"\0" * padding)
+        file.flush()
+        os.fsync(file.fileno())  # the rename below must never expose an incomplete shard after a crash
+        self.shard_bytes.append(file.tell())
+        file.close()
         os.replace(self.folder / (name + ".tmp"), self.folder / name)
 
     def add(self, key: str, image: bytes, ext: str, label: int, path: str, identity: str) -> None:
         """Append one sample as three members: KEY.<ext> (image), KEY.cls, KEY.json."""
-        meta = json.dumps({"path": path, "identity": identity, "label": label}, ensure_ascii=False).encode("utf-8")
+        self._drain()
+        # json.dumps({"path": .., "identity": .., "label": ..}, ensure_ascii=False), byte for byte, at a tenth of
+        # its cost (it builds an encoder per call): millions of samples from a .rec spend their time here
+        meta = (f'{{"path": {_json_string(path)}, "identity": {_json_string(identity)}, '
+                f'"label": {int(label)}}}').encode("utf-8")
         members = ((f"{key}.{ext}", image), (f"{key}.cls", str(label).encode("ascii")), (f"{key}.json", meta))
         parts = []
         for name, data in members:
@@ -121,14 +197,70 @@ class _SplitWriter:
         self._offset += len(blob)
         self.shard_samples[-1] += 1
 
+    def add_many(self, keys: Sequence[str], images: Sequence[bytes], exts: Sequence[str], labels: Sequence[int],
+                 paths: Sequence[str], identities: Sequence[str]) -> None:
+        """``add`` for each sample in turn, byte for byte, with the tar headers of all of them built at once
+        (ustar_headers): a .rec's millions of small images otherwise spend most of their time on headers."""
+        n = len(keys)
+        metas = [f'{{"path": {_json_string(p)}, "identity": {_json_string(i)}, "label": {int(label)}}}'.encode("utf-8")
+                 for p, i, label in zip(paths, identities, labels)]
+        classes = [b"%d" % label for label in labels]
+        names = [name for key, ext in zip(keys, exts) for name in (f"{key}.{ext}", f"{key}.cls", f"{key}.json")]
+        sizes = np.fromiter((len(d) for triple in zip(images, classes, metas) for d in triple), np.int64, 3 * n)
+        headers = _ustar_array(names, sizes)
+        image_headers = memoryview(headers[0::3].tobytes())
+        image_pads = [_ZEROS[k] for k in (-sizes[0::3] % BLOCK).tolist()]
+        # each sample is: image header, image, padding, then its .cls and .json members (the "tail")
+        if n and int(sizes.reshape(n, 3)[:, 1:].max()) <= BLOCK:  # the usual case: a 4-block tail, built at once
+            tail = np.stack([headers[1::3], _blocks(classes), headers[2::3], _blocks(metas)], axis=1)
+            tail_bytes = memoryview(tail.tobytes())
+            tails = [tail_bytes[i * 4 * BLOCK:(i + 1) * 4 * BLOCK] for i in range(n)]
+        else:
+            tails = [b"".join((headers[3 * i + 1].tobytes(), c, _ZEROS[-len(c) % BLOCK], headers[3 * i + 2].tobytes(),
+                               m, _ZEROS[-len(m) % BLOCK])) for i, (c, m) in enumerate(zip(classes, metas))]
+        blocks = (BLOCK + sizes + (-sizes % BLOCK)).reshape(n, 3).sum(axis=1)
+        start = 0
+        while start < n:
+            if self._file is None:
+                self._open()
+            room = self.max_samples - self.shard_samples[-1]
+            ends = self._offset + np.cumsum(blocks[start:start + room])  # where each sample would end
+            count = int(np.searchsorted(ends, self.max_bytes, side="right"))  # those within max_bytes
+            if count == 0 and self.shard_samples[-1] > 0:  # full: the next sample starts a new shard, as in add
+                self._close()
+                continue
+            count = max(count, 1)  # an empty shard takes one sample whatever its size
+            stop = start + count
+            if self._io is None:
+                self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-io")
+            self._run(_write_pieces, self._file, [piece for i in range(start, stop) for piece in (
+                image_headers[i * BLOCK:(i + 1) * BLOCK], images[i], image_pads[i], tails[i])])
+            starts = self._offset + np.r_[0, np.cumsum(blocks[start:stop - 1])]
+            self.index.extend(len(self.shards) - 1, starts + BLOCK, sizes[3 * start:3 * stop:3], labels[start:stop],
+                              paths[start:stop])
+            self._offset += int(blocks[start:stop].sum())
+            self.shard_samples[-1] += count
+            start = stop
+
     def finish(self) -> ShardIndex:
         if self._file is not None:
             self._close()
+        self._drain()
+        self._stop_io()
         return self.index.build(self.shards, self.shard_bytes)
 
     def abort(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._stop_io()  # waits for a write under way
+        self._pending.clear()
         if self._file is not None:
             self._file.close()
+
+    def _stop_io(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
 
 
 Packed = Union[tuple[Optional[bytes], str, Optional[str], Optional[tuple[int, int, int]]], str]
@@ -230,7 +362,8 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
                  center_crop: Optional[float] = None, overwrite: bool = False, progress: bool = True,
                  source: Optional[str] = None, alignment: Optional[dict] = None, unlabeled: bool = False,
                  exclude: Optional[Collection[str]] = None, shown_as: Optional[str] = None) -> dict:
-    """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents.
+    """Pack the ImageFolder ``src`` into WebDataset shards in ``dst``; return the dataset.json contents. A RecordIO
+    folder ``src`` (train.rec + train.idx) is packed by write_record_shards.
 
     ``alignment``: the alignment record of an ``src`` made by align_faces (its alignment.json, read with
     facesiam.faces.record.read_alignment), stored in dataset.json under "alignment": "info" (detector, template,
@@ -262,6 +395,12 @@ def write_shards(src: str | os.PathLike, dst: str | os.PathLike, *,
                                 max_bytes_per_shard=max_bytes_per_shard, workers=workers, seed=seed, resize=resize,
                                 center_crop=center_crop, progress=progress, source=source or str(Path(src).resolve()),
                                 alignment=alignment, unlabeled=unlabeled, exclude=exclude, shown_as=str(dst))
+    if recordio.is_record_folder(src):  # insightface RecordIO (train.rec + train.idx): images copied as stored
+        return write_record_shards(src, dst, val_identities=val_identities,
+                                   max_samples_per_shard=max_samples_per_shard, max_bytes_per_shard=max_bytes_per_shard, seed=seed, overwrite=overwrite,
+                                   progress=progress, source=source, alignment=alignment, shown_as=shown_as,
+                                   workers=workers, resize=resize, center_crop=center_crop, unlabeled=unlabeled,
+                                   exclude=exclude)
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     if max_samples_per_shard < 1 or max_bytes_per_shard < 1:
@@ -461,3 +600,91 @@ def _report(meta: dict, dst: Union[Path, str], seconds: float, files: int, progr
           file=out)
 
 
+def write_record_shards(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], *,
+                        val_identities: Union[int, float, Sequence[str], None] = None,
+                        max_samples_per_shard: Optional[int] = None, max_bytes_per_shard: Optional[int] = None,
+                        seed: int = 0, overwrite: bool = False, progress: bool = True, source: Optional[str] = None,
+                        alignment: Optional[dict] = None, shown_as: Optional[str] = None, **unsupported) -> dict:
+    """``write_shards`` for a RecordIO folder: every image record's bytes go into the shards as stored (no decoding,
+    no re-encoding), labels and the identity table come from the records (header 0's identity ranges when present),
+    ``val_identities`` holds out whole identities as for an ImageFolder. Built in a hidden folder and moved into
+    place complete (kill -9 leaves ``dst`` as it was). A record whose bytes are no JPEG, PNG or WebP is skipped and
+    listed. Returns dataset.json's contents."""
+    given = sorted(k for k, v in unsupported.items() if v not in (None, False, 0, ()))
+    given = [k for k in given if k != "workers"]  # nothing to decode: no worker processes
+    if given:
+        raise InputError(f"{', '.join(given)}: not available for RecordIO data, whose images are copied as stored "
+                         f"(no decoding); unpack it or make the shards without them")
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    max_samples = max_samples_per_shard or MAX_SAMPLES_PER_SHARD
+    max_bytes = max_bytes_per_shard or MAX_BYTES_PER_SHARD
+    check_destination(src, dst, overwrite, marker=METADATA_FILE, what="a shard folder")
+    rec = recordio.RecordFile(src)
+    keys, labels, classes = rec.image_keys, rec.labels, rec.classes
+    if not len(keys):
+        raise InputError(f"{rec.path} holds no image records")
+    if isinstance(val_identities, (list, tuple, set, frozenset)):
+        label_of = {name: i for i, name in enumerate(classes)}
+        unknown = sorted(set(val_identities) - set(label_of))
+        if unknown:
+            raise InputError(f"val identity {unknown[0]!r} is not an identity of {rec.path} (names: "
+                             f"{classes[0]}, {classes[1] if len(classes) > 1 else ''} ...)")
+        val_labels = sorted(label_of[n] for n in set(val_identities))
+    else:
+        val_labels = _choose_val_identities(np.unique(labels).tolist(), val_identities, seed)
+    split_of = np.zeros(len(classes), np.int8)
+    split_of[val_labels] = 1
+    split_names = ["train", "val"] if val_labels else ["train"]
+    # train first, then val; identity by identity (keys <label>_<position>), records in file order within one
+    order = np.lexsort((rec.offset_array(keys), labels, split_of[labels]))
+    kept = np.zeros(len(classes), np.int64)
+    skipped: list[dict] = []
+    with staged_directory(dst.resolve(), last=METADATA_FILE) as staging:
+        writers = {name: _SplitWriter(staging, name, max_samples, max_bytes) for name in split_names}
+        try:
+            _pack_records(rec, keys[order], labels[order], writers, [split_names[k] for k in split_of], classes,
+                          kept, skipped, progress)
+        except BaseException:
+            for split_writer in writers.values():
+                split_writer.abort()
+            raise
+        options = {"val_identities": val_identities, "seed": seed, "max_samples_per_shard": max_samples,
+                   "max_bytes_per_shard": max_bytes, "resize": None, "center_crop": None, "unlabeled": False,
+                   "excluded": 0, "recordio": {"images": int(len(keys)), "header0": rec.header0 is not None,
+                                               "property": rec.num_classes_property is not None}}
+        meta = _finish(staging, source or str(src.resolve()), writers, classes, val_labels, kept,
+                       FolderListing(src, classes, []), options, {}, skipped, alignment)
+    _report(meta, shown_as or dst, time.perf_counter() - start, len(keys), progress)
+    return meta
+
+
+def _pack_records(rec, keys: np.ndarray, labels: np.ndarray, writers: dict, split_of_label: list[str],
+                  classes: list[str], kept: np.ndarray, skipped: list[dict], progress: bool, chunk: int = 1024) -> None:
+    """Append the image records ``keys`` (grouped by identity, train before val) to their split's writer, bytes as
+    stored, ``chunk`` samples at a time (_SplitWriter.add_many; a .rec holds millions of small images, so the work
+    per record is a few list comprehensions). Sample keys are <label>_<position among the identity's records>."""
+    jpeg, prefix = b"\xff\xd8\xff", f"{rec.path.name}#"
+    n = len(keys)
+    firsts = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    positions = (np.arange(n) - np.repeat(firsts, np.diff(np.r_[firsts, n]))).tolist()
+    split_names = [split_of_label[label] for label in labels[firsts].tolist()]
+    cuts = sorted({0, n, *range(0, n, chunk), *(int(f) for f, a, b in zip(firsts[1:], split_names, split_names[1:])
+                                                 if a != b)})
+    key_list, label_list = keys.tolist(), labels.tolist()
+    bar = tqdm(total=n, unit="img", desc="make_shards", disable=not progress, smoothing=0.1)
+    for lo, hi in zip(cuts, cuts[1:]):
+        images = rec.read_images(keys[lo:hi], copy=False)  # views into one read, written out by os.writev
+        exts = ["jpg" if image[:3] == jpeg else recordio.image_ext(bytes(image[:12])) for image in images]
+        ks, ls = key_list[lo:hi], label_list[lo:hi]
+        columns = [[f"{label:06d}_{p:04d}" for label, p in zip(ls, positions[lo:hi])], images, exts, ls,
+                   [f"{prefix}{k}" for k in ks], [classes[label] for label in ls]]
+        if None in exts:  # not an image format the shards hold: skipped and listed
+            bad = [i for i, ext in enumerate(exts) if ext is None]
+            skipped += [{"path": columns[4][i], "reason": "not a JPEG, PNG or WebP image (unknown signature "
+                                                          f"{images[i][:4].hex() or 'empty'})"} for i in bad]
+            columns = [[v for i, v in enumerate(column) if exts[i] is not None] for column in columns]
+        writers[split_of_label[ls[0]]].add_many(*columns)
+        np.add.at(kept, np.asarray(columns[3], np.int64), 1)
+        bar.update(hi - lo)
+    bar.close()

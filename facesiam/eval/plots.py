@@ -23,12 +23,14 @@ log = logging.getLogger("facesiam.eval")
 
 
 def _verification_sets(metrics: dict) -> list[tuple[str, dict]]:
-    """(label, verification dict) for the all-pairs protocol and the pairs file, whichever have curves."""
+    """(label, verification dict) for the all-pairs protocol, the pairs file and the .bin sets, whichever have
+    curves."""
     sets = []
     if (metrics.get("verification") or {}).get("roc"):
         sets.append(("all pairs", metrics["verification"]))
     if (metrics.get("pairs") or {}).get("roc"):
         sets.append(("pairs file", metrics["pairs"]))
+    sets += [(f"{name}.bin", m) for name, m in (metrics.get("bin") or {}).items() if m.get("roc")]
     return sets
 
 

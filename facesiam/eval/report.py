@@ -55,7 +55,8 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, figures: dict[str, P
                                                            if src.get("backbone") else ""),
               f"- embeddings: `{src.get('embeddings') or 'computed for this report'}`"
               + (", with horizontal-flip averaging" if src.get("flip") else ""),
-              f"- images: {metrics['n_embeddings']:,}, identities: {metrics['n_identities']:,}",
+              *([f"- images: {metrics['n_embeddings']:,}, identities: {metrics['n_identities']:,}"]
+                if "n_embeddings" in metrics else []),  # absent: only .bin sets were evaluated
               f"- command: `{src.get('command', '')}`", ""]
     credit = src.get("data_credit")
     if credit:
@@ -120,12 +121,36 @@ def write_report(metrics: dict, out_dir: str | os.PathLike, figures: dict[str, P
         if "pairs_folds" in figures:
             lines += ["![accuracy per fold](pairs_folds.png)", ""]
 
+    if metrics.get("bin"):
+        from .verification_bin import bin_report_lines
+
+        lines += bin_report_lines(metrics["bin"])
+        if not v:  # no all-pairs section above: the curves are the sets' own
+            lines += [f"![{name}]({figures[name].name})" for name in ("roc", "det", "pr", "score_hist")
+                      if name in figures] + [""]
+
     timing = metrics.get("timing")
     if timing:
         lines += ["## Timing", "", "| step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in timing.items()]
         lines.append("")
-    return write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    write_html(out_dir / "report.html", "facesiam evaluation report", text)
+    return write_text(out_dir / "report.md", text)
+
+
+def write_html(path: str | os.PathLike, title: str, markdown_text: str) -> Path:
+    """The same report as a web page (python-markdown, which tensorboard already brings); figures by relative path,
+    so the page opens from the folder with nothing loaded from elsewhere."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    style = ("body{font-family:system-ui,sans-serif;margin:1.5em;max-width:70em;color:#222}img{max-width:48%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}")
+    return write_text(path, f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                            f"<style>{style}</style>\n{body}\n")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -169,6 +169,24 @@ def alignment_info(aligner: FaceAligner) -> dict[str, Any]:
     }
 
 
+PREALIGNED = {"arcface112": TEMPLATE_SIZE}  # make_shards --aligned NAME: crops someone else aligned, by template
+
+
+def prealigned_info(name: str = "arcface112", size: Optional[int] = None) -> dict[str, Any]:
+    """alignment_info for crops already aligned onto the ArcFace template elsewhere (insightface's RecordIO data,
+    make_shards --aligned arcface112): the record --align writes with the default detector and settings, so a model
+    trained on them detects and aligns raw photos the same way at inference; "prealigned" names where they came from.
+    """
+    if name not in PREALIGNED:
+        raise InputError(f"unknown pre-alignment {name!r}; known: {', '.join(PREALIGNED)}")
+    detector_class = DETECTORS.get(DEFAULT_DETECTOR).build
+    probe = FaceAligner.__new__(FaceAligner)  # the settings alignment_info reads; no detector network is loaded
+    probe.detector = detector_class.__new__(detector_class)
+    probe.size, probe.min_face_size, probe.multi, probe.on_no_face = size or PREALIGNED[name], 20, "largest", "skip"
+    probe.detector.min_face_size = probe.min_face_size
+    return {**alignment_info(probe), "prealigned": name}
+
+
 def aligner_for(info: dict[str, Any], device: str = "cpu", on_no_face: str = "skip") -> FaceAligner:
     """A FaceAligner that aligns as ``info`` (alignment_info, from dataset.json or a model's config.json) says."""
     detector, template = (info.get("detector") or {}).get("name"), (info.get("template") or {}).get("name")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..data.format import METADATA_FILE, read_metadata
+from ..data.recordio import RecordFile, is_record_folder
 from ..data.remote import is_remote
 from ..errors import InputError
 from .aligner import SKIP_KINDS, STATUSES
@@ -65,6 +66,11 @@ def recorded_alignment(data: str | os.PathLike) -> Optional[dict[str, Any]]:
     data = Path(data)
     if (data / METADATA_FILE).is_file():
         return (read_metadata(data).get("alignment") or {}).get("info")
+    if is_record_folder(data):  # insightface RecordIO: ArcFace crops at property's size (as make_shards records)
+        from .aligner import prealigned_info
+
+        size = RecordFile(data).image_size
+        return prealigned_info("arcface112", size and size[0]) if size is None or size[0] == size[1] else None
     meta = read_alignment(data)
     return meta["alignment"] if meta else None
 

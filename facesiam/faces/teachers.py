@@ -144,7 +144,7 @@ DLIB_CHIP_LANDMARKS = np.array([[47.52, 45.36], [101.79, 45.69], [75.25, 78.06],
 # 0, disjoint from the 100 that gave the points; dlib 20.0.1; MTCNN's face nearest dlib's): these points mean
 # 0.9947, min 0.9755 (5th percentile 0.9898); the mean-face points above mean 0.9916, min 0.9646; dlib's own 5
 # points through this warp (the warp's share of the gap) mean 0.9990, min 0.9842.
-# Speed on one CPU thread (250 px LFW photos): detect + landmarks + chip ~30 photos/s, embed ~10 chips/s.
+# Speed on one CPU thread (dlib's detector + chip, and its network alone): docs/benchmarks.md, "Distillation".
 DLIB_FALLBACK = "mtcnn5-onto-dlib-chip-v1"  # changes when DLIB_CHIP_LANDMARKS or the warp change
 
 

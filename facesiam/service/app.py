@@ -11,14 +11,16 @@
     PATCH /identities/{name}  JSON {name}    -> renamed                                               (write)
     DELETE /identities/{name}, /faces/{id}   -> removed                                               (write)
     GET  /status                             -> model, gallery, index, database, batching             (admin)
-    GET  /healthz, GET /                     -> "ok"; the web page                                    (public)
+    GET  /healthz, GET /                     -> "ok" while the process lives; the web page              (public)
+    GET  /readyz                             -> 200 when the model, the index and the database are ready,
+                                                503 otherwise (the database away: writes answer 503 too) (public)
 
 Faces are biometric data, so: every route declares the scope a token needs (service/tokens.py: read, write,
 admin) and a route without one is refused, not public (fail closed); ``public_read`` opens the read scope without a
 token, rate-limited per client. Uploads are limited in bytes, parts, pixels and aspect ratio (413, checked before
 decoding); they stay in memory and nothing is written or logged unless ``keep_images`` names a folder. Bad input is
-a JSON error with 400/401/403/404/408/409/413/415/429, never a 500. service/hardening.py guards the HTTP level;
-service/store.py keeps the gallery (a database + an index in memory); service/routes.py has the endpoints.
+a JSON error with 400/401/403/404/408/409/413/415/429 (503: the database is away), never a 500.
+service/hardening.py guards the HTTP level; service/store.py keeps the gallery (a database + an index in memory); service/routes.py has the endpoints.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 from starlette.routing import Match
 
-from ..errors import InputError
+from ..errors import ConflictError, InputError
 from .context import Service, ServiceError, ServiceSettings
-from .hardening import RequestGuard
+from .database import DatabaseUnavailable
+from .hardening import BODY_LIMIT, SECURITY_HEADERS, RequestGuard
 from .routes import gallery_routes, info_routes, probe_routes
 from .store import GalleryStore, open_store
 
@@ -45,11 +48,12 @@ log = logging.getLogger("facesiam.serve")
 def create_app(embedder, settings: ServiceSettings, store: Optional[GalleryStore] = None):
     """The FastAPI app. ``embedder``: a facesiam.embedder.FaceEmbedder (TorchEmbedder or OnnxEmbedder);
     ``store``: the gallery (service/store.py: open_store; default: in memory)."""
-    # Uploads stay in memory (Starlette spools files over 1 MB to a temporary file on disk otherwise): no face
-    # image touches the disk unless keep_images asks for it. The byte limit below bounds the memory.
-    MultiPartParser.spool_max_size = settings.max_bytes + 1
     store = store if store is not None else open_store(None, None, embedder.embedding_dim, model=settings.model_name)
     service = Service(embedder, settings, store)
+    # Uploads stay in memory (Starlette spools files over 1 MB to a temporary file on disk otherwise): no face
+    # image touches the disk unless keep_images asks for it. No file can be larger than the largest body, which the
+    # byte limits below bound; a file of over --max-upload-mb is refused after reading, from memory.
+    MultiPartParser.spool_max_size = service.max_request + 1
     app = FastAPI(title="facesiam", version="2", lifespan=service.lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # no public schema pages: the service is not a public API by default
     # RequestGuard goes in first, so it sits inside the token guard, right around the app: its receive() errors
@@ -65,13 +69,15 @@ def create_app(embedder, settings: ServiceSettings, store: Optional[GalleryStore
     return app
 
 
-def route_scope(routes: list, scope: dict) -> tuple[bool, Optional[str]]:
-    """(whether one of ``routes`` serves this request, the scope it declares: None when it declares none)."""
+def route_scope(routes: list, scope: dict) -> tuple[bool, Optional[str], int]:
+    """(whether one of ``routes`` serves this request, the scope it declares: None when it declares none, the
+    images it takes)."""
     for route in routes:
         match, _ = route.matches(scope)
         if match == Match.FULL:
-            return True, getattr(getattr(route, "endpoint", None), "scope", None)
-    return False, None
+            endpoint = getattr(route, "endpoint", None)
+            return True, getattr(endpoint, "scope", None), getattr(endpoint, "uploads", 0)
+    return False, None, 0
 
 
 def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
@@ -80,7 +86,7 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         # an unauthorised or oversized upload is refused without being received
-        found, needs = route_scope(routes, request.scope)
+        found, needs, uploads = route_scope(routes, request.scope)
         if not found:  # a route added to the app some other way declares no scope either: refused below
             found = any(route.matches(request.scope)[0] == Match.FULL for route in app.router.routes)
         if found:
@@ -94,8 +100,11 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
         if request.method in ("POST", "PATCH") and not (length or "").isdigit():
             # a chunked body has no declared size to check: uploads are held in memory, so it is refused
             return _error(411, "send the request with a Content-Length header (uploads are size-checked first)")
-        if length is not None and length.isdigit() and int(length) > service.max_request:
-            return _error(413, f"request of {int(length):,} bytes is over the limit of {service.max_request:,}")
+        limit = service.body_limit(uploads)  # this endpoint's: /search takes one image, /enroll up to --max-files
+        request.scope[BODY_LIMIT] = limit  # RequestGuard counts the bytes received against it
+        if length is not None and length.isdigit() and int(length) > limit:
+            return _error(413, f"request of {int(length):,} bytes is over the limit of {limit:,} for "
+                               f"{request.url.path}")
         return await call_next(request)
 
     @app.exception_handler(ServiceError)
@@ -104,7 +113,11 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
 
     @app.exception_handler(InputError)
     async def input_error(request, err: InputError):
-        return _error(409 if "exists already" in str(err) else 400, str(err))
+        return _error(409 if isinstance(err, ConflictError) else 400, str(err))
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def database_unavailable(request, err: DatabaseUnavailable):  # PostgreSQL restarting: retry, not a bug
+        return _error(503, str(err), {"Retry-After": "2"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, err: RequestValidationError):
@@ -123,7 +136,9 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    # the security headers here too: the guard's own answers (401, 403, 411, 413, 429) go out past RequestGuard
+    return JSONResponse({"error": message, "status": status}, status_code=status,
+                        headers={**SECURITY_HEADERS, "cache-control": "no-store", **(headers or {})})
 
 
 def check_settings(settings: ServiceSettings) -> None:
@@ -131,3 +146,5 @@ def check_settings(settings: ServiceSettings) -> None:
         raise InputError("--max-batch must be >= 1 and --batch-wait-ms >= 0")
     if settings.public_rate <= 0 or settings.public_burst < 1:
         raise InputError("--public-rate must be > 0 and --public-burst >= 1")
+    if settings.max_faces < 1 or settings.public_cost_rate <= 0:
+        raise InputError("--max-faces must be >= 1 and --public-cost-rate > 0")

@@ -60,6 +60,11 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._worker = asyncio.create_task(self._run())
 
+    @property
+    def running(self) -> bool:
+        """Whether batches are being served (started, not stopped or crashed): part of /readyz."""
+        return self._worker is not None and not self._worker.done()
+
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()

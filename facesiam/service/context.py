@@ -35,6 +35,8 @@ PAGE = Path(__file__).with_name("page.html")
 # What a browser or client may send as an image's content type; application/octet-stream is what curl and many
 # HTTP libraries send for a file without a known extension, so the bytes decide there.
 IMAGE_TYPES = ("image/", "application/octet-stream")
+MANY = -1  # an endpoint's uploads: up to --max-files images
+FIELDS_BYTES = 64 * 1024  # a request's bytes besides its images: form fields, or a JSON body of embeddings
 
 
 @dataclass
@@ -59,6 +61,11 @@ class ServiceSettings:
     """Largest accepted image in pixels, from its header before decoding (413 above: decompression bombs)."""
     max_files: int = 32
     """Most images in one enrol request (verify takes 2, search, recognize and detect 1)."""
+    max_faces: int = 20
+    """Most faces /recognize and /detect align and embed in one photo (413 above, checked after detection)."""
+    public_cost_rate: float = 20.0
+    """Work one client may ask for without a token, in megapixels x faces a second (a 2048 x 2048 photo of 20 faces
+    is 84), with bursts of ten seconds' worth; 429 with Retry-After above."""
     max_aspect: float = 10.0
     """Longest side over shortest above which an image is refused (413) from its header."""
     max_side: int = 2048
@@ -116,8 +123,9 @@ class Service:
         self.embedder, self.settings, self.store = embedder, settings, store
         self.batcher = Batcher(embed_many_for(embedder, align=settings.align), max_batch=settings.max_batch,
                                max_wait_ms=settings.batch_wait_ms)
-        self.max_request = settings.max_bytes * max(2, settings.max_files) + 64 * 1024
+        self.max_request = self.body_limit(MANY)  # the largest any endpoint takes
         self.limiter = RateLimiter(settings.public_rate, settings.public_burst)
+        self.cost = RateLimiter(settings.public_cost_rate, settings.public_cost_rate * 10)  # megapixel-faces
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -143,10 +151,13 @@ class Service:
             return
         header = request.headers.get("authorization", "")
         if not header and scope == "read" and self.settings.public_read:
-            wait = self.limiter.allow(request.client.host if request.client else "?")
+            client = request.client.host if request.client else "?"
+            # the cost budget is checked first (it takes nothing until the work is known: see charge)
+            wait = self.cost.allow(client, 0) or self.limiter.allow(client)
             if wait:
                 raise ServiceError(429, "too many requests without a token; slow down or send a token",
                                    {"Retry-After": str(max(1, round(wait)))})
+            request.state.public_client = client
             return
         kind, _, given = header.partition(" ")
         if kind.lower() != "bearer" or not given.strip():
@@ -157,6 +168,17 @@ class Service:
             raise ServiceError(403, "the token is not valid for this service")
         if not token.allows(scope):
             raise ServiceError(403, f"this token may not {scope} (its scopes: {', '.join(sorted(token.scopes))})")
+
+    def body_limit(self, uploads: int) -> int:
+        """Bytes a request to an endpoint taking ``uploads`` images (MANY: --max-files) may send: the images and
+        64 KB for the form's fields or a JSON body."""
+        return self.settings.max_bytes * (self.settings.max_files if uploads == MANY else uploads) + FIELDS_BYTES
+
+    def charge(self, request: Request, pixels: int, faces: int = 1) -> None:
+        """Count a request's work (pixels x faces) against its client's budget when it came without a token."""
+        client = getattr(request.state, "public_client", None)
+        if client is not None:
+            self.cost.charge(client, pixels * max(1, faces) / 1e6)
 
     async def form(self, request: Request, *, files: int, fields: int) -> FormData:
         """The multipart form, with at most ``files`` files and ``fields`` other fields (413 above), in memory."""
@@ -176,6 +198,8 @@ class Service:
             data = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as err:
             raise ServiceError(400, f"the body is not valid JSON: {err}") from None
+        except RecursionError:  # arrays nested thousands deep
+            raise ServiceError(400, "the body is nested too deeply to be a request") from None
         if not isinstance(data, dict):
             raise ServiceError(400, "send a JSON object")
         return data
@@ -183,20 +207,28 @@ class Service:
     def embedding_of(self, data: dict, key: str, *, many: bool = False) -> np.ndarray:
         """A JSON field as unit embeddings (1 x d, or n x d with ``many``); 400 naming the field when unusable."""
         value = data.get(key)
-        try:
-            x = np.asarray(value, np.float64)
-        except (TypeError, ValueError):
+        rows = value if many else [value]
+        # JSON numbers only: true, "1" or an integer past float range (10**400) are not coerced into embeddings
+        if isinstance(rows, list) and all(isinstance(r, list) and all(type(v) in (int, float) for v in r)
+                                          for r in rows):
+            try:
+                x = np.asarray(rows, np.float64)
+            except (TypeError, ValueError, OverflowError):
+                x = np.zeros(0)
+        else:
             x = np.zeros(0)
-        x = x.reshape(1, -1) if x.ndim == 1 and not many else x
         dim = self.store.dim
+        with np.errstate(over="ignore"):
+            norms = np.linalg.norm(x, axis=-1) if x.ndim == 2 else np.zeros(0)
+        # a norm of 0 or past float range (1e300 in every place) would make the unit vector all zeros or NaN
         if x.ndim != 2 or x.shape[1] != dim or not len(x) or not np.isfinite(x).all() or \
-                (np.linalg.norm(x, axis=1) == 0).any():
+                not (np.isfinite(norms) & (norms > 0)).all():
             shape = "a list of lists of" if many else "a list of"
-            raise ServiceError(400, f"{key}: send {shape} {dim} finite numbers (not all 0), as the model's ONNX "
-                                    "export makes them")
+            raise ServiceError(400, f"{key}: send {shape} {dim} finite numbers (not all 0, not so large that their "
+                                    "length overflows), as the model's ONNX export makes them")
         if many and len(x) > self.settings.max_files:
             raise ServiceError(413, f"{len(x)} embeddings in one request; at most {self.settings.max_files}")
-        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+        return (x / norms[:, None]).astype(np.float32)
 
     def upload(self, form: FormData, field: str) -> UploadFile:
         value = form.get(field)
@@ -248,13 +280,14 @@ class Service:
                 "score": matches[0]["score"] if matches else None, "matches": matches}
 
 
-def scoped(scope: str):
-    """Declare the scope an endpoint needs (tokens.SCOPES or PUBLIC); the guard refuses a route without one."""
+def scoped(scope: str, uploads: int = 0):
+    """Declare the scope an endpoint needs (tokens.SCOPES or PUBLIC; the guard refuses a route without one) and
+    how many images it takes (MANY: up to --max-files), which sets its body limit (Service.body_limit)."""
     if scope not in (*SCOPES, PUBLIC):
         raise ValueError(f"unknown scope {scope!r}")
 
     def mark(endpoint):
-        endpoint.scope = scope
+        endpoint.scope, endpoint.uploads = scope, uploads
         return endpoint
 
     return mark

@@ -8,7 +8,9 @@ and ``changes`` (an append-only log: seq, op add/remove/rename, face, identity).
 that also appends its changes; a process's in-memory index (service/live_index.py) follows the log in seq order
 (``changes_since``), so the same code applies its own writes and other processes' writes. PostgreSQL writers take
 one advisory lock per transaction, which makes seq order equal commit order (otherwise a reader could see seq 11
-before seq 10 commits and skip 10 forever), and notify ``CHANNEL`` so other processes catch up at once.
+before seq 10 commits and skip 10 forever), and notify ``CHANNEL`` so other processes catch up at once. A
+connection that is lost (PostgreSQL restarted) raises DatabaseUnavailable (the service answers 503) and is reopened
+by the next call, backing off while the database stays away; the listener then catches up by seq.
 
 The SQL is a handful of statements on the standard drivers (sqlite3, psycopg 3) rather than an ORM: both backends
 need the same five queries, and LISTEN/NOTIFY needs the driver itself. Embeddings are binary columns (pgvector is
@@ -21,6 +23,8 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,22 +32,28 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConflictError, FacesiamError, InputError
 
 log = logging.getLogger("facesiam.serve")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: SQLite ids are AUTOINCREMENT (a deleted face's id is never given to another)
 CHANNEL = "facesiam_gallery"
 SQLITE_FILE = "gallery.sqlite"
 LOAD_CHUNK = 20_000  # rows per fetch when loading a gallery (bounds the memory of the Python row objects)
+RETRY_FIRST, RETRY_MAX = 0.5, 5.0  # seconds between reconnection attempts to a database that went away (doubling)
+RECONNECT_TIMEOUT = 3  # seconds a reconnection attempt may take (requests wait for it)
+
+
+class DatabaseUnavailable(FacesiamError):
+    """The database cannot be reached now (restarting, down, network): the service answers 503 and reconnects."""
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS identities (id {id} PRIMARY KEY, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS faces (id {id} PRIMARY KEY, identity_id BIGINT NOT NULL REFERENCES identities(id),
+CREATE TABLE IF NOT EXISTS identities (id {id}, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS faces (id {id}, identity_id BIGINT NOT NULL REFERENCES identities(id),
     embedding {blob} NOT NULL, source TEXT NOT NULL, model TEXT NOT NULL, created TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS faces_identity ON faces(identity_id);
-CREATE TABLE IF NOT EXISTS changes (seq {id} PRIMARY KEY, op TEXT NOT NULL, face_id BIGINT, identity_id BIGINT);
+CREATE TABLE IF NOT EXISTS changes (seq {id}, op TEXT NOT NULL, face_id BIGINT, identity_id BIGINT);
 """
 
 
@@ -82,17 +92,27 @@ class FaceDatabase:
 
     kind = ""
     blob = "BLOB"
-    id_type = "INTEGER"
+    id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"  # ids never reused: a client's "face 7" stays that face or none
 
     def __init__(self, target: str, dim: Optional[int]):
         self.target, self.dim = target, dim
         self._lock = threading.RLock()
+        self._retry_at, self._backoff, self.lost = 0.0, RETRY_FIRST, None  # lost: why the connection went away
+        self._answered = float("-inf")  # when ping last succeeded
         self.conn = self._connect()
         self._create()
 
     # ------------------------------------------------------------------ dialect
     def _connect(self):
         raise NotImplementedError
+
+    def _reconnect(self):
+        """A new connection after the last one was lost (driver errors propagate)."""
+        return self._connect()
+
+    def _lost_errors(self) -> tuple:
+        """The driver's errors that mean the connection is gone (the database restarted, the network dropped)."""
+        return ()
 
     def _sql(self, statement: str) -> str:
         return statement
@@ -111,21 +131,78 @@ class FaceDatabase:
         cur.execute(self._sql(statement), tuple(params))
         return cur
 
+    @contextmanager
+    def _connection(self) -> Iterator:
+        """The connection, under the lock; reconnected when lost (at most once per backoff interval, which doubles
+        up to RETRY_MAX while the database stays away). A lost connection raises DatabaseUnavailable (503): a write
+        cut off mid-transaction may or may not have committed, so it is not retried here; the client retries."""
+        with self._lock:
+            if self.conn is None:
+                if time.monotonic() < self._retry_at:
+                    raise DatabaseUnavailable(self._unavailable())
+                try:
+                    self.conn = self._reconnect()
+                except self._lost_errors() as err:
+                    self._retry_at = time.monotonic() + self._backoff
+                    self._backoff = min(RETRY_MAX, self._backoff * 2)
+                    self.lost = _first_line(err)
+                    raise DatabaseUnavailable(self._unavailable()) from None
+                log.warning("gallery database %s reachable again", self.describe())
+                self._backoff, self.lost = RETRY_FIRST, None
+            try:
+                yield self.conn
+            except self._lost_errors() as err:
+                self.lost = _first_line(err)
+                log.warning("gallery database %s lost (%s); reconnecting", self.describe(), self.lost)
+                try:
+                    self.conn.close()
+                except Exception:  # closing a broken connection may fail too; it is dropped either way
+                    pass
+                self.conn, self._retry_at = None, 0.0  # the next call tries at once, then backs off
+                raise DatabaseUnavailable(self._unavailable()) from None
+
+    def _unavailable(self) -> str:
+        return f"the gallery database is unreachable ({self.lost}); retry in a few seconds"
+
+    def ping(self) -> bool:
+        """Whether the database answers now (reconnecting if it went away); a success counts for a second, so a
+        load balancer polling /readyz (a public route) costs the database at most one query a second."""
+        if self.conn is not None and time.monotonic() - self._answered < 1.0:
+            return True
+        try:
+            with self._connection() as conn:
+                cur = conn.cursor()
+                try:
+                    cur.execute("SELECT 1")
+                    conn.commit()
+                finally:
+                    cur.close()
+            self._answered = time.monotonic()
+            return True
+        except DatabaseUnavailable:
+            return False
+
     def _write(self, work: Callable) -> object:
         """``work(cursor)`` in one write transaction (committed, or rolled back on any error)."""
-        with self._lock:
-            cur = self.conn.cursor()
+        with self._connection() as conn:
+            cur = conn.cursor()
             try:
                 self._begin_write(cur)
                 result = work(cur)
                 self._after_write(cur)
-                self.conn.commit()
+                conn.commit()
                 return result
             except BaseException:
-                self.conn.rollback()
+                try:
+                    conn.rollback()
+                except self._lost_errors():  # the connection is gone: the original error says why
+                    pass
                 raise
             finally:
-                cur.close()
+                try:
+                    cur.close()
+                except self._lost_errors():
+                    pass
 
     def _create(self) -> None:
         def create(cur):
@@ -147,12 +224,23 @@ class FaceDatabase:
             elif int(meta.get("schema", 0)) > SCHEMA_VERSION:
                 raise InputError(f"gallery database {self.describe()} has schema {meta['schema']}, newer than this "
                                  f"facesiam's {SCHEMA_VERSION}; upgrade facesiam")
+            elif int(meta.get("schema", SCHEMA_VERSION)) < SCHEMA_VERSION:
+                self._upgrade(cur, int(meta["schema"]))
+                self._run(cur, "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+                log.info("gallery database %s: schema %s upgraded to %d", self.describe(), meta["schema"],
+                         SCHEMA_VERSION)
 
         self._write(create)
 
+    def _upgrade(self, cur, version: int) -> None:
+        """Bring a gallery of schema ``version`` up to SCHEMA_VERSION, inside the opening transaction."""
+
     def close(self) -> None:
         with self._lock:
-            self.conn.close()
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            self._retry_at = float("inf")  # closed for good: no reconnection
 
     # ------------------------------------------------------------------ writes
     def add_faces(self, identity: str, embeddings: np.ndarray, sources: Sequence[str], model: str) -> list[int]:
@@ -231,7 +319,7 @@ class FaceDatabase:
             if ident is None:
                 return False
             if old != new and self._identity_id(cur, new, create=False) is not None:
-                raise InputError(f"identity {new!r} exists already; delete it or choose another name")
+                raise ConflictError(f"identity {new!r} exists already; delete it or choose another name")
             self._run(cur, "UPDATE identities SET name = ? WHERE id = ?", (new, ident))
             self._log(cur, [("rename", None, ident)])
             return True
@@ -260,8 +348,8 @@ class FaceDatabase:
     # ------------------------------------------------------------------ reads
     def snapshot(self) -> Snapshot:
         """Every face and the last seq, read in one transaction (consistent with each other)."""
-        with self._lock:
-            cur = self._read_cursor()
+        with self._connection() as conn:
+            cur = self._read_cursor(conn)
             try:
                 seq = self._run(cur, "SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
                 names = dict(self._run(cur, "SELECT id, name FROM identities").fetchall())
@@ -272,22 +360,22 @@ class FaceDatabase:
                         ids.append(face)
                         idents.append(ident)
                         blobs.append(bytes(blob))
-                self.conn.commit()
+                conn.commit()
             finally:
                 cur.close()
         x = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self.dim)
         return Snapshot(np.asarray(ids, np.int64), np.asarray(idents, np.int64), x, names, int(seq))
 
-    def _read_cursor(self):
-        return self.conn.cursor()
+    def _read_cursor(self, conn):
+        return conn.cursor()
 
     def changes_since(self, seq: int) -> list[Change]:
         """The log after ``seq``, in order, with the embeddings of added faces and identities' current names.
 
         Three lookups by primary key rather than one join: a planner without fresh statistics (right after a bulk
         import) may otherwise scan every face for a catch-up of one."""
-        with self._lock:
-            cur = self.conn.cursor()
+        with self._connection() as conn:
+            cur = conn.cursor()
             try:
                 rows = self._run(cur, "SELECT seq, op, face_id, identity_id FROM changes WHERE seq > ? ORDER BY seq",
                                  (seq,)).fetchall()
@@ -295,7 +383,7 @@ class FaceDatabase:
                 idents = sorted({ident for *_, ident in rows if ident is not None})
                 blobs = dict(self._select_in(cur, "SELECT id, embedding FROM faces WHERE id IN ({})", added))
                 names = dict(self._select_in(cur, "SELECT id, name FROM identities WHERE id IN ({})", idents))
-                self.conn.commit()
+                conn.commit()
             finally:
                 cur.close()
         return [Change(s, op, face, ident, names.get(ident),
@@ -311,14 +399,14 @@ class FaceDatabase:
 
     def faces_of(self, identity: str) -> Optional[list[dict]]:
         """An identity's faces (id, source, model, created), oldest first; None: no such identity."""
-        with self._lock:
-            cur = self.conn.cursor()
+        with self._connection() as conn:
+            cur = conn.cursor()
             try:
                 ident = self._identity_id(cur, identity, create=False)
                 rows = [] if ident is None else self._run(
                     cur, "SELECT id, source, model, created FROM faces WHERE identity_id = ? ORDER BY id",
                     (ident,)).fetchall()
-                self.conn.commit()
+                conn.commit()
             finally:
                 cur.close()
         if ident is None:
@@ -327,15 +415,15 @@ class FaceDatabase:
 
     def export(self) -> Iterator[tuple[int, str, np.ndarray, str, str, str]]:
         """Every face as (id, identity, embedding, source, model, created), in id order."""
-        with self._lock:
-            cur = self._read_cursor()
+        with self._connection() as conn:
+            cur = self._read_cursor(conn)
             try:
                 self._run(cur, "SELECT f.id, i.name, f.embedding, f.source, f.model, f.created FROM faces f "
                                "JOIN identities i ON i.id = f.identity_id ORDER BY f.id")
                 while rows := cur.fetchmany(LOAD_CHUNK):
                     for face, name, blob, source, model, created in rows:
                         yield int(face), name, np.frombuffer(bytes(blob), np.float32), source, model, created
-                self.conn.commit()
+                conn.commit()
             finally:
                 cur.close()
 
@@ -368,8 +456,32 @@ class SQLiteDatabase(FaceDatabase):
     def _begin_write(self, cur) -> None:
         cur.execute("BEGIN IMMEDIATE")
 
-    def _read_cursor(self):
-        cur = self.conn.cursor()
+    def _upgrade(self, cur, version: int) -> None:
+        """Schema 1 -> 2: identities and faces rebuilt with AUTOINCREMENT ids (SQLite cannot add it in place), the
+        next ids past every id the change log ever named: a face deleted before the upgrade is not reused either."""
+        if version >= 2:
+            return
+        columns = {"identities": "id, name, created", "faces": "id, identity_id, embedding, source, model, created"}
+        new = {"identities": "(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL)",
+               "faces": "(id INTEGER PRIMARY KEY AUTOINCREMENT, identity_id BIGINT NOT NULL REFERENCES "
+                        "identities_v2(id), embedding BLOB NOT NULL, source TEXT NOT NULL, model TEXT NOT NULL, "
+                        "created TEXT NOT NULL)"}
+        for table in ("identities", "faces"):  # the faces' foreign key follows identities_v2 when it is renamed
+            cur.execute(f"CREATE TABLE {table}_v2 {new[table]}")
+            cur.execute(f"INSERT INTO {table}_v2 ({columns[table]}) SELECT {columns[table]} FROM {table}")
+        cur.execute("DROP TABLE faces")
+        cur.execute("DROP TABLE identities")
+        cur.execute("ALTER TABLE identities_v2 RENAME TO identities")
+        cur.execute("ALTER TABLE faces_v2 RENAME TO faces")
+        cur.execute("CREATE INDEX faces_identity ON faces(identity_id)")
+        for table, logged in (("identities", "identity_id"), ("faces", "face_id")):
+            high = cur.execute(f"SELECT MAX(COALESCE((SELECT MAX(id) FROM {table}), 0), "
+                               f"COALESCE((SELECT MAX({logged}) FROM changes), 0))").fetchone()[0]
+            cur.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+            cur.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, high))
+
+    def _read_cursor(self, conn):
+        cur = conn.cursor()
         cur.execute("BEGIN")  # one snapshot for every statement of a read (WAL readers never block the writer)
         return cur
 
@@ -400,7 +512,7 @@ class PostgresDatabase(FaceDatabase):
 
     kind = "postgresql"
     blob = "BYTEA"
-    id_type = "BIGINT GENERATED BY DEFAULT AS IDENTITY"
+    id_type = "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY"  # never reuses an id
     LOCK_KEY = 0x66616365  # "face": the advisory lock every writer takes, making seq order commit order
 
     def _connect(self):
@@ -408,8 +520,14 @@ class PostgresDatabase(FaceDatabase):
         try:
             return psycopg.connect(self.target, connect_timeout=10)
         except psycopg.OperationalError as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise InputError(f"cannot connect to --db {_redact(self.target)}: {first}") from None
+            raise InputError(f"cannot connect to --db {_redact(self.target)}: {_first_line(err)}") from None
+
+    def _reconnect(self):
+        return _psycopg().connect(self.target, connect_timeout=RECONNECT_TIMEOUT)
+
+    def _lost_errors(self) -> tuple:
+        psycopg = _psycopg()
+        return psycopg.OperationalError, psycopg.InterfaceError
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
@@ -420,9 +538,9 @@ class PostgresDatabase(FaceDatabase):
     def _after_write(self, cur) -> None:
         cur.execute(f"NOTIFY {CHANNEL}")
 
-    def _read_cursor(self):
-        self.conn.isolation_level = _psycopg().IsolationLevel.REPEATABLE_READ
-        return _ResetIsolation(self.conn, self.conn.cursor())
+    def _read_cursor(self, conn):
+        conn.isolation_level = _psycopg().IsolationLevel.REPEATABLE_READ
+        return _ResetIsolation(conn, conn.cursor())
 
     def describe(self) -> str:
         return f"{self.kind} {_redact(self.target)}"
@@ -431,19 +549,26 @@ class PostgresDatabase(FaceDatabase):
         psycopg = _psycopg()
 
         def follow():
+            backoff, lost = RETRY_FIRST, False
             while not stop.is_set():
                 try:
-                    with psycopg.connect(self.target, autocommit=True, connect_timeout=10) as conn:
+                    with psycopg.connect(self.target, autocommit=True, connect_timeout=RECONNECT_TIMEOUT) as conn:
                         conn.execute(f"LISTEN {CHANNEL}")
-                        on_change()  # catch up on whatever happened while not listening
+                        on_change()  # catch up by seq on whatever happened while not listening
+                        if lost:
+                            log.warning("gallery notifications from %s back", self.describe())
+                        backoff, lost = RETRY_FIRST, False
                         while not stop.is_set():
                             # the timeout bounds how long stop takes; a quiet minute also re-checks the log
                             for _ in conn.notifies(timeout=1.0, stop_after=1):
                                 on_change()
-                except Exception as err:  # a dropped connection: reconnect, then catch up by seq
-                    log.warning("gallery notifications from %s lost (%s); reconnecting", self.describe(),
-                                str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-                    stop.wait(1.0)
+                except Exception as err:  # a dropped connection: reconnect (backing off), then catch up by seq
+                    # one warning when lost, not one a second while the database stays away
+                    log.log(logging.DEBUG if lost else logging.WARNING, "gallery notifications from %s lost (%s); "
+                            "reconnecting", self.describe(), _first_line(err))
+                    lost = True
+                    stop.wait(backoff)
+                    backoff = min(RETRY_MAX, backoff * 2)
 
         thread = threading.Thread(target=follow, name="gallery-listen", daemon=True)
         thread.start()
@@ -462,6 +587,11 @@ class _ResetIsolation:
     def close(self) -> None:
         self._cur.close()
         self._conn.isolation_level = None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _psycopg():

@@ -17,12 +17,26 @@ from PIL import Image
 from ..faces.quality import sharpness
 
 
-def faces_in(embedder, image: Image.Image, *, embed: bool) -> tuple[list[dict], Optional[np.ndarray], dict]:
+class TooManyFaces(Exception):
+    """More faces in a photo than the service aligns and embeds for one request (--max-faces)."""
+
+    def __init__(self, found: int, limit: int):
+        super().__init__(f"{found} faces found; at most {limit} are recognised in one photo (--max-faces): send a "
+                         "crop of the part you need")
+        self.found = found
+
+
+def faces_in(embedder, image: Image.Image, *, embed: bool,
+             max_faces: Optional[int] = None) -> tuple[list[dict], Optional[np.ndarray], dict]:
     """(one dict per face: box, landmarks, score, quality, usable/reason; embeddings of the usable faces in their
-    order (None without ``embed``); timings in ms)."""
+    order (None without ``embed``); timings in ms). TooManyFaces past ``max_faces``, before aligning and embedding:
+    a crowd photo must not hold the model thread for hundreds of network passes."""
     aligner = embedder.aligner
     t0 = time.perf_counter()
-    results = aligner.align_each(image, aligner.detect(image))
+    detected = aligner.detect(image)
+    if max_faces is not None and len(detected) > max_faces:
+        raise TooManyFaces(len(detected), max_faces)
+    results = aligner.align_each(image, detected)
     t1 = time.perf_counter()
     faces = []
     for r in results:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import unicodedata
 from typing import Any, Callable, Iterable
@@ -15,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_NAME = 200
+BODY_LIMIT = "facesiam.body_limit"  # the request scope's key for its endpoint's byte limit (set by app.py's guard)
 # The page loads nothing from anywhere else and may not be framed (clickjacking); its script and style are inline.
 CSP = ("default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
        "script-src 'self' 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
@@ -31,27 +33,70 @@ class BadName(ValueError):
     """An identity name the service refuses (the message says why)."""
 
 
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters drawn as nothing (variation
+# selectors, the combining grapheme joiner, Hangul fillers...). Written out because unicodedata has no such property
+# and the list is short and stable; U+2800 (the blank Braille pattern) is drawn as nothing too.
+_INVISIBLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+              (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+              (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+              (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+# scripts that are written together in one name (Japanese, Korean); any other mix of scripts is refused
+_SCRIPTS_TOGETHER = ({"CJK", "HIRAGANA", "KATAKANA"}, {"CJK", "HANGUL"})
+
+
+def _invisible(c: str) -> bool:
+    return any(lo <= ord(c) <= hi for lo, hi in _INVISIBLE)
+
+
+def _script(c: str) -> str:
+    """A letter's script, from its Unicode name ("CYRILLIC SMALL LETTER A" -> CYRILLIC): enough to tell Latin from
+    Cyrillic or Greek look-alikes without a script database."""
+    return unicodedata.name(c, "?").split()[0]
+
+
+def identity_key(name: str) -> str:
+    """What two names must not share to be told apart: NFKC with case folded (fullwidth letters, ligatures and
+    no-break spaces fold onto plain ones, "Alice" onto "alice"). The store refuses a new name whose key is taken."""
+    return " ".join(unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold()).split())
+
+
 def normalize_identity(name: str) -> str:
     """The name as stored and compared: NFC-normalised and stripped. Refused: empty, over MAX_NAME characters,
-    slashes, and any control or format character (NUL, newlines, bidi overrides, zero-width joiners...), which
-    would make two names look alike or one impossible to type."""
+    slashes, "." and "..", any control, format or invisible character (NUL, newlines, bidi overrides, zero-width
+    joiners, variation selectors, Hangul fillers...), spaces other than the plain one, a name without a letter or
+    digit or starting with a combining mark, and letters of scripts that are not written together (a Cyrillic "а"
+    in a Latin name): each would make two names look alike or one impossible to type."""
     name = unicodedata.normalize("NFC", name).strip()
     if not name or len(name) > MAX_NAME:
         raise BadName(f"identity must be a name of 1-{MAX_NAME} characters")
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
-                or c in "/\\"), None)
+                or (unicodedata.category(c) == "Zs" and c != " ") or _invisible(c) or c in "/\\"), None)
     if bad is not None:
         raise BadName(f"identity may not contain {unicodedata.name(bad, f'U+{ord(bad):04X}')} "
-                         f"(U+{ord(bad):04X}): use letters, digits, spaces and punctuation")
+                      f"(U+{ord(bad):04X}): use letters, digits, spaces and punctuation")
+    if name in (".", "..") or unicodedata.category(name[0]).startswith("M") or \
+            not any(unicodedata.category(c)[0] in "LN" for c in name):
+        raise BadName("identity must hold a letter or digit, and may not start with a combining mark or be . or ..")
+    scripts = {_script(c) for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c).startswith("L")}
+    if len(scripts) > 1 and not any(scripts <= together for together in _SCRIPTS_TOGETHER):
+        raise BadName(f"identity mixes the {', '.join(sorted(scripts))} scripts, which makes look-alike names "
+                      "(a Cyrillic a for a Latin one); write it in one script")
     return name
 
 
 def host_of(value: str) -> str:
-    """The host of a Host header without its port ("[::1]:8000" -> "::1")."""
+    """The host of a Host header without its port ("[::1]:8000" -> "::1"); "" when the header is malformed (a
+    port that is not a number: "localhost:evil"), which no allow-list holds."""
     value = value.strip().lower()
     if value.startswith("["):
-        return value[1:value.find("]")] if "]" in value else value
-    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+        host, _, rest = value[1:].partition("]")
+    elif value.count(":") == 1:
+        host, rest = value.split(":")[0], ":" + value.split(":")[1]
+    else:
+        host, rest = value, ""
+    if rest and not (rest.startswith(":") and rest[1:].isdigit() and rest[1:].isascii()):
+        return ""
+    return host
 
 
 def _json(status: int, message: str) -> tuple[dict, list]:
@@ -96,6 +141,7 @@ class RequestGuard:
         if refusal is not None:
             return await self._send(send, *refusal)
         received, started, t0 = 0, False, time.monotonic()
+        limit = scope.get(BODY_LIMIT, self.max_body)
 
         async def counted() -> dict:
             nonlocal received
@@ -106,8 +152,8 @@ class RequestGuard:
                 raise BodyTimeout(f"the request body stalled or took over {self.body_timeout:g} s; send it "
                                   "whole, at once") from None
             received += len(message.get("body", b""))
-            if received > self.max_body:
-                raise BodyTooLarge(self.max_body)
+            if received > limit:
+                raise BodyTooLarge(limit)
             return message
 
         async def secured(message: dict) -> None:
@@ -145,10 +191,73 @@ class RequestGuard:
             await send(body)
 
 
+KEEP_ALIVE = 5  # seconds an idle connection stays open between two requests
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers larger than this are refused (h11's buffer)
+
+
+def header_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline for a request's line and headers: a connection that sends nothing,
+    or dribbles a header a byte at a time (slowloris), is closed ``seconds`` after it opened or after its last
+    request was answered. uvicorn has keep-alive and body timeouts (RequestGuard) but none for the head; this is
+    the few lines that add one."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _head_timer = None
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(seconds, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm()  # a head begun but not finished: the deadline runs from its first byte
+            else:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            self._disarm()  # the keep-alive timeout takes over until the next request's first byte
+            super().on_response_complete()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _head_too_slow(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+class AccessLogWithoutQuery(logging.Filter):
+    """uvicorn's access log lines without the query string: a token or a name sent there must not reach the log
+    (uvicorn.access records carry (client, method, path?query, version, status) as their args)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?…", *args[3:])
+        return True
+
+
 class RateLimiter:
     """A token bucket per client address: ``rate`` requests a second on average, bursts of ``burst``.
 
-    For requests without a token (--public-read): one client cannot take the model thread from everyone else.
+    For requests without a token (--public-read): one client cannot take the model thread from everyone else
+    (one bucket counts requests, another the work they ask for: megapixels x faces).
     Hand-written: the libraries for this (slowapi, limits) bring storage back ends a single process does not need;
     this is the 20 lines of the textbook algorithm. ``clock``: monotonic seconds (tests pass a fake one).
     """
@@ -159,13 +268,25 @@ class RateLimiter:
         self.rate, self.burst, self.clock = float(rate), float(burst), clock
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def allow(self, client: str) -> float:
-        """0 when the request may go on, else the seconds until it would (the Retry-After)."""
+    def allow(self, client: str, cost: float = 1.0) -> float:
+        """0 when a request of ``cost`` tokens may go on (and they are taken), else the seconds until it would (the
+        Retry-After). ``cost=0`` asks only whether the client is out of debt (see ``charge``)."""
+        tokens = self._refilled(client)
+        wait = 0.0 if tokens >= cost else (cost - tokens) / self.rate
+        self._put(client, tokens - cost if not wait else tokens)
+        return wait
+
+    def charge(self, client: str, cost: float) -> None:
+        """Take ``cost`` tokens for work already done, into debt if need be: the client waits it off before its
+        next request (the cost of a photo is known only once it is decoded and its faces found)."""
+        self._put(client, self._refilled(client) - cost)
+
+    def _refilled(self, client: str) -> float:
         now = self.clock()
         tokens, last = self._buckets.pop(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
-        self._buckets[client] = (tokens - 1 if not wait else tokens, now)  # re-inserted: the newest at the end
+        return min(self.burst, tokens + (now - last) * self.rate)
+
+    def _put(self, client: str, tokens: float) -> None:
+        self._buckets[client] = (tokens, self.clock())  # re-inserted: the newest at the end
         if len(self._buckets) > self.MAX_CLIENTS:
             self._buckets.pop(next(iter(self._buckets)))
-        return wait

@@ -1,5 +1,5 @@
 """The service's endpoints, one router per concern (see service/app.py for the list): ``info_routes`` (the page,
-/healthz, /status), ``probe_routes`` (verify, search, recognize, detect: they read the gallery), and
+/healthz, /readyz, /status), ``probe_routes`` (verify, search, recognize, detect: they read the gallery), and
 ``gallery_routes`` (people and faces: list, enrol, rename, delete). Each endpoint declares its scope with
 ``@scoped``; the guard in app.py checks it before the body is read.
 """
@@ -11,11 +11,11 @@ from functools import partial
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .context import PAGE, Service, ServiceError, Timer, checked_name, scoped
-from .faces import faces_in
+from .context import MANY, PAGE, Service, ServiceError, Timer, checked_name, scoped
+from .faces import TooManyFaces, faces_in
 from .tokens import PUBLIC
 
 log = logging.getLogger("facesiam.serve")
@@ -39,10 +39,24 @@ def info_routes(service: Service) -> APIRouter:
     async def healthz():
         return {"status": "ok"}  # says nothing about the model or the gallery to callers without a token
 
+    @router.get("/readyz")
+    @scoped(PUBLIC)
+    async def readyz():
+        """For a load balancer: 200 when this process can serve every endpoint, 503 (and which part is not
+        ready: model, index, database) otherwise; /healthz only says the process lives."""
+        waiting = [part for part, ready in (("model", service.batcher.running), ("index", store.index is not None),
+                                            ("database", await run_in_threadpool(store.db.ping))) if not ready]
+        if waiting:
+            return JSONResponse({"status": "not ready", "waiting_for": waiting}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return {"status": "ready"}
+
     @router.get("/status")
     @scoped("admin")
     async def status():
-        return {"status": "ok", "model": settings.model_name, "gallery_size": store.size,
+        reachable = await run_in_threadpool(store.db.ping)
+        return {"status": "ok" if reachable else "database unreachable", "model": settings.model_name,
+                "gallery_size": store.size,
                 "identities": len(store.identities()), "database": store.db.describe(),
                 "index": store.index.describe(), "threshold": settings.threshold,
                 "threshold_source": settings.threshold_source, "batching": service.batcher.stats.as_dict(),
@@ -51,17 +65,21 @@ def info_routes(service: Service) -> APIRouter:
     return router
 
 
+def k_of(value, default: int) -> int:
+    """The number of matches asked for: a whole number, or its digits in a form field (not true, 2.5 or "2.5")."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError(value)
+        k = default if value in (None, "") else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ServiceError(400, f"k must be a whole number between 1 and 100, got {value!r}") from None
+    if not 1 <= k <= 100:
+        raise ServiceError(400, f"k must be between 1 and 100, got {k}")
+    return k
+
+
 def probe_routes(service: Service) -> APIRouter:
     router, settings = APIRouter(), service.settings
-
-    def k_of(value, default: int) -> int:
-        try:
-            k = default if value in (None, "") else int(value)
-        except (TypeError, ValueError):
-            raise ServiceError(400, f"k must be a whole number between 1 and 100, got {value!r}") from None
-        if not 1 <= k <= 100:
-            raise ServiceError(400, f"k must be between 1 and 100, got {k}")
-        return k
 
     def decision(similarity: float) -> dict:
         same = similarity >= settings.threshold
@@ -75,7 +93,7 @@ def probe_routes(service: Service) -> APIRouter:
         return form, upload, image
 
     @router.post("/verify")
-    @scoped("read")
+    @scoped("read", uploads=2)
     async def verify(request: Request):
         timer = Timer()
         if sent_json(request):
@@ -85,6 +103,7 @@ def probe_routes(service: Service) -> APIRouter:
             form = await service.form(request, files=2, fields=0)
             uploads = [service.upload(form, "image1"), service.upload(form, "image2")]
             images = [(await service.read_image(u, f"image{i + 1}", timer))[0] for i, u in enumerate(uploads)]
+            service.charge(request, sum(image.width * image.height for image in images))
             emb = await service.embed(images, [f"image{i + 1} ({u.filename})" for i, u in enumerate(uploads)], timer)
         result = decision(float(np.dot(emb[0], emb[1])))
         log.info("verify: similarity %.4f -> %s (%.0f ms)", result["similarity"], result["decision"],
@@ -92,7 +111,7 @@ def probe_routes(service: Service) -> APIRouter:
         return {**result, "timings": timer.done(), "ms": timer.done()["total_ms"]}
 
     @router.post("/search")
-    @scoped("read")
+    @scoped("read", uploads=1)
     async def search(request: Request):
         timer = Timer()
         if sent_json(request):
@@ -100,6 +119,7 @@ def probe_routes(service: Service) -> APIRouter:
             k, emb = k_of(data.get("k"), settings.top_k), service.embedding_of(data, "embedding")
         else:
             form, upload, image = await one_photo(request, timer)
+            service.charge(request, image.width * image.height)
             k = k_of(form.get("k"), settings.top_k)
             emb = await service.embed([image], [f"image ({upload.filename})"], timer)
         matches = [{"identity": m["identity"], "score": m["score"], "face": m["face"]}
@@ -116,14 +136,19 @@ def probe_routes(service: Service) -> APIRouter:
         if service.embedder.aligner is None or not settings.align:
             raise ServiceError(400, "this service runs without a face detector (the model was trained on crops, or "
                                     "--no-align): send one aligned face to /search instead")
-        faces, emb, times = await service.batcher.run_in_model_thread(partial(faces_in, embed=embed),
-                                                                      service.embedder, image)
+        try:
+            faces, emb, times = await service.batcher.run_in_model_thread(
+                partial(faces_in, embed=embed, max_faces=settings.max_faces), service.embedder, image)
+        except TooManyFaces as err:
+            service.charge(request, image.width * image.height, err.found)  # the detector ran over them all
+            raise ServiceError(413, str(err)) from None
+        service.charge(request, image.width * image.height, len(faces))
         for name, ms in times.items():
             timer.add(name, ms)
         return form, image, faces, emb, timer
 
     @router.post("/detect")
-    @scoped("read")
+    @scoped("read", uploads=1)
     async def detect(request: Request):
         _, image, faces, _, timer = await every_face(request, embed=False)
         log.info("detect: %d face(s) (%.0f ms)", len(faces), timer.done()["total_ms"])
@@ -133,7 +158,7 @@ def probe_routes(service: Service) -> APIRouter:
                 "timings": timer.done()}
 
     @router.post("/recognize")
-    @scoped("read")
+    @scoped("read", uploads=1)
     async def recognize(request: Request):
         form, image, faces, emb, timer = await every_face(request, embed=True)
         k = k_of(form.get("k"), min(settings.top_k, 3))
@@ -157,7 +182,7 @@ def gallery_routes(service: Service) -> APIRouter:
     router, settings, store = APIRouter(), service.settings, service.store
 
     @router.post("/enroll")
-    @scoped("write")
+    @scoped("write", uploads=MANY)
     async def enroll(request: Request):
         timer = Timer()
         if sent_json(request):
@@ -215,7 +240,8 @@ def gallery_routes(service: Service) -> APIRouter:
     @router.delete("/faces/{face_id}")
     @scoped("write")
     async def delete_face(face_id: int):
-        identity = await run_in_threadpool(store.delete_face, face_id)
+        # ids are 64-bit: a larger number names no face (and would not fit SQLite's INTEGER)
+        identity = await run_in_threadpool(store.delete_face, face_id) if 0 < face_id < 2 ** 63 else None
         if identity is None:
             raise ServiceError(404, f"face {face_id} is not in the gallery")
         return {"face": face_id, "identity": identity, "images": store.count(identity), "gallery_size": store.size}

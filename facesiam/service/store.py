@@ -22,10 +22,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConflictError, InputError
 from ..eval.gallery import ENTRIES_FILE, INDEX_FILE, META_FILE, Gallery, unit_rows
 from ..fileio import recover_directory
-from .database import SQLITE_FILE, FaceDatabase, open_database
+from .database import SQLITE_FILE, DatabaseUnavailable, FaceDatabase, open_database
+from .hardening import identity_key
 from .live_index import LiveIndex
 
 log = logging.getLogger("facesiam.serve")
@@ -46,6 +47,7 @@ class GalleryStore:
         self.seq = snap.seq
         self.names: dict[int, str] = dict(snap.names)  # identity id -> name
         self.by_name: dict[str, int] = {n: i for i, n in self.names.items()}
+        self.by_key: dict[str, int] = {identity_key(n): i for i, n in self.names.items()}  # look-alikes (hardening)
         self.face_identity: dict[int, int] = dict(zip(snap.face_ids.tolist(), snap.identity_ids.tolist()))
         ids, counts = np.unique(snap.identity_ids, return_counts=True)
         self.counts: dict[int, int] = dict(zip(ids.tolist(), counts.tolist()))
@@ -95,18 +97,43 @@ class GalleryStore:
                     self.counts[ident] -= 1
                     if not self.counts[ident]:
                         del self.counts[ident]
-                        self.by_name.pop(self.names.pop(ident, None), None)
+                        gone = self.names.pop(ident, None)
+                        self.by_name.pop(gone, None)
+                        if gone is not None and self.by_key.get(identity_key(gone)) == ident:
+                            del self.by_key[identity_key(gone)]
                 self.seq = change.seq
             flush()
             return len(changes)
+
+    def _caught_up(self) -> None:
+        """catch_up after this process's own committed write: the write stands even when the database went away
+        right after it (answering 503 would make the client send it again); the listener catches up later."""
+        try:
+            self.catch_up()
+        except DatabaseUnavailable as err:
+            log.warning("a write committed but the index could not catch up yet: %s", err)
 
     def _name(self, ident: int, name: str) -> None:
         old = self.names.get(ident)
         if old != name:
             if old is not None and self.by_name.get(old) == ident:
                 del self.by_name[old]
+            if old is not None and self.by_key.get(identity_key(old)) == ident:
+                del self.by_key[identity_key(old)]
             self.names[ident] = name
             self.by_name[name] = ident
+            self.by_key[identity_key(name)] = ident
+
+    def _not_look_alike(self, name: str, renaming: Optional[str] = None) -> None:
+        """ConflictError (409) when ``name`` is new but looks like an enrolled identity (the same NFKC, case-folded
+        key: "ａｌｉｃｅ" or "Alice" beside "alice"), other than the one being renamed."""
+        ident = self.by_key.get(identity_key(name))
+        if ident is None or self.names.get(ident) == name or (renaming is not None and
+                                                              self.by_name.get(renaming) == ident):
+            return
+        other = self.names.get(ident, "?")
+        raise ConflictError(f"identity {name!r} looks like the enrolled {other!r} (they differ only in case, width or "
+                            f"form); enrol into {other!r} or choose a name that reads differently")
 
     # ------------------------------------------------------------------ reads
     @property
@@ -147,25 +174,27 @@ class GalleryStore:
     # ------------------------------------------------------------------ writes (each one transaction)
     def enroll(self, identity: str, embeddings: np.ndarray, sources: Sequence[str]) -> tuple[list[int], int]:
         """Add one identity's faces; returns (their face ids, the identity's face count after the change)."""
+        self._not_look_alike(identity)
         ids = self.db.add_faces(identity, np.asarray(embeddings, np.float32), list(sources), self.model)
-        self.catch_up()
+        self._caught_up()
         return ids, self.count(identity)
 
     def delete(self, identity: str) -> int:
         """Remove an identity; returns how many faces it had (0: not enrolled, nothing written)."""
         removed = self.db.delete_identity(identity)
-        self.catch_up()
+        self._caught_up()
         return removed
 
     def delete_face(self, face_id: int) -> Optional[str]:
         """Remove one face; returns its identity's name (None: no such face)."""
         name = self.db.delete_face(face_id)
-        self.catch_up()
+        self._caught_up()
         return name
 
     def rename(self, old: str, new: str) -> bool:
+        self._not_look_alike(new, renaming=old)
         renamed = self.db.rename(old, new)
-        self.catch_up()
+        self._caught_up()
         return renamed
 
 

@@ -52,10 +52,7 @@ class TokenSet:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"token file {path} not found; write a token into it, e.g. {GENERATE} > {path}")
-        if os.name == "posix" and path.stat().st_mode & 0o077:
-            log.warning("token file %s can be read by other users (mode %o); `chmod 600 %s`", path,
-                        path.stat().st_mode & 0o777, path)
-        return cls(parse_tokens(path.read_text(encoding="utf-8"), str(path)), path, f"--token-file {path}")
+        return cls(read_token_file(path), path, f"--token-file {path}")
 
     @classmethod
     def single(cls, secret: str, source: str) -> "TokenSet":
@@ -72,7 +69,7 @@ class TokenSet:
             log.warning("SIGHUP: tokens come from %s, not a file; nothing to re-read", self.source)
             return False
         try:
-            tokens = parse_tokens(self.path.read_text(encoding="utf-8"), str(self.path))
+            tokens = read_token_file(self.path)
         except (OSError, InputError) as err:
             log.error("SIGHUP: kept the %d tokens in force: %s", len(self.tokens), err)
             return False
@@ -88,6 +85,19 @@ class TokenSet:
         return found
 
 
+def read_token_file(path: Path) -> list[Token]:
+    """The tokens of a token file (InputError naming the file and line when it is not one); warns, at start and on
+    every reload, when other users may read it."""
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        log.warning("token file %s can be read by other users (mode %o); `chmod 600 %s`", path,
+                    path.stat().st_mode & 0o777, path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text (byte {err.start}); write the tokens as plain text") from None
+    return parse_tokens(text, str(path))
+
+
 def parse_tokens(text: str, where: str) -> list[Token]:
     tokens = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -99,8 +109,9 @@ def parse_tokens(text: str, where: str) -> list[Token]:
         check_secret(secret, place)
         chosen = frozenset(s.strip() for part in scopes for s in part.split(",") if s.strip()) or frozenset(SCOPES)
         unknown = sorted(chosen - set(SCOPES))
-        if unknown:
-            raise InputError(f"{place}: unknown scope {', '.join(unknown)}; scopes are {', '.join(SCOPES)} "
+        if unknown:  # a value as long as a token is not echoed: a line of two tokens must not reach the log
+            shown = [s if len(s) < MIN_TOKEN_CHARS else f"(a value of {len(s)} characters, not shown)" for s in unknown]
+            raise InputError(f"{place}: unknown scope {', '.join(shown)}; scopes are {', '.join(SCOPES)} "
                              "(comma-separated after the token)")
         tokens.append(Token(secret, chosen, place))
     if not tokens:

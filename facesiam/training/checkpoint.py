@@ -1,6 +1,7 @@
 """Resumable checkpoints and the run directory's model exports.
 
-    RUN/checkpoints/step-N/   accelerator.save_state (model, optimizer, scheduler, scaler, RNG, EMA) + TrainState
+    RUN/checkpoints/step-N/   accelerator.save_state (model, optimizer, scheduler, scaler, RNG, EMA)
+                              + train_state.json (TrainState: the loop's position, in a file facesiam names itself)
                               + centres-RANK-of-WORLD.pt per rank with Partial FC (each rank's class centres and
                               their optimizer state; restored onto any world size, re-sharded)
     RUN/best/, RUN/final/     exported models (model.safetensors + config.json) for inference
@@ -13,6 +14,7 @@ to the new batch plan.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import asdict, dataclass
@@ -22,12 +24,12 @@ from typing import Any, Optional
 import torch
 
 from ..errors import InputError
-from ..fileio import replace_directory
+from ..fileio import replace_directory, write_text
 from ..model import export_model
 
 log = logging.getLogger("facesiam.train")
 
-ACCELERATE_STATE_FILE = "custom_checkpoint_0.pkl"  # TrainState, the first object registered for checkpointing
+STATE_FILE = "train_state.json"  # TrainState; found by its own name, not by the order of Accelerate's registrations
 CENTRES_FILE = "centres-{rank}-of-{world}.pt"
 
 
@@ -52,6 +54,32 @@ class TrainState:
             setattr(self, key, value)
 
 
+def read_train_state(checkpoint: Path) -> TrainState:
+    """The loop's position saved in a checkpoint directory."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return TrainState(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise InputError(f"--resume {checkpoint}: not a complete facesiam checkpoint (no {STATE_FILE}); pass a "
+                         f"RUN/checkpoints/step-N directory or --resume latest") from None
+    except (ValueError, TypeError) as err:
+        raise InputError(f"{path}: not a facesiam train state ({err}); resume from another checkpoint") from None
+
+
+def find_checkpoint(run: Path, resume: Optional[str]) -> Optional[Path]:
+    """--resume latest|PATH -> a checkpoint directory (None: start fresh)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(run)
+        if not ckpts:
+            log.warning("--resume latest: no checkpoint in %s; starting from scratch", Path(run) / "checkpoints")
+        return ckpts[-1] if ckpts else None
+    path = Path(resume)
+    read_train_state(path)  # a one-line error now, not a traceback after the data and model were built
+    return path
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     """The complete checkpoints of a run, oldest first (half-written ``.tmp-step-N`` directories are not listed)."""
     ckpts = [p for p in (Path(run) / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
@@ -61,9 +89,10 @@ def list_checkpoints(run: Path) -> list[Path]:
 class Checkpointer:
     """Saves, keeps the newest K of, finds and restores checkpoints; exports best/ and final/ (main process)."""
 
-    def __init__(self, accelerator, run: Path, keep: int, alignment: Optional[dict] = None, centres=None,
-                 optimizer=None):
+    def __init__(self, accelerator, run: Path, keep: int, state: TrainState, alignment: Optional[dict] = None,
+                 centres=None, optimizer=None):
         self.accelerator = accelerator
+        self.state = state  # the loop's position, saved beside Accelerate's state
         self.run = Path(run)
         self.keep = max(1, keep)
         self.alignment = alignment  # the training data's face alignment: recorded in every export's config.json
@@ -81,6 +110,8 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if acc.is_main_process:
+            write_text(tmp / STATE_FILE, json.dumps(asdict(self.state), indent=1))
         if self.centres is not None:
             torch.save(self.centres.shard_state(self.optimizer), tmp / CENTRES_FILE.format(
                 rank=acc.process_index, world=acc.num_processes))
@@ -97,25 +128,12 @@ class Checkpointer:
         ckpts = list_checkpoints(self.run)
         return ckpts[-1] if ckpts else None
 
-    def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """--resume latest|PATH -> a checkpoint directory (None: start fresh)."""
-        if not resume:
-            return None
-        if resume == "latest":
-            found = self.latest()
-            if found is None:
-                log.warning("--resume latest: no checkpoint in %s; starting from scratch", self.run / "checkpoints")
-            return found
-        path = Path(resume)
-        if not (path / ACCELERATE_STATE_FILE).is_file():
-            raise InputError(f"--resume {path}: not a complete facesiam checkpoint (no {ACCELERATE_STATE_FILE}); "
-                             f"pass a RUN/checkpoints/step-N directory or --resume latest")
-        return path
-
-    def restore(self, path: Path, state: TrainState, batch_size: int) -> None:
-        """Load everything registered with the accelerator; map the epoch position onto another world size."""
-        acc = self.accelerator
+    def restore(self, path: Path, batch_size: int) -> None:
+        """Load everything registered with the accelerator and the train state; map the epoch position onto another
+        world size."""
+        acc, state = self.accelerator, self.state
         acc.load_state(str(path))
+        state.load_state_dict(asdict(read_train_state(path)))
         if self.centres is not None:
             self._restore_centres(path)
         if (state.world_size, state.batch_size) != (acc.num_processes, batch_size) and state.batches_in_epoch:

@@ -8,7 +8,8 @@ loss in fp32 -> backward -> clip -> step, or a skip when anything was non-finite
 to validate (training/validation.py) and checkpoint (training/checkpoint.py); a SIGTERM/SIGUSR1 stops every rank
 after the same step, checkpointed, with exit status 143 (training/preemption.py). Everything is built by
 training/setup.py; what is logged lives in training/tracking.py. Everything needed to resume is explicit: the
-model, optimizer, schedule (and scaler, EMA) states that Accelerate saves, plus ``TrainState``.
+model, optimizer, schedule (and scaler, EMA) states that Accelerate saves, plus ``TrainState``. A resume keeps the
+run's settings (training/run_config.py): RUN/config.yaml is written once, allowed changes go to its history.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ from typing import Any, Callable, NoReturn, Optional
 import numpy as np
 import torch
 
-from ..config import TrainConfig, save_yaml
+from ..config import TrainConfig
 from ..distill import teacher_cosine
 from ..errors import FacesiamError
 from ..optim import build_optimizer, build_schedule, evaluation_weights
 from . import setup
 from .cadence import Cadence
-from .checkpoint import Checkpointer, TrainState
+from .checkpoint import Checkpointer, TrainState, find_checkpoint
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, shield_loader_workers
+from .run_config import record_start
 from .tracking import RunLogger, StepWindow
-from .validation import Validator
+from .validation import build_validator
 
 log = logging.getLogger("facesiam.train")
 
@@ -54,7 +56,9 @@ class Trainer:
         self.run = Path(cfg.output)
         if self.main:
             self.run.mkdir(parents=True, exist_ok=True)
-            save_yaml(cfg, self.run / "config.yaml")
+        # Before anything is built: a resume that would change the run is refused here, in one line, on every rank.
+        resume_from = find_checkpoint(self.run, cfg.resume)
+        record_start(cfg, self.run, resume_from, write=self.main)
         acc.wait_for_everyone()
         set_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
 
@@ -70,7 +74,6 @@ class Trainer:
         self.schedule = build_schedule(cfg, optimizer, self.total_steps)
         self.learner, self.optimizer = acc.prepare(learner, optimizer)
         self.state = TrainState(world_size=acc.num_processes, batch_size=cfg.batch_size)
-        acc.register_for_checkpointing(self.state)
         if self.schedule.scheduler is not None:  # none for schedule-free: nothing to save, the layout stays as it was
             acc.register_for_checkpointing(self.schedule)
         self.network = acc.unwrap_model(self.learner).model  # the embedding network being trained
@@ -84,17 +87,16 @@ class Trainer:
             acc.register_for_checkpointing(self.ema)
         self.evaluated = self.ema.module if self.ema is not None else self.network  # what best/ and final/ hold
 
-        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints, alignment=self.data.alignment,
+        self.checkpointer = Checkpointer(acc, self.run, cfg.keep_checkpoints, self.state,
+                                         alignment=self.data.alignment,
                                          centres=getattr(learner.criterion, "partial", None), optimizer=self.optimizer)
-        resume_from = self.checkpointer.resolve(cfg.resume)
         if resume_from is not None:
-            self.checkpointer.restore(resume_from, self.state, cfg.batch_size)
+            self.checkpointer.restore(resume_from, cfg.batch_size)
         elif cfg.loss.init_centres == "imprint":
             setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data)
         self.logger = RunLogger(acc, cfg, self.run, resumed_step=self.state.step if resume_from else None)
-        self.validator = (Validator(acc, cfg, self.data.val, self.checkpointer, self.logger,
-                                    probe=self._teacher_probe())
-                          if self.data.val is not None else None)
+        self.validator = build_validator(acc, cfg, self.data.val, self.checkpointer, self.logger,
+                                         probe=self._teacher_probe())  # None: no val split and no val_bin
         self.cadence = Cadence(cfg.val_every_steps, cfg.checkpoint_every_steps, validation=self.validator is not None)
         if resume_from is not None:
             self.cadence.resumed_at(self.state.step)

@@ -8,6 +8,7 @@ The loop (training/loop.py) only wires these together; nothing here runs a train
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
 from ..augment.transforms import build_eval_transform, build_train_transform
-from ..data import DistributedPerClassSampler, ShardDataset
+from ..data import DistributedPerClassSampler, RecordDataset, ShardDataset
+from ..data.recordio import is_record_folder
 from ..augment.batch import DeferredTrainTransform, ModelInput, collate
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.remote import is_remote
@@ -30,6 +32,7 @@ from ..errors import InputError
 from ..eval.embed import LOADER_TIMEOUT
 from ..losses import Criterion
 from ..model import EmbeddingModel, batch_statistics, build_model
+from ..partial_fc import exclude_from_ddp
 
 log = logging.getLogger("facesiam.train")
 
@@ -51,21 +54,39 @@ class MetricLearner(nn.Module):
             return self.criterion(embeddings.float(), labels)
 
 
+LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch --config_file X` sets from X
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """The run's precision, with one source of truth: the launcher's unless the config names one, and then the two
+    must agree (Accelerate itself silently prefers the argument, so an 8-GPU bf16 launch config would train in fp32)."""
+    launcher = os.environ.get(LAUNCHER_PRECISION) or None
+    if cfg.mixed_precision is not None and launcher is not None and cfg.mixed_precision != launcher:
+        raise InputError(f"mixed_precision {cfg.mixed_precision} in the run's config disagrees with the launcher's "
+                         f"{launcher} ({LAUNCHER_PRECISION}, from accelerate launch --config_file); drop one of them "
+                         f"or make them agree")
+    return cfg.mixed_precision or launcher or "no"
+
+
 def build_accelerator(cfg: TrainConfig):
-    """Accelerate on CUDA when there is one, else CPU (gloo between processes); accumulation is the loop's own."""
+    """Accelerate on CUDA when there is one, else CPU (gloo between processes); accumulation is the loop's own.
+
+    cfg.mixed_precision is set to the precision that runs (resolve_precision), so RUN/config.yaml records it."""
     from accelerate import Accelerator
 
     use_cuda = resolve_device().type == "cuda"
-    if cfg.mixed_precision == "fp16" and not use_cuda:
+    precision = resolve_precision(cfg)
+    if precision == "fp16" and not use_cuda:
         raise InputError("mixed_precision fp16 needs CUDA (fp16 autocast does nothing on CPU); use bf16 or no")
-    return Accelerator(cpu=not use_cuda, mixed_precision=cfg.mixed_precision)
+    cfg.mixed_precision = precision
+    return Accelerator(cpu=not use_cuda, mixed_precision=precision)
 
 
 @dataclass
 class TrainData:
     """The train split with its sampler and loader, and the (optional) validation split."""
 
-    train: ShardDataset
+    train: ShardDataset | RecordDataset
     val: Optional[ShardDataset]
     sampler: DistributedPerClassSampler
     loader: DataLoader
@@ -100,14 +121,23 @@ class TrainData:
                 window = []
 
 
+def record_metadata(data: str) -> dict:
+    """What build_data reads of dataset.json, for a RecordIO folder: one split, and the alignment insightface's data
+    has (faces/record.recorded_alignment), so exported models detect and align raw photos as it was made."""
+    from ..faces.record import recorded_alignment
+
+    return {"splits": {"train": {}}, "alignment": {"info": recorded_alignment(data)}}
+
+
 def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_TIMEOUT) -> TrainData:
     """Shards -> datasets (seeded augmentation), the distributed per-class sampler and the loader (with workers, one
     that delivers nothing for ``loader_timeout`` seconds is an error)."""
-    if not is_remote(cfg.data) and not (Path(cfg.data) / METADATA_FILE).is_file():  # a URL: read_metadata says
+    record = not is_remote(cfg.data) and is_record_folder(cfg.data)  # insightface RecordIO, read directly
+    if not (record or is_remote(cfg.data) or (Path(cfg.data) / METADATA_FILE).is_file()):  # URL: read_metadata says
         raise InputError(f"{Path(cfg.data) / METADATA_FILE} not found; make shards first: "
                          f"python tools/make_shards.py FACES/ {cfg.data}")
     m, a = cfg.model, cfg.augment
-    meta = read_metadata(cfg.data)
+    meta = record_metadata(cfg.data) if record else read_metadata(cfg.data)
     if (meta.get("options") or {}).get("unlabeled"):
         if cfg.distill.teacher is None:
             raise InputError(f"{cfg.data} holds unlabelled photos (make_shards --unlabeled): a metric loss needs "
@@ -128,8 +158,8 @@ def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_
     model_input = ModelInput(accelerator.device, mean=m.mean, std=m.std, image_size=m.image_size,
                              augment_device=a.augment_device, channels_last=cfg.channels_last)
     deferred = a.augment_device != "loader"
-    train = ShardDataset(cfg.data, cfg.train_split, transform=DeferredTrainTransform(train_tf) if deferred
-                         else train_tf)
+    train = (RecordDataset if record else ShardDataset)(cfg.data, cfg.train_split, transform=DeferredTrainTransform(
+        train_tf) if deferred else train_tf)
     if a.augment_implementation == "fused":  # JPEGs decode reduced (1/2, 1/4, 1/8) while the crop allows,
         train.draft_size = train_tf.draft_size  # by OpenCV straight into the array the fused warp reads
         train.decode_array = True
@@ -206,10 +236,7 @@ def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Dis
     if distillation is None:
         learner = MetricLearner(model, Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes))
         if learner.criterion.partial is not None:  # each rank's centres differ: DDP must neither sync nor average them
-            from torch.nn.parallel import DistributedDataParallel
-
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                learner, learner.criterion.partial.ddp_ignored("criterion.loss"))
+            exclude_from_ddp(learner, learner.criterion.partial.ddp_ignored("criterion.loss"))
         return learner
     criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight)
     criterion.set_targets(*distillation.train, device=device)

@@ -1,5 +1,5 @@
 """Shards at URLs (facesiam/data/remote.py): a real S3-compatible server (moto's server mode) and an HTTP server with
-Range support (tests/data/servers.py), both started here on free loopback ports. Every sample read from them is
+Range support (facesiam/testing/servers.py), both started here on free loopback ports. Every sample read from them is
 compared byte for byte with the same shards on local disk. Skips when fsspec, s3fs, aiohttp or moto is missing
 (``pip install -e ".[dev]"`` installs them)."""
 
@@ -22,7 +22,7 @@ from facesiam.data import remote  # noqa: E402
 from facesiam.data.remote import is_remote  # noqa: E402
 from facesiam.errors import InputError  # noqa: E402
 
-from .servers import S3_ENV, RangeServer, start_moto  # noqa: E402
+from facesiam.testing.servers import S3_ENV, RangeServer, start_moto  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)  # a hung server fails its test; none should take more than a few seconds
 SPLITS = ("train", "val")

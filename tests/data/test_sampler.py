@@ -1,4 +1,5 @@
-"""The distributed per-class sampler's contract, checked for every rank of several world sizes."""
+"""The distributed per-class sampler's contract, checked for every rank of several world sizes, and its plan checked
+against the reference implementation (kept here as `reference_plan`) bit for bit."""
 
 import numpy as np
 import pytest
@@ -83,3 +84,138 @@ def test_errors_are_clear():
         DistributedPerClassSampler(_labels(), 10, 4)
     with pytest.raises(ValueError, match="distinct identities"):
         DistributedPerClassSampler(np.repeat(np.arange(3), 10), 16, 4, num_replicas=1)
+
+
+# ----------------------------------------------------------------------------- the plan equals the reference's
+
+def reference_plan(labels, batch_size, m, num_replicas, seed, epoch):
+    """The sampler's first (per-identity Python) implementation, kept as the definition of the plan: all ranks'
+    (steps x classes_per_step x m) indices and aug seeds."""
+    labels = np.asarray(labels, dtype=np.int64)
+    step_size = batch_size // m * num_replicas
+    order = np.argsort(labels, kind="stable")
+    _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    class_indices = [order[s:s + c] for s, c in zip(starts, counts)]
+    rng = np.random.default_rng([seed, epoch])
+    chunks, chunk_class, keys = [], [], []
+    for c, idx in enumerate(class_indices):
+        idx = rng.permutation(idx)
+        n_chunks = max(1, -(-len(idx) // m))
+        need = n_chunks * m - len(idx)
+        if need:
+            rest = len(idx) % m
+            pool = idx[:-rest] if len(idx) >= m else idx
+            idx = np.concatenate([idx, rng.choice(pool, size=need, replace=need > len(pool))])
+        u = rng.random()
+        for j in range(n_chunks):
+            chunks.append(idx[j * m:(j + 1) * m])
+            chunk_class.append(c)
+            keys.append((j + u) / n_chunks)
+    steps, current, in_step, waiting = [], [], set(), []
+    for k in np.argsort(np.asarray(keys), kind="stable"):
+        for queue in (waiting, [int(k)]):
+            for ci in list(queue):
+                if chunk_class[ci] in in_step:
+                    if queue is not waiting:
+                        waiting.append(ci)
+                    continue
+                if queue is waiting:
+                    waiting.remove(ci)
+                current.append(ci)
+                in_step.add(chunk_class[ci])
+                if len(current) == step_size:
+                    steps.append(current)
+                    current, in_step = [], set()
+    plan = np.asarray([[chunks[ci] for ci in step] for step in steps], dtype=np.int64)
+    plan = plan.reshape(len(steps), step_size, m)
+    aug_seeds = rng.integers(0, 2**31 - 1, size=plan.shape, dtype=np.int64)
+    return plan, aug_seeds
+
+
+def _assert_same_as_reference(labels, batch, m, world, seed=0, epoch=0):
+    plan, seeds = reference_plan(labels, batch, m, world, seed, epoch)
+    per_rank = batch // m
+    for rank in range(world):
+        s = DistributedPerClassSampler(labels, batch, m, num_replicas=world, rank=rank, seed=seed)
+        s.set_epoch(epoch)
+        mine = plan[:, rank * per_rank:(rank + 1) * per_rank].reshape(len(plan), batch)
+        theirs = seeds[:, rank * per_rank:(rank + 1) * per_rank].reshape(len(plan), batch)
+        expected = [list(zip(i.tolist(), s_.tolist())) for i, s_ in zip(mine, theirs)]
+        got = list(s)
+        assert s.steps_per_epoch() == len(plan)
+        assert got == expected, f"rank {rank} of {world} differs from the reference plan"
+        assert all(type(i) is int and type(a) is int for b in got[:3] for i, a in b)
+    return plan
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("epoch,seed", [(0, 0), (3, 7)])
+def test_plan_equals_reference_on_the_contract_data(world, epoch, seed):
+    _assert_same_as_reference(_labels(), 8, 4, world, seed, epoch)
+
+
+def _random_labels(rng, classes, kind):
+    if kind == "uniform":
+        counts = rng.integers(1, 12, size=classes)
+    elif kind == "small":  # mostly identities with fewer than m images
+        counts = rng.integers(1, 4, size=classes)
+    else:  # long-tailed, a few large identities whose chunks clash within a step
+        counts = np.minimum(400, np.maximum(1, (rng.pareto(1.0, size=classes) * 4).astype(int)))
+    ids = rng.choice(10 * classes, size=classes, replace=False)  # sparse, unsorted label values
+    return rng.permutation(np.repeat(ids, counts))
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_plan_equals_reference_on_random_label_sets(case):
+    rng = np.random.default_rng(1000 + case)
+    kind = ("uniform", "small", "long-tailed")[case % 3]
+    m = (1, 2, 3, 4, 5, 8)[case % 6]
+    world, per_rank = 1 + case % 4, 1 + (case // 4) % 3
+    labels = _random_labels(rng, int(rng.integers(world * per_rank, 150)), kind)
+    _assert_same_as_reference(labels, per_rank * m, m, world, seed=case, epoch=case % 5)
+
+
+def test_plan_equals_reference_on_a_medium_set_with_clashes(monkeypatch):
+    """Both ways of making steps: runs of clash-free steps at once, and the chunk-by-chunk replay."""
+    from facesiam.data import sampler as module
+
+    replays = []
+    real = module._replay
+    monkeypatch.setattr(module, "_replay", lambda *a: replays.append(1) or real(*a))
+    rng = np.random.default_rng(7)
+    labels = np.concatenate([_random_labels(rng, 3000, "long-tailed"), np.repeat([-1, -2], 900)])
+    plan = _assert_same_as_reference(labels, 16, 4, 16, seed=3, epoch=1)
+    assert len(plan) > 100 and replays, "the data must clash"
+    assert len(replays) < len(plan) / 4, "most steps come in clash-free runs"
+
+
+def test_plan_equals_reference_on_a_medium_set_of_many_identities():
+    """More identities than one stretch of the draw loop, several epochs."""
+    rng = np.random.default_rng(8)
+    labels = _random_labels(rng, 12000, "uniform")
+    for epoch in range(2):
+        _assert_same_as_reference(labels, 32, 4, 3, seed=9, epoch=epoch)
+
+
+def test_plan_equals_reference_through_the_rare_draw_paths(monkeypatch):
+    """The stretches redrawn with numpy's choice (forced here on every other stretch of 5 identities), numpy's
+    tail-shuffle choice (pool > 10000, need > pool // 50) and augmentation seeds drawn in several blocks."""
+    from facesiam.data import sampler as module
+
+    calls = []
+    real = module._unsettled
+    monkeypatch.setattr(module, "_SEGMENT", 5)
+    monkeypatch.setattr(module, "_SEED_VALUES", 50)
+    monkeypatch.setattr(module, "_unsettled", lambda f, b: calls.append(1) or len(calls) % 2 == 0 or real(f, b))
+    rng = np.random.default_rng(11)
+    _assert_same_as_reference(_random_labels(rng, 80, "uniform"), 12, 3, 2, seed=5, epoch=2)
+    assert len(calls) > 4
+    labels = np.repeat(np.arange(5), [10300, 700, 11000, 5, 1])
+    _assert_same_as_reference(labels, 512, 512, 1, seed=1)
+
+
+def test_one_photo_per_identity():
+    """Unlabeled photos (each its own identity, m = 1): every photo once an epoch."""
+    labels = np.arange(50)[::-1]
+    plan = _assert_same_as_reference(labels, 5, 1, 2, seed=2)
+    assert sorted(plan.reshape(-1).tolist()) == list(range(50))

@@ -101,17 +101,17 @@ def upload(path: Path) -> tuple[str, bytes, str]:
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
-# A real, throw-away PostgreSQL server (tests/service/postgres.py): one per session, one new database per test.
+# A real, throw-away PostgreSQL server (facesiam/testing/postgres.py): one per session, one new database per test.
 
 def _postgres_skip(reason: str) -> None:
     pytest.skip(f"PostgreSQL unavailable: {reason}; install Debian's postgresql package (see .ci/run)")
 
 
 @pytest.fixture(scope="session")
-def postgres_url(tmp_path_factory):
-    """URL (postgresql://facesiam@127.0.0.1:PORT/facesiam_test) of a fresh database on a server started for this
-    session; the server is stopped (pg_ctl stop -m immediate) at session end, whatever the tests did."""
-    from tests.service.postgres import PostgresUnavailable, start_postgres
+def postgres_server(tmp_path_factory):
+    """The PostgreSQL server started for this session (facesiam/testing/postgres.py: PostgresServer); stopped
+    (pg_ctl stop -m immediate) at session end, whatever the tests did."""
+    from facesiam.testing.postgres import PostgresUnavailable, start_postgres
 
     try:
         import psycopg  # noqa: F401
@@ -122,15 +122,21 @@ def postgres_url(tmp_path_factory):
     except PostgresUnavailable as exc:
         _postgres_skip(str(exc))
     try:
-        yield server.create_database("facesiam_test")
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server):
+    """URL (postgresql://facesiam@127.0.0.1:PORT/facesiam_test) of a fresh database on the session's server."""
+    return postgres_server.create_database("facesiam_test")
 
 
 @pytest.fixture
 def postgres_db(postgres_url):
     """URL of a NEW empty database for this test only (dropped afterwards), on the session's server."""
-    from tests.service.postgres import create_database, drop_database
+    from facesiam.testing.postgres import create_database, drop_database
 
     url = create_database(postgres_url)
     yield url

@@ -74,3 +74,52 @@ def test_two_servers_follow_each_other_and_kill_9_loses_nothing(tiny_model_dir, 
         while b.client.get("/status", headers=b.auth).json()["gallery_size"] != stored:
             assert time.monotonic() < deadline, b.output()
             time.sleep(0.02)
+
+
+def test_writes_and_readiness_come_back_after_postgres_restarts(tiny_model_dir, postgres_server, postgres_db, tmp_path):
+    """Issue 40: after a PostgreSQL restart every write answered 500 until serve itself was restarted, while /healthz
+    said ok and searches ran on a stale index. Now: 503 (and /readyz 503) while the database is away, then writes,
+    listings and other processes' changes (caught up by seq) work again without restarting serve."""
+    from facesiam.eval.embed import TorchEmbedder
+
+    dim = TorchEmbedder(tiny_model_dir, device="cpu").embedding_dim
+    rng = np.random.default_rng(1)
+    args = ["--checkpoint", str(tiny_model_dir), "--db", postgres_db, "--threshold", "0.5", "--device", "cpu"]
+
+    def enrol(srv, name):
+        return srv.client.post("/enroll", json={"identity": name, "embeddings": rng.normal(size=(1, dim)).tolist()},
+                               headers=srv.auth)
+
+    with Server(args, log=tmp_path / "serve.log") as srv:
+        assert enrol(srv, "before").status_code == 200
+        assert srv.client.get("/readyz").json() == {"status": "ready"}
+        postgres_server.pause()
+        try:
+            for name in ("during", "during2"):  # the first finds the connection gone, the second the server away
+                r = enrol(srv, name)
+                assert r.status_code == 503 and "unreachable" in r.json()["error"], r.text
+            assert srv.client.get("/identities/before/faces", headers=srv.auth).status_code == 503
+            r = srv.client.get("/readyz")
+            assert r.status_code == 503 and r.json()["waiting_for"] == ["database"]
+            assert srv.client.get("/healthz").status_code == 200  # alive, only not ready
+        finally:
+            postgres_server.resume()
+        deadline = time.monotonic() + 15
+        while (r := enrol(srv, "after")).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, (r.text, srv.output())
+            time.sleep(0.2)
+        assert srv.client.get("/readyz").status_code == 200
+        assert srv.client.get("/identities/after/faces", headers=srv.auth).json()["count"] == 1
+        # another process writes: the listener reconnected and the index catches up (not stale)
+        x = rng.normal(size=(1, dim)).astype(np.float32)
+        db = open_database(postgres_db, None)
+        try:
+            db.add_faces("elsewhere", x, ["test"], "test")
+        finally:
+            db.close()
+        deadline = time.monotonic() + 15
+        while srv.client.post("/search", json={"embedding": x[0].tolist()},
+                              headers=srv.auth).json()["identity"] != "elsewhere":
+            assert time.monotonic() < deadline, srv.output()
+            time.sleep(0.2)
+        assert "Traceback" not in srv.output()

@@ -373,7 +373,7 @@ def test_every_route_declares_a_scope_and_one_without_is_refused():
                                                  threshold_source="test"))
     declared = {(route.path, method): route.endpoint.scope for route in app.state.routes for method in route.methods}
     assert set(declared.values()) <= {*SCOPES, PUBLIC}
-    assert {k for k, v in declared.items() if v == PUBLIC} == {("/", "GET"), ("/healthz", "GET")}
+    assert {k for k, v in declared.items() if v == PUBLIC} == {("/", "GET"), ("/healthz", "GET"), ("/readyz", "GET")}
     assert declared[("/enroll", "POST")] == declared[("/faces/{face_id}", "DELETE")] == "write"
 
     @app.get("/forgotten")  # a route added without @scoped: refused, not public

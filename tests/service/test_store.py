@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from facesiam.errors import InputError
+from facesiam.errors import ConflictError, InputError
 from facesiam.eval.gallery import Gallery
 from facesiam.service.database import open_database
 from facesiam.service.live_index import LiveIndex
@@ -69,7 +69,7 @@ def exercise(store: GalleryStore, rng) -> dict:
     check()
     assert store.rename("p1", "Ann") and not store.rename("nobody", "x")
     rows = {i: ("Ann" if n == "p1" else n, v) for i, (n, v) in rows.items()}
-    with pytest.raises(InputError, match="exists already"):
+    with pytest.raises(ConflictError):  # a type the service maps to 409, whatever the message says
         store.rename("Ann", "p2")
     check()
     assert store.delete_face(more[0]) == "p0" and store.delete_face(more[0]) is None
@@ -174,3 +174,61 @@ def test_a_folder_holding_something_else_is_refused(tmp_path):
     with pytest.raises(InputError, match="is not a gallery"):
         open_store(tmp_path / "photos", None, DIM)
     assert os.listdir(tmp_path / "photos") == ["holiday.jpg"]
+
+
+def test_a_deleted_face_id_is_never_given_again(target):
+    """Issue 40: SQLite gave a deleted face's id to the next enrolment (a client's "face 7" became someone else)."""
+    db = open_database(target, DIM)
+    try:
+        x = unit(np.random.default_rng(0).normal(size=(2, DIM)))
+        first = db.add_faces("a", x, ["t", "t"], "m")
+        assert db.delete_face(first[-1]) == "a" and db.delete_identity("a") == 1
+        assert min(db.add_faces("b", x[:1], ["t"], "m")) > max(first)
+    finally:
+        db.close()
+
+
+def test_a_schema_1_sqlite_gallery_is_upgraded_to_ids_that_are_never_reused(tmp_path):
+    """A gallery written before AUTOINCREMENT (schema 1): its faces, names and log are kept, the faces' foreign key
+    still holds, and the next ids pass every id the log ever named (face 3 was deleted before the upgrade)."""
+    import sqlite3
+
+    path = tmp_path / "gallery.sqlite"
+    x = unit(np.random.default_rng(1).normal(size=(3, DIM)))
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE identities (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, created TEXT NOT NULL);
+        CREATE TABLE faces (id INTEGER PRIMARY KEY, identity_id BIGINT NOT NULL REFERENCES identities(id),
+            embedding BLOB NOT NULL, source TEXT NOT NULL, model TEXT NOT NULL, created TEXT NOT NULL);
+        CREATE INDEX faces_identity ON faces(identity_id);
+        CREATE TABLE changes (seq INTEGER PRIMARY KEY, op TEXT NOT NULL, face_id BIGINT, identity_id BIGINT);
+        INSERT INTO meta VALUES ('schema', '1'), ('dim', '16'), ('created', 'then');
+        INSERT INTO identities VALUES (1, 'ann', 'then'), (2, 'bo', 'then');
+        INSERT INTO changes (op, face_id, identity_id) VALUES ('add', 1, 1), ('add', 2, 2), ('add', 3, 2),
+            ('remove', 3, 2);
+    """)
+    conn.executemany("INSERT INTO faces VALUES (?, ?, ?, 't', 'm', 'then')", [(1, 1, x[0].tobytes()),
+                                                                            (2, 2, x[1].tobytes())])
+    conn.commit()
+    conn.close()
+    db = open_database(path, DIM)
+    try:
+        snap = db.snapshot()
+        assert snap.face_ids.tolist() == [1, 2] and snap.names == {1: "ann", 2: "bo"} and snap.seq == 4
+        np.testing.assert_array_equal(snap.embeddings, x[:2])
+        assert db.add_faces("cy", x[2:], ["t"], "m") == [4]  # not 3: the log named it
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            db._write(lambda cur: db._run(cur, "INSERT INTO faces (identity_id, embedding, source, model, created) "
+                                               "VALUES (99, x'00', 't', 'm', 'now')"))
+    finally:
+        db.close()
+    check = sqlite3.connect(path)
+    assert check.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("2",)
+    assert "AUTOINCREMENT" in check.execute("SELECT sql FROM sqlite_master WHERE name = 'faces'").fetchone()[0]
+    check.close()
+    reopened = open_database(path, DIM)  # upgraded once: opening again changes nothing
+    try:
+        assert reopened.snapshot().face_ids.tolist() == [1, 2, 4]
+    finally:
+        reopened.close()

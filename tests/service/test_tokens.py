@@ -57,3 +57,30 @@ def test_rate_limiter_is_a_token_bucket_per_client():
     assert limiter.allow("a") == 0 and limiter.allow("a") == pytest.approx(0.5)
     now[0] += 100
     assert [limiter.allow("a") for _ in range(4)][:3] == [0, 0, 0]  # refilled to the burst, no more
+
+
+def test_token_file_problems_are_one_line_never_the_token_and_warned_on_every_reload(tmp_path, caplog):
+    """Issue 40: a token file that is not UTF-8 gave a traceback on SIGHUP; a line of two tokens logged the second
+    verbatim (as an unknown scope); a 0644 file warned at start only."""
+    path = tmp_path / "tokens"
+    path.write_text("AAAAAAAAAAAAAAAA read\n")
+    path.chmod(0o600)
+    tokens = TokenSet.from_file(path)
+    path.write_bytes(b"\xff\xfeBBBBBBBBBBBBBBBB read\n")
+    with caplog.at_level(logging.INFO, logger="facesiam.serve"):
+        assert not tokens.reload()
+    assert "not UTF-8" in caplog.text and tokens.find("AAAAAAAAAAAAAAAA")
+    with pytest.raises(InputError, match="not UTF-8"):
+        TokenSet.from_file(path)
+    secret = "SecondTokenOnTheLine0123456789"
+    path.write_text(f"AAAAAAAAAAAAAAAA {secret}\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="facesiam.serve"):
+        assert not tokens.reload()
+    assert "unknown scope" in caplog.text and secret not in caplog.text
+    path.write_text("CCCCCCCCCCCCCCCC read\n")
+    path.chmod(0o644)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="facesiam.serve"):
+        assert tokens.reload()
+    assert "can be read by other users" in caplog.text

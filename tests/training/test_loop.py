@@ -52,8 +52,12 @@ def test_two_processes_train_validate_and_export(ddp_run):
 
 
 def _train_state(ckpt: Path) -> dict:
-    """The TrainState a checkpoint holds (Accelerate pickles registered objects' state_dict with torch.save)."""
-    return torch.load(ckpt / "custom_checkpoint_0.pkl", weights_only=False)
+    """The TrainState a checkpoint holds (its train_state.json)."""
+    from dataclasses import asdict
+
+    from facesiam.training.checkpoint import read_train_state
+
+    return asdict(read_train_state(ckpt))
 
 
 def test_two_process_checkpoint_resumes_mid_epoch_on_one_process(ddp_run, synthetic_shards, tmp_path, caplog):

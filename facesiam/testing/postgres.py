@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from tests.conftest import free_port
+from . import free_port
 
 COMMAND_TIMEOUT = 60  # seconds for every initdb / pg_ctl call (pg_ctl start waits up to START_WAIT itself)
 START_WAIT = 60
@@ -74,7 +74,8 @@ def find_bindir() -> Optional[Path]:
 
 
 class PostgresServer:
-    """A running server: ``url(dbname)``, ``create_database()``, ``stop()``, ``log_tail()``."""
+    """A running server: ``url(dbname)``, ``create_database()``, ``stop()``, ``log_tail()``; ``pause()`` and
+    ``resume()`` take it down and bring it back on the same port (a database restart under a running service)."""
 
     def __init__(self, bindir: Path, workdir: Path, run_as: Optional[list[str]], *, remove_workdir: bool):
         self.bindir = bindir
@@ -107,13 +108,13 @@ class PostgresServer:
         if out.returncode != 0:
             raise PostgresUnavailable(f"initdb failed (exit {out.returncode}): {_one_line(out.stderr or out.stdout)}")
 
-    def start(self, attempts: int = 3) -> None:
+    def start(self, attempts: int = 3, port: Optional[int] = None) -> None:
         if len(str(self.data)) + len("/.s.PGSQL.65535") > SOCKET_PATH_MAX:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pgsock-", dir="/tmp"))
             self._extra_dirs.append(self.socket_dir)
         reason = ""
         for _ in range(attempts):  # the free port can be taken between free_port() and the bind: try another
-            self.port = free_port()
+            self.port = port or free_port()
             options = (f"-p {self.port} -c listen_addresses=127.0.0.1 "
                        f"-c unix_socket_directories={shlex.quote(str(self.socket_dir))} -c fsync=off")
             try:
@@ -124,9 +125,20 @@ class PostgresServer:
             if out.returncode == 0:
                 return
             reason = f"pg_ctl start failed (exit {out.returncode}): {_one_line(self.log_tail() or out.stderr)}"
-            if "could not bind" not in self.log_tail() and "already in use" not in self.log_tail():
+            if port or ("could not bind" not in self.log_tail() and "already in use" not in self.log_tail()):
                 break
         raise PostgresUnavailable(reason)
+
+    def pause(self) -> None:
+        """pg_ctl stop -m fast: the server goes away (clients are disconnected), its data stays."""
+        out = self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t",
+                         str(COMMAND_TIMEOUT), "stop"], timeout=COMMAND_TIMEOUT + 10)
+        if out.returncode != 0:
+            raise PostgresUnavailable(f"pg_ctl stop failed: {_one_line(out.stderr or out.stdout)}")
+
+    def resume(self) -> None:
+        """Start the paused server again on the same port."""
+        self.start(attempts=1, port=self.port)
 
     def stop(self) -> None:
         """pg_ctl stop -m immediate (kill -9 the postmaster if that fails), then remove our directories."""
