@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda for --checkpoint (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="onnxruntime threads for --onnx (default: all cores)")
     p.add_argument("--access-log", action="store_true", help="log every request line (method, path, status)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: every log line a JSON "
+                   "object, and one access line per request (request id, method, route template, status, ms; never "
+                   "a token or the query string) whether or not --access-log is given (default: text)")
+    p.add_argument("--log-identities", action="store_true", help="name the identity in JSON access lines of the "
+                   "/identities/{name} routes (default: the route template only)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="also serve /metrics (Prometheus "
+                   "text format) without a token on 127.0.0.1:PORT; GET /metrics on --port always needs an admin "
+                   "token")
     add_align_argument(p)
     return p
 
@@ -124,7 +132,9 @@ def build(args: argparse.Namespace):
                                max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
                                allowed_hosts=allowed_hosts(args.host, args.allow_host),
                                body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6),
-                               max_faces=args.max_faces, public_cost_rate=args.public_cost_rate)
+                               max_faces=args.max_faces, public_cost_rate=args.public_cost_rate,
+                               metrics_port=args.metrics_port, json_access_log=args.log_format == "json",
+                               log_identities=args.log_identities)
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment
@@ -142,7 +152,13 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
 
     if args.header_timeout <= 0 or args.limit_concurrency < 1:
         raise InputError("--header-timeout must be > 0 and --limit-concurrency >= 1")
-    return {"host": args.host, "port": args.port, "log_level": "info", "access_log": args.access_log,
+    if args.metrics_port is not None and not (0 < args.metrics_port < 65536 and args.metrics_port != args.port):
+        raise InputError(f"--metrics-port must be a free port other than --port {args.port}, got {args.metrics_port}")
+    json_log = args.log_format == "json"
+    # one access log at a time: uvicorn's text lines (hardening.AccessLogWithoutQuery drops their query string), or
+    # with --log-format json service/metrics.py's RequestRecorder, and uvicorn's own loggers reach the JSON handler
+    return {"host": args.host, "port": args.port, "log_level": "info", "access_log": args.access_log and not json_log,
+            **({"log_config": None} if json_log else {}),
             "proxy_headers": bool(args.forwarded_allow_ips), "forwarded_allow_ips": args.forwarded_allow_ips or None,
             "timeout_keep_alive": KEEP_ALIVE, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
             "http": header_timeout_protocol(args.header_timeout), "limit_concurrency": args.limit_concurrency}
@@ -159,6 +175,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ..service.hardening import AccessLogWithoutQuery
 
     log_to_stderr()
+    if args.log_format == "json":
+        from ..service.metrics import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
     options = uvicorn_options(args)
     app, settings = build(args)
     try:
@@ -175,7 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     else:
         log.info("%d token(s) from %s%s", len(tokens.tokens), tokens.source,
                  " (re-read on SIGHUP)" if tokens.path else "")
-    print(f"facesiam serve: http://{args.host}:{args.port}/ (web page); POST /verify /search /recognize /detect "
-          f"/enroll (pid {os.getpid()})", file=sys.stderr, flush=True)
+    # logged, not printed: with --log-format json it is a JSON line like the rest (text: the same line as before)
+    log.info("facesiam serve: http://%s:%d/ (web page); POST /verify /search /recognize /detect /enroll (pid %d)",
+             args.host, args.port, os.getpid())
     logging.getLogger("uvicorn.access").addFilter(AccessLogWithoutQuery())
     uvicorn.run(app, **options)

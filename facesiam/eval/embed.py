@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,13 +44,15 @@ def _embed(model: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Te
 
 def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num_workers: int = 0,
                   flip: bool = False, accelerator: Any = None, progress: bool = True,
-                  loader_timeout: float = LOADER_TIMEOUT) -> tuple[np.ndarray, np.ndarray]:
+                  loader_timeout: float = LOADER_TIMEOUT,
+                  worker_init_fn: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings float32 N x D, labels int64 N) in dataset order.
 
     ``dataset[i] -> (image tensor, label)``. With an accelerate ``Accelerator``, process r embeds the r-th
     contiguous share and the shares are gathered, so every process returns all N rows. The model runs in eval
     mode (its previous mode is restored) on the accelerator's device, else on the device of its parameters.
-    With workers, a worker that delivers nothing for ``loader_timeout`` seconds is an error, not a hang.
+    With workers, a worker that delivers nothing for ``loader_timeout`` seconds is an error, not a hang;
+    ``worker_init_fn`` runs in each (training's validation shields them from stop signals).
     """
     n = len(dataset)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -59,7 +61,8 @@ def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num
     lo, hi = min(n, rank * share), min(n, (rank + 1) * share)
     loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False, timeout=loader_timeout if num_workers else 0)
+                        persistent_workers=False, timeout=loader_timeout if num_workers else 0,
+                        worker_init_fn=worker_init_fn)
     show = progress and (accelerator is None or accelerator.is_main_process)
     from tqdm.auto import tqdm
 

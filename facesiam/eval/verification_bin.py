@@ -275,7 +275,8 @@ class RawOutputs(nn.Module):
 
 
 def embed_bin(model: nn.Module, bins: BinSet, transform: Callable, *, batch_size: int = 128, num_workers: int = 0,
-              accelerator: Any = None, progress: bool = False) -> tuple[np.ndarray, Optional[float]]:
+              accelerator: Any = None, progress: bool = False,
+              worker_init_fn: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, Optional[float]]:
     """(the 2N mirror-sum embeddings, L2-normalised float32; XNorm) with facesiam's one embedding loop.
 
     Draws nothing from the torch RNGs (their states are restored): a training run that validates on .bin sets
@@ -288,7 +289,7 @@ def embed_bin(model: nn.Module, bins: BinSet, transform: Callable, *, batch_size
     with torch.random.fork_rng(devices=cuda):  # the loader's iterator seeds its workers from the global RNG
         raw = RawOutputs(model)
         emb, _ = embed_dataset(raw, BinImages(bins, transform), batch_size=batch_size, num_workers=num_workers,
-                               flip=True, accelerator=accelerator, progress=progress)
+                               flip=True, accelerator=accelerator, progress=progress, worker_init_fn=worker_init_fn)
         return emb, raw.xnorm(accelerator)
 
 

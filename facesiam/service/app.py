@@ -11,6 +11,8 @@
     PATCH /identities/{name}  JSON {name}    -> renamed                                               (write)
     DELETE /identities/{name}, /faces/{id}   -> removed                                               (write)
     GET  /status                             -> model, gallery, index, database, batching             (admin)
+    GET  /metrics                            -> Prometheus text format (service/metrics.py); also
+                                                without a token on 127.0.0.1:--metrics-port               (admin)
     GET  /healthz, GET /                     -> "ok" while the process lives; the web page              (public)
     GET  /readyz                             -> 200 when the model, the index and the database are ready,
                                                 503 otherwise (the database away: writes answer 503 too) (public)
@@ -39,6 +41,7 @@ from ..errors import ConflictError, InputError
 from .context import Service, ServiceError, ServiceSettings
 from .database import DatabaseUnavailable
 from .hardening import BODY_LIMIT, SECURITY_HEADERS, RequestGuard
+from .metrics import RequestRecorder
 from .routes import gallery_routes, info_routes, probe_routes
 from .store import GalleryStore, open_store
 
@@ -65,6 +68,9 @@ def create_app(embedder, settings: ServiceSettings, store: Optional[GalleryStore
     _install_guard(app, service, routes)
     for router in routers:
         app.include_router(router)
+    # outermost: it counts (and, with --log-format json, logs) every answer, the guards' refusals included
+    app.add_middleware(RequestRecorder, metrics=service.metrics, routes=routes,
+                       json_log=settings.json_access_log, log_identities=settings.log_identities)
     app.state.service, app.state.routes = service, routes
     return app
 
@@ -95,6 +101,8 @@ def _install_guard(app: FastAPI, service: Service, routes: list) -> None:
                     raise ServiceError(403, f"{request.url.path} declares no access scope; refused")
                 service.authorize(request, needs)
             except ServiceError as err:
+                if needs is not None:
+                    service.metrics.refused(needs, err.status)
                 return _error(err.status, err.message, err.headers)
         length = request.headers.get("content-length")
         if request.method in ("POST", "PATCH") and not (length or "").isdigit():

@@ -52,6 +52,7 @@ class Batcher:
         self.max_batch = max(1, int(max_batch))
         self.max_wait = max(0.0, max_wait_ms) / 1000.0
         self.stats = BatchStats()
+        self.on_batch: Optional[Callable[[int], None]] = None  # told each batch's size (service/metrics.py)
         self._queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facesiam-model")
@@ -64,6 +65,11 @@ class Batcher:
     def running(self) -> bool:
         """Whether batches are being served (started, not stopped or crashed): part of /readyz."""
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def queued(self) -> int:
+        """Images waiting for the model thread (the queue depth /metrics reports)."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -114,6 +120,8 @@ class Batcher:
             self.stats.batches += 1
             self.stats.images += len(batch)
             self.stats.largest = max(self.stats.largest, len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     if isinstance(result, Exception) and not isinstance(result, NoFace):  # NoFace is an answer

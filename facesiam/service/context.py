@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from fastapi import Request
@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.images import BadImage, TooManyPixels, rgb_from_bytes
 from .batcher import Batcher, NoFace, embed_many_for
 from .hardening import LOOPBACK_HOSTS, BadName, RateLimiter, normalize_identity
+from .metrics import ServiceMetrics, start_metrics_server
 from .store import GalleryStore
 from .tokens import PUBLIC, SCOPES, TokenSet
 
@@ -89,6 +90,12 @@ class ServiceSettings:
     """What the model is, for /status, the logs and each face's record in the database."""
     allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
     """Host header values served (others: 400): a web page elsewhere cannot reach the service by DNS rebinding."""
+    metrics_port: Optional[int] = None
+    """Also serve /metrics without a token on 127.0.0.1 at this port (None: only GET /metrics, admin scope)."""
+    json_access_log: bool = False
+    """Write one JSON access-log line per request (request id, method, route template, status, ms)."""
+    log_identities: bool = False
+    """Name the identity (the route's {name}) in JSON access-log lines; off: names are biometric records' keys."""
 
 
 class ServiceError(Exception):
@@ -100,13 +107,16 @@ class ServiceError(Exception):
 
 
 class Timer:
-    """Per-request timings in milliseconds, returned as ``timings`` (decode, detect, embed, search, total)."""
+    """Per-request timings in milliseconds, returned as ``timings`` (decode, detect, embed, search, total); each
+    step also goes to ``sink`` (the /metrics stage histograms: Service.timer)."""
 
-    def __init__(self):
-        self.t0, self.parts = time.perf_counter(), {}
+    def __init__(self, sink: Optional[Callable[[str, float], None]] = None):
+        self.t0, self.parts, self.sink = time.perf_counter(), {}, sink
 
     def add(self, name: str, ms: float) -> None:
         self.parts[name] = round(self.parts.get(name, 0.0) + ms, 1)
+        if self.sink is not None:
+            self.sink(name, ms)
 
     def timed(self, name: str, t: float) -> None:
         self.add(name, (time.perf_counter() - t) * 1000)
@@ -126,12 +136,21 @@ class Service:
         self.max_request = self.body_limit(MANY)  # the largest any endpoint takes
         self.limiter = RateLimiter(settings.public_rate, settings.public_burst)
         self.cost = RateLimiter(settings.public_cost_rate, settings.public_cost_rate * 10)  # megapixel-faces
+        self.metrics = ServiceMetrics(store, self.batcher)
+
+    def timer(self) -> Timer:
+        """A request's Timer, whose steps also go to the /metrics stage histograms."""
+        return Timer(self.metrics.stage)
 
     @asynccontextmanager
     async def lifespan(self, app):
         s = self.settings
         await self.batcher.start()
         self.store.follow()
+        metrics_server = None
+        if s.metrics_port is not None:
+            metrics_server, _ = start_metrics_server(self.metrics, s.metrics_port)
+            log.info("metrics without a token on http://127.0.0.1:%d/metrics", s.metrics_port)
         loop = asyncio.get_running_loop()
         try:  # rotate tokens without a restart: edit the token file, then `kill -HUP PID`
             loop.add_signal_handler(signal.SIGHUP, s.tokens.reload)
@@ -141,9 +160,14 @@ class Service:
                  s.model_name, self.store.db.describe(), self.store.size, len(self.store.identities()),
                  self.store.index.describe(), s.threshold, s.threshold_source,
                  f"up to {s.max_batch} images within {s.batch_wait_ms} ms" if s.max_batch > 1 else "off")
-        yield
-        await self.batcher.stop()
-        self.store.close()
+        try:
+            yield
+        finally:
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+            await self.batcher.stop()
+            self.store.close()
 
     def authorize(self, request: Request, scope: str) -> None:
         """Raise 401/403/429 unless the request may use ``scope`` (PUBLIC: anyone)."""

@@ -97,6 +97,7 @@ class FaceDatabase:
     def __init__(self, target: str, dim: Optional[int]):
         self.target, self.dim = target, dim
         self._lock = threading.RLock()
+        self.on_statement: Optional[Callable[[float], None]] = None  # told each statement's seconds (/metrics)
         self._retry_at, self._backoff, self.lost = 0.0, RETRY_FIRST, None  # lost: why the connection went away
         self._answered = float("-inf")  # when ping last succeeded
         self.conn = self._connect()
@@ -128,7 +129,10 @@ class FaceDatabase:
 
     # ------------------------------------------------------------------ plumbing
     def _run(self, cur, statement: str, params: Sequence = ()):
+        t = time.perf_counter()
         cur.execute(self._sql(statement), tuple(params))
+        if self.on_statement is not None:
+            self.on_statement(time.perf_counter() - t)
         return cur
 
     @contextmanager

@@ -11,11 +11,12 @@ from functools import partial
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .context import MANY, PAGE, Service, ServiceError, Timer, checked_name, scoped
 from .faces import TooManyFaces, faces_in
+from .metrics import CONTENT_TYPE_LATEST
 from .tokens import PUBLIC
 
 log = logging.getLogger("facesiam.serve")
@@ -62,6 +63,12 @@ def info_routes(service: Service) -> APIRouter:
                 "threshold_source": settings.threshold_source, "batching": service.batcher.stats.as_dict(),
                 "tokens": len(settings.tokens.tokens)}
 
+    @router.get("/metrics")
+    @scoped("admin")
+    async def metrics():
+        """Prometheus' text format (service/metrics.py); the gallery gauges are read now, off the event loop."""
+        return Response(await run_in_threadpool(service.metrics.text), media_type=CONTENT_TYPE_LATEST)
+
     return router
 
 
@@ -95,7 +102,7 @@ def probe_routes(service: Service) -> APIRouter:
     @router.post("/verify")
     @scoped("read", uploads=2)
     async def verify(request: Request):
-        timer = Timer()
+        timer = service.timer()
         if sent_json(request):
             data = await service.json_body(request)
             emb = np.concatenate([service.embedding_of(data, "embedding1"), service.embedding_of(data, "embedding2")])
@@ -113,7 +120,7 @@ def probe_routes(service: Service) -> APIRouter:
     @router.post("/search")
     @scoped("read", uploads=1)
     async def search(request: Request):
-        timer = Timer()
+        timer = service.timer()
         if sent_json(request):
             data = await service.json_body(request)
             k, emb = k_of(data.get("k"), settings.top_k), service.embedding_of(data, "embedding")
@@ -131,7 +138,7 @@ def probe_routes(service: Service) -> APIRouter:
                 "timings": timer.done(), "ms": timer.done()["total_ms"]}
 
     async def every_face(request: Request, *, embed: bool):
-        timer = Timer()
+        timer = service.timer()
         form, _, image = await one_photo(request, timer)
         if service.embedder.aligner is None or not settings.align:
             raise ServiceError(400, "this service runs without a face detector (the model was trained on crops, or "
@@ -184,7 +191,7 @@ def gallery_routes(service: Service) -> APIRouter:
     @router.post("/enroll")
     @scoped("write", uploads=MANY)
     async def enroll(request: Request):
-        timer = Timer()
+        timer = service.timer()
         if sent_json(request):
             data = await service.json_body(request)
             identity = checked_name(data.get("identity"))

@@ -91,6 +91,11 @@ def shield_loader_workers(loader) -> None:
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
 
 
+def shielded_worker_init() -> Callable[[int], None]:
+    """A worker_init_fn for loaders built elsewhere (validation's embedding loop): the same shield."""
+    return functools.partial(_ignore_stop_signals, None)
+
+
 def _ignore_stop_signals(init: Optional[Callable[[int], None]], worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -18,6 +18,7 @@ from ..config import TrainConfig
 from ..eval.verification_bin import BinSet, bin_metrics, bin_paths, bin_summary_line, embed_bin, read_bin
 from ..selection import BIN_PREFIX, selection_value
 from .checkpoint import Checkpointer, TrainState
+from .preemption import shielded_worker_init
 from .tracking import RunLogger
 
 log = logging.getLogger("facesiam.train")
@@ -64,8 +65,10 @@ class Validator:
 
         t0 = time.time()
         emb = labels = None
+        # Workers shielded like training's: a SIGTERM to the process group during validation must let the rank
+        # finish it, checkpoint and exit 143, not kill the workers under it (training/preemption.py).
         options = dict(batch_size=self.cfg.val_batch_size, num_workers=self.cfg.num_workers,
-                       accelerator=self.accelerator, progress=False)
+                       accelerator=self.accelerator, progress=False, worker_init_fn=shielded_worker_init())
         with self.accelerator.autocast():
             if self.dataset is not None:
                 emb, labels = embed_dataset(model, self.dataset, **options)

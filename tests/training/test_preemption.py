@@ -7,6 +7,7 @@ worker is killed with SIGKILL, the run ends with exactly the weights of an unint
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -91,6 +92,40 @@ def uninterrupted(synthetic_shards, tmp_path_factory):
     run = tmp_path_factory.mktemp("elastic") / "uninterrupted"
     assert demo.uninterrupted(synthetic_shards, run, STEPS) == [0, 0]
     return run
+
+
+def test_sigterm_during_validation_lets_it_finish_then_checkpoints_and_exits_143(synthetic_shards, tmp_path,
+                                                                                 monkeypatch):
+    """The signal reaches the rank and its validation loader's workers (torchrun and Slurm signal the process group)
+    while validation runs: the workers, shielded, deliver every batch; the rank validates, checkpoints, exits 143."""
+    from torch.utils.data import get_worker_info
+
+    from facesiam.data import ShardDataset
+    from facesiam.training import validation
+
+    read_sample = ShardDataset.__getitem__
+
+    def read_under_sigterm(self, index):
+        if get_worker_info() is not None:  # in a loader worker: the process group's signal reaches it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read_sample(self, index)
+
+    run_validation = validation.Validator.run
+
+    def validate_under_sigterm(self, model, state):
+        os.kill(os.getpid(), signal.SIGTERM)  # and the rank itself, just as validation starts
+        return run_validation(self, model, state)
+
+    monkeypatch.setattr(ShardDataset, "__getitem__", read_under_sigterm)
+    monkeypatch.setattr(validation.Validator, "run", validate_under_sigterm)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data", str(synthetic_shards), *demo.TINY, "--max-steps", "12", "--val-every-steps", "3",
+              "--num-workers", "2", "--val-batch-size", "8", "--output", str(run)])
+    assert stopped.value.code == PREEMPTED_EXIT_CODE
+    assert demo.checkpoints(run) == [3]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/auc" in r] == [3], "validation of step 3 finished and was logged"
 
 
 @pytest.fixture(scope="module")
