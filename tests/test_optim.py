@@ -149,15 +149,21 @@ def test_schedule_free_gets_no_schedule_and_validates_its_averaged_weights():
     assert plain.calls == []
 
 
-def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
-    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4,
-                                                          "eta_min": 0.0, "trunk_frozen_steps": 10}}, num_classes=5)
-    schedule = build_schedule(cfg, optimizer, total_steps=40)
+def _lr_trace(cfg, optimizer, steps: int) -> list:
+    """Every parameter group's lr at each of ``steps`` optimizer steps under cfg's schedule for a run that long."""
+    schedule = build_schedule(cfg, optimizer, total_steps=steps)
     lrs = []
-    for _ in range(40):
+    for _ in range(steps):
         lrs.append(_lrs(optimizer))
         optimizer.step()
         schedule.after_optimizer_step()
+    return lrs
+
+
+def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
+    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 4,
+                                                          "eta_min": 0.0, "trunk_frozen_steps": 10}}, num_classes=5)
+    lrs = _lr_trace(cfg, optimizer, 40)
     head, trunk, centres = (np.array(c) for c in zip(*lrs))
     cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * max(0, s - 4) / 36)) for s in range(40)]
     np.testing.assert_allclose(head[4:], cosine[4:], rtol=1e-6)
@@ -171,12 +177,7 @@ def test_frozen_trunk_keeps_lr_zero_then_warms_up_with_the_shared_cosine():
 def test_constant_schedule_cools_down_linearly_to_eta_min_over_its_last_steps():
     cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "constant", "warmup_steps": 4,
                                                           "eta_min": 1e-5, "cooldown_steps": 10}}, num_classes=5)
-    schedule = build_schedule(cfg, optimizer, total_steps=30)
-    lrs = []
-    for _ in range(30):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.after_optimizer_step()
+    lrs = [group_lrs[0] for group_lrs in _lr_trace(cfg, optimizer, 30)]
     expected = ([1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3] * 16
                 + [1e-5 + (1e-3 - 1e-5) * (9 - k) / 10 for k in range(10)])  # 9/10 of the way ... eta_min
     np.testing.assert_allclose(lrs, expected, rtol=1e-6)
@@ -186,12 +187,7 @@ def test_constant_schedule_cools_down_linearly_to_eta_min_over_its_last_steps():
 def test_poly_schedule_is_arcface_torchs_warmup_then_squared_decay_to_zero(power):
     cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 0.1, "scheduler": "poly", "warmup_steps": 4,
                                                           "eta_min": 1e-3, "poly_power": power}}, num_classes=5)
-    schedule = build_schedule(cfg, optimizer, total_steps=40)
-    lrs = []
-    for _ in range(40):
-        lrs.append(_lrs(optimizer))
-        optimizer.step()
-        schedule.after_optimizer_step()
+    lrs = _lr_trace(cfg, optimizer, 40)
     # arcface_torch's PolyScheduler: base_lr * (1 - (step - warmup) / (total - warmup)) ** 2 after a linear warm-up
     # (facesiam's warm-up counts the step being taken, so the first step already moves); eta_min plays no part.
     expected = [0.1 * (s + 1) / 4 for s in range(4)] + [0.1 * (1 - (s - 4) / 36) ** power for s in range(4, 40)]

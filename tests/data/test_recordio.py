@@ -316,15 +316,18 @@ def test_batched_shard_writing_is_byte_identical_to_one_at_a_time(tmp_path, max_
     names, sizes = ["a.jpg", "000001_0001.cls", "x" * 100], np.array([0, 5000, 8**11 - 1])
     assert ustar_headers(names, sizes) == b"".join(ustar_header(n, int(z)) for n, z in zip(names, sizes))
     rng = np.random.default_rng(0)
-    samples = [(f"{i // 7:06d}_{i % 7:04d}", rng.bytes(int(rng.integers(0, 9000))), "jpg", i // 7,
+    sizes = [512 * (i % 3) if i % 4 == 0 else int(rng.integers(0, 9000)) for i in range(120)]  # some unpadded
+    samples = [(f"{i // 7:06d}_{i % 7:04d}", rng.bytes(sizes[i]), "jpg", i // 7,
                 f"train.rec#{i}é", f"Zoë \"{i // 7}\"" + "x" * 600 * (i == 40)) for i in range(120)]  # a long .json
     one, many = (_SplitWriter(tmp_path / d, "train", max_samples, max_bytes) for d in ("one", "many"))
     for d in ("one", "many"):
         (tmp_path / d).mkdir()
     for sample in samples:
         one.add(*sample)
-    for k in range(0, len(samples), 33):
-        many.add_many(*[list(column) for column in zip(*samples[k:k + 33])])
+    cuts = [0, 1, 34, 67, 100, 101, 120]  # batches of 33 and of one sample
+    for lo, hi in zip(cuts, cuts[1:]):
+        many.add_many(*[list(column) for column in zip(*samples[lo:hi])])
+    many.add_many(*[[] for _ in range(6)])  # an empty batch writes nothing
     a, b = one.finish(), many.finish()
     assert one.shards == many.shards and one.shard_samples == many.shard_samples
     for name in one.shards:
