@@ -60,6 +60,10 @@ def read_train_state(checkpoint: Path) -> TrainState:
     try:
         return TrainState(**json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
+        if (Path(checkpoint) / "custom_checkpoint_0.pkl").is_file():  # facesiam before 2026-12-07
+            raise InputError(f"--resume {checkpoint}: written by an older facesiam (its position is in "
+                             f"custom_checkpoint_0.pkl, not {STATE_FILE}); resume it with that version, or start "
+                             f"from the run's best/ or final/ with --pretrained RUN/best") from None
         raise InputError(f"--resume {checkpoint}: not a complete facesiam checkpoint (no {STATE_FILE}); pass a "
                          f"RUN/checkpoints/step-N directory or --resume latest") from None
     except (ValueError, TypeError) as err:

@@ -61,6 +61,7 @@ def _tree_without(tmp_path: Path, missing: str) -> Path:
 
 
 @pytest.mark.timeout(DRY_RUN_TIMEOUT + 30)
+@pytest.mark.slow  # ~30 s: every tool of the script answers --help
 def test_the_dry_run_finds_everything_it_names():
     proc = _dry_run(REPO)
     assert proc.returncode == 0 and not _failures(proc), proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -126,6 +127,7 @@ def test_a_failing_step_and_an_unknown_flag_fail(tmp_path):
     assert _failures(proc) == [f"GPU_CHECK FAILED: {tool} has no option --sise (tools/gpu_check.sh passes it)"]
 
 
+@pytest.mark.slow  # ~30 s: every tool of the script answers --help
 def test_an_unknown_part_fails_and_the_iresnet50_part_dry_runs(tmp_path):
     proc = subprocess.run(["bash", SCRIPT, str(tmp_path / "out"), "speeed"], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=60)

@@ -52,3 +52,17 @@ def test_allowed_changes_are_the_ones_that_do_not_change_a_step():
     diff = changes(cfg, changed)
     assert set(diff) == {"max_steps", "num_workers", "output", "val_every_steps", "optim.lr", "loss.loss"}
     assert {key for key in diff if key.split(".")[-1] not in RESUME_MAY_CHANGE} == {"optim.lr", "loss.loss"}
+
+
+def test_a_resume_from_something_that_is_no_checkpoint_is_one_line(tmp_path):
+    from facesiam.errors import InputError
+    from facesiam.training.checkpoint import find_checkpoint
+
+    empty = tmp_path / "step-3"
+    empty.mkdir()
+    with pytest.raises(InputError, match="not a complete facesiam checkpoint .no train_state.json"):
+        find_checkpoint(tmp_path, str(empty))
+    (empty / "custom_checkpoint_0.pkl").write_bytes(b"")  # what facesiam wrote before train_state.json
+    with pytest.raises(InputError, match="written by an older facesiam"):
+        find_checkpoint(tmp_path, str(empty))
+    assert find_checkpoint(tmp_path, "latest") is None and find_checkpoint(tmp_path, None) is None
