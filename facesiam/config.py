@@ -171,7 +171,13 @@ class OptimConfig:
 @dataclass
 class DistillConfig:
     """Distillation from a face teacher (facesiam/distill.py): set ``teacher`` and the run learns to reproduce the
-    teacher's embedding of each training photo instead of a metric loss on labels (the ``loss`` section is unused)."""
+    teacher's embedding of each training photo instead of a metric loss on labels (the ``loss`` section is unused
+    unless ``label_weight`` adds it).
+
+    The teacher embeds each photo once; the result is cached (training/teacher_pass.py) in SHARDS/teacher-cache/ for
+    local shards this process may write, else (shards at s3://, gs://, https://, or a read-only folder) in
+    ``$FACESIAM_CACHE/teacher-cache/`` (default ~/.cache/facesiam/; point it beside the run, or with several nodes at
+    a folder they all see), keyed by the teacher, the shards and, there, the shards' location and index."""
 
     teacher: Optional[str] = None
     """None: a metric-learning run. ``dlib`` (dlib's ResNet face descriptor, pip install 'facesiam[teacher-dlib]') or
@@ -199,6 +205,10 @@ class DistillConfig:
     relational_weight: float = 0.0
     """Weight of the relational term: the batch's student cosine-similarity matrix matched to the teacher's (mean
     squared difference); 0 disables it."""
+    label_weight: float = 0.0
+    """Weight of the run's metric loss (the ``loss`` section) on the photos' labels, trained together with the
+    distillation loss from the first step; 0: distillation alone, no labels used. A triplet loss needs
+    m_per_class >= 2 (a positive in the batch)."""
 
 
 @dataclass
@@ -261,6 +271,11 @@ class TrainConfig:
     """Steps between metric logs."""
     max_nonfinite_steps: int = 20
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+    collective_timeout: float = 600.0
+    """Seconds a process waits for the others in one collective (the gradient all-reduce, a barrier) before the run
+    stops with a one-line error naming the peer: a node that drops off the network ends the run (torchrun may then
+    restart it) instead of hanging it for torch's default 30 minutes. A shorter network outage is ridden out. Raise
+    it when rank 0 alone does something long while the others wait (a large val split, a slow checkpoint store)."""
     wandb: Optional[Literal["off", "offline", "online"]] = None
     """off | offline | online. None: $WANDB_MODE if set, else offline. Nothing is uploaded unless online."""
     wandb_project: str = "facesiam"
@@ -506,5 +521,18 @@ def validate(cfg: TrainConfig) -> None:
     if d.teacher is not None and cfg.loss.init_centres == "imprint":
         raise InputError("loss.init_centres imprint has no class centres to imprint in a distillation run "
                          "(distill.teacher is set); drop one of them")
+    if d.label_weight < 0:
+        raise InputError("distill.label_weight must be >= 0")
+    if d.label_weight and d.teacher is None:
+        raise InputError("distill.label_weight adds the label loss to a distillation run: set distill.teacher, or "
+                         "drop label_weight for a metric-learning run")
+    if d.label_weight and d.teacher is not None:
+        if LOSSES.get(cfg.loss.loss).info["family"] == "pair" and cfg.m_per_class < 2:
+            raise InputError(f"distill.label_weight with the {cfg.loss.loss} loss needs positives in the batch: set "
+                             f"--m-per-class 2 or more (now {cfg.m_per_class})")
+        if cfg.loss.partial_fc:
+            raise InputError("distill.label_weight does not combine with loss.partial_fc; use a full margin loss")
+    if not cfg.collective_timeout > 0:
+        raise InputError(f"collective_timeout must be a positive number of seconds (got {cfg.collective_timeout})")
     if cfg.model.center_crop is not None and not 0 < cfg.model.center_crop <= 1:
         raise InputError("model.center_crop must be in (0, 1]")

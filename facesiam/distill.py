@@ -3,7 +3,8 @@
 The teacher (facesiam/faces/teachers.py: dlib's ResNet descriptor, or any ONNX face embedder) embeds every training
 photo once, from the original photo preprocessed its own way; training/teacher_pass.py caches those embeddings
 beside the shards. The student sees its own augmented, aligned view of the same photo, so the targets are fixed
-per photo and the loss below compares them with the student's embedding of the view. No labels are used.
+per photo and the loss below compares them with the student's embedding of the view. No labels are used, unless
+``distill.label_weight`` adds the run's metric loss on them in the same step.
 
 The loss is the angular distillation loss of ShrinkTeaNet (Duong et al., "ShrinkTeaNet: Million-scale Lightweight
 Face Recognition via Shrinking Teacher-Student Networks", 2019): 1 - cos(P(s), t), with P a linear projection to
@@ -33,19 +34,29 @@ class DistillCriterion(nn.Module):
 
     name = "distill"
 
-    def __init__(self, embedding_dim: int, teacher_dim: int, relational_weight: float = 0.0):
+    def __init__(self, embedding_dim: int, teacher_dim: int, relational_weight: float = 0.0,
+                 label_loss: Optional[nn.Module] = None, label_weight: float = 0.0):
         super().__init__()
         # A projection only when the sizes differ; it is trained with the student and dropped at export.
         self.projection = nn.Linear(embedding_dim, teacher_dim, bias=False) if embedding_dim != teacher_dim else None
         self.relational_weight = relational_weight
+        # distill.label_weight: the metric loss on the photos' labels (losses.Criterion), trained in the same step.
+        # A submodule, so that DDP synchronises its class centres like the student's weights.
+        self.label_loss = label_loss if label_weight else None
+        self.label_weight = label_weight
         self.targets: Optional[torch.Tensor] = None  # (N, teacher_dim) unit rows; a plain attribute: DDP must not
         self.found: Optional[torch.Tensor] = None    # broadcast it as a buffer at every step
+        self.labels: Optional[torch.Tensor] = None   # (N,) identity of dataset index i, for the label loss
 
     def set_targets(self, targets: np.ndarray | torch.Tensor, found: np.ndarray | torch.Tensor,
                     device: torch.device | str = "cpu") -> None:
         """The teacher's embedding of every training photo (row i: dataset index i) and whether it found a face."""
         self.targets = F.normalize(torch.as_tensor(np.asarray(targets), dtype=torch.float32), dim=1).to(device)
         self.found = torch.as_tensor(np.asarray(found), dtype=torch.bool).to(device)
+
+    def set_labels(self, labels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> None:
+        """The identity of every training photo (row i: dataset index i): the batch carries indices, not labels."""
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
 
     def project(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The student's embeddings in the teacher's space, unit length."""
@@ -66,6 +77,11 @@ class DistillCriterion(nn.Module):
             pair = weight[:, None] * weight[None, :]
             loss = loss + self.relational_weight * ((s @ s.t() - teacher @ teacher.t()) ** 2 * pair).sum() / pair.sum(
             ).clamp(min=1e-12)
+        if self.label_loss is not None:
+            if self.labels is None:
+                raise RuntimeError("DistillCriterion.set_labels was not called: the label loss has no labels")
+            labelled, _ = self.label_loss(embeddings, self.labels[indices].to(embeddings.device))
+            loss = loss + self.label_weight * labelled
         return loss, loss.detach()
 
 

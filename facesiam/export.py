@@ -3,6 +3,8 @@
 The file holds the network (unit embeddings out, dynamic batch) and, as metadata, everything inference needs to
 feed it the way it was trained: input size, mean/std, centre crop, the face alignment (if any) and the embedding
 size. facesiam/onnx_runtime.py reads both back without torch.
+
+The int8 model for CPUs (``facesiam export --int8``) is made from this export by facesiam/quantize.py.
 """
 
 from __future__ import annotations
@@ -100,4 +102,3 @@ def parity_check(model: torch.nn.Module, onnx_path: str | os.PathLike, image_siz
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0].astype(np.float32)
     return float(np.min(np.sum(ref * got, axis=1) / np.linalg.norm(got, axis=1)))
-

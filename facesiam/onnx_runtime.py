@@ -21,6 +21,13 @@ from .errors import InputError
 from .onnx_session import METADATA_KEY, open_session
 
 
+def parity_line(parity: dict) -> str:
+    """An int8 export's parity with fp32 (its metadata's int8.parity) in one line, for logs, errors and /status."""
+    f, q = parity["fp32"], parity["int8"]
+    return (f"TAR@FAR={parity['far']:g} {q['tar']:.4f} vs fp32 {f['tar']:.4f} (gap {parity['tar_gap']:.4f}, at most "
+            f"{parity['tolerance']['tar']:g}), AUC {q['auc']:.4f} vs fp32 {f['auc']:.4f} (gap "
+            f"{parity['auc_gap']:.4f}, at most {parity['tolerance']['auc']:g})")
+
 
 class OnnxEmbedder(FaceEmbedder):
     """``OnnxEmbedder("model.onnx").embed(["a.jpg", "b.jpg"])`` -> unit embeddings (N x D float32)."""
@@ -42,6 +49,14 @@ class OnnxEmbedder(FaceEmbedder):
         self.alignment = self.meta.get("alignment") or None
         self._mean = np.asarray(self.meta["mean"], np.float32).reshape(3, 1, 1)
         self._std = np.asarray(self.meta["std"], np.float32).reshape(3, 1, 1)
+
+    def describe(self, parity: bool = True) -> str:
+        """'model.onnx (onnxruntime)'; an int8 export (facesiam export --int8) says so, and with ``parity`` its
+        parity with fp32 on held-out people."""
+        int8 = self.meta.get("int8")
+        if not int8:
+            return f"{self.path} (onnxruntime{', fp16' if self.meta.get('fp16_weights') else ''})"
+        return f"{self.path} (onnxruntime, int8{'; held-out people: ' + parity_line(int8['parity']) if parity else ''})"
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """PIL RGB image -> 3 x S x S float32, exactly as facesiam.model.eval_transform_for (torchvision on PIL)."""

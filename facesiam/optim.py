@@ -120,6 +120,10 @@ class Schedule:
     def after_validation(self, value: float) -> None:
         """Called after every validation with the selection metric's value (higher is better)."""
 
+    def rescale(self, ratio: float) -> None:
+        """An elastic resize made the global batch ``1 / ratio`` times what it was: a per-step schedule re-counts the
+        steps it has taken in steps of the new size, so its lr goes on by samples seen (epochs stay epochs)."""
+
     def state_dict(self) -> dict[str, Any]:
         return self.scheduler.state_dict() if self.scheduler is not None else {}
 
@@ -133,6 +137,13 @@ class PerStepSchedule(Schedule):
 
     def after_optimizer_step(self) -> None:
         self.scheduler.step()
+
+    def rescale(self, ratio: float) -> None:
+        s = self.scheduler  # a LambdaLR (_warmup_schedule): lr = base lr x factor(steps taken)
+        s.last_epoch = round(s.last_epoch * ratio)
+        for group, base, factor in zip(s.optimizer.param_groups, s.base_lrs, s.lr_lambdas):
+            group["lr"] = base * factor(s.last_epoch)
+        s._last_lr = [group["lr"] for group in s.optimizer.param_groups]
 
 
 class PerEpochSchedule(Schedule):

@@ -3,11 +3,14 @@ location, N CPU processes over gloo, and subprocesses that can never hang the su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -179,9 +182,77 @@ def aligned_model(tmp_path_factory) -> Path:
                         alignment=alignment_info(FaceAligner()))
 
 
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair (facesiam/testing/netns.py), removed after the test; the test
+    skips, saying why, where they cannot be made (not root, no iproute2, a container without CAP_SYS_ADMIN)."""
+    from facesiam.testing.netns import NetnsUnavailable, TwoHosts
+
+    hosts = TwoHosts()
+    try:
+        hosts.__enter__()
+    except NetnsUnavailable as why:
+        pytest.skip(str(why))
+    try:
+        yield hosts
+    finally:
+        hosts.close()
+
+
 def reset_accelerate() -> None:
     """Forget accelerate's process-wide singletons, so the next Accelerator in this process starts clean."""
     from accelerate.state import AcceleratorState, PartialState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+# ------------------------------------------------------------------------------------------ shards at URLs
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3-compatible server (facesiam/testing/servers.py) for one test module; fsspec's s3 options point at it
+    (what FSSPEC_S3_ENDPOINT_URL=... does); bucket 'faces'. Skips without fsspec, aiohttp, s3fs or moto[server]
+    (``pip install -e ".[dev]"`` installs them)."""
+    fsspec = pytest.importorskip("fsspec")
+    for module in ("aiohttp", "s3fs", "moto.server"):
+        pytest.importorskip(module)
+    from facesiam.testing.servers import S3_ENV, start_moto
+
+    patch = pytest.MonkeyPatch()
+    for key, value in S3_ENV.items():
+        patch.setenv(key, value)
+    server, endpoint = start_moto()
+
+    def reset() -> None:  # moto's state is per process, not per server: empty it for the next module
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30)
+
+    try:
+        reset()
+        patch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("faces")
+        yield endpoint
+    finally:
+        reset()
+        server.stop()
+        patch.undo()
+
+
+@contextlib.contextmanager
+def served_shards(kind: str, local: Path, request: pytest.FixtureRequest):
+    """The shard folder ``local`` at a URL: ``kind`` s3 (uploaded to the module's moto server, dataset.json last, as
+    make_shards uploads) or http (the Range HTTP server on a free loopback port). Yields the URL."""
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    if kind == "http":
+        from facesiam.testing.servers import RangeServer
+
+        with RangeServer(local) as server:
+            yield server.url
+        return
+    from facesiam.data.remote import RemoteFolder
+
+    request.getfixturevalue("s3")
+    url = f"s3://faces/{uuid.uuid4().hex}"
+    RemoteFolder(url).upload(local, last="dataset.json", overwrite=False, own=lambda name: True, progress=False)
+    yield url

@@ -196,6 +196,25 @@ def test_poly_schedule_is_arcface_torchs_warmup_then_squared_decay_to_zero(power
     assert lrs[-1][0] == pytest.approx(0.1 / 36 ** power), "the last step is one step short of 0"
 
 
+def test_a_resize_rescales_a_per_step_schedule_by_samples_seen():
+    """2 -> 1 processes after 10 steps (the global batch halves): the cosine goes on from step 20 of the 1-process
+    run's 80, where the same number of samples puts it; the reference is its formula."""
+    cfg, _, optimizer = _learner_and_optimizer({"optim": {"lr": 1e-3, "scheduler": "cosine", "warmup_steps": 0,
+                                                          "eta_min": 0.0}}, num_classes=5)
+    schedule = build_schedule(cfg, optimizer, total_steps=80)  # the 1-process length of the run
+    for _ in range(10):
+        optimizer.step()
+        schedule.after_optimizer_step()
+    schedule.rescale(2.0)
+    lrs = []
+    for _ in range(60):
+        lrs.append(_lrs(optimizer)[0])
+        optimizer.step()
+        schedule.after_optimizer_step()
+    np.testing.assert_allclose(lrs, [1e-3 * 0.5 * (1 + math.cos(math.pi * s / 80)) for s in range(20, 80)], rtol=1e-6)
+    Schedule().rescale(0.5)  # nothing to re-count without a per-step schedule
+
+
 def test_frozen_trunk_weights_do_not_move_until_unfrozen():
     torch.manual_seed(0)
     cfg, learner, optimizer = _learner_and_optimizer(

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -87,6 +88,29 @@ async def load(url: str, images: list[bytes], clients: int, requests: int) -> di
             "mean_batch": (after["images"] - before["images"]) / batches if batches else 0.0}
 
 
+def race_servers(servers: dict[str, tuple[str, subprocess.Popen]], images: list[bytes], clients: int, requests: int,
+                 repeats: int, line: Callable[[str, dict], str]) -> dict[str, dict]:
+    """Load each started server in turn, ``repeats`` times after a warm-up (shared cores drift: each sees the same
+    drift); the best run of each by requests/s, printed with ``line``. The servers are stopped at the end."""
+    try:
+        for url, proc in servers.values():
+            wait_ready(url, proc)
+        for url, _ in servers.values():  # warm-up: first passes allocate
+            asyncio.run(load(url, images, clients, clients * 2))
+        best: dict[str, dict] = {}
+        for _ in range(repeats):
+            for name, (url, _) in servers.items():
+                r = asyncio.run(load(url, images, clients, requests))
+                print(line(name, r), flush=True)
+                if name not in best or r["rps"] > best[name]["rps"]:
+                    best[name] = r
+        return best
+    finally:
+        for _, proc in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="tf_efficientnetv2_b0")
@@ -118,23 +142,9 @@ def main() -> None:
             port = free_port()
             servers[name] = (f"http://127.0.0.1:{port}",
                              start(model, port, max_batch, args.batch_wait_ms, args.threads, args.device, tmp / f"{max_batch}.log"))
-        try:
-            for url, proc in servers.values():
-                wait_ready(url, proc)
-            for url, _ in servers.values():  # warm-up: first passes allocate
-                asyncio.run(load(url, images, args.clients, args.clients * 2))
-            best: dict[str, dict] = {}
-            for _ in range(args.repeats):
-                for name, (url, _) in servers.items():
-                    r = asyncio.run(load(url, images, args.clients, args.requests))
-                    print(f"{name}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
-                          f"errors {r['errors']}, mean batch {r['mean_batch']:.1f}", flush=True)
-                    if name not in best or r["rps"] > best[name]["rps"]:
-                        best[name] = r
-        finally:
-            for _, proc in servers.values():
-                proc.terminate()
-                proc.wait(timeout=30)
+        best = race_servers(servers, images, args.clients, args.requests, args.repeats,
+                            lambda name, r: f"{name}: {r['rps']:.1f} req/s, p50 {r['p50']:.0f} ms, p99 "
+                                            f"{r['p99']:.0f} ms, errors {r['errors']}, mean batch {r['mean_batch']:.1f}")
     on, off = best["batching on"], best["batching off"]
     ratio = on["rps"] / off["rps"]
     print(f"batching on / off: {ratio:.2f}x requests/s")

@@ -12,6 +12,14 @@ the service's limits -- the goals of issue 30 (tools/bench_serve.py measures bat
    other.
 4. the pixel budget: a 6300 x 6300 grey PNG (51 KB) searched through a model that detects faces (MTCNN), with the
    default --max-side 2048 and without shrinking: the request's time and the server's peak memory.
+5. SIGTERM under load (issue 40; alone: --restart-only): a `serve` on a --serve-size SQLite gallery (flat index),
+   start to /readyz 200; 8 searching clients and one enrolling, SIGTERM half-way: requests in flight that failed,
+   new ones refused (503 or connection refused), the exit status; then serve restarted on the same gallery: restart
+   to /readyz 200 and acknowledged enrolments missing. Writes its own section of docs/benchmarks.md.
+6. writes under searches (issue 40; alone: --writes-only): a GalleryStore (SQLite, flat index) of --writes-size
+   faces in this process, --clients threads searching, alone and with a thread enrolling and deleting: enrol and
+   delete p99, search p99 with vs without writes; --baseline REV measures the index of that git revision in the
+   same run. Writes its own section of docs/benchmarks.md.
 
 PostgreSQL: --pg-url, else a throw-away server started as the tests start one (facesiam/testing/postgres.py), else
 skipped. Embeddings are random unit vectors (the cost of a gallery does not depend on what they encode).
@@ -36,6 +44,9 @@ from benchdoc import REPO, free_port, wait_ready, write_section
 
 sys.path.insert(0, str(REPO))
 HEADING = "## Service gallery: a database and an index changed in place (issue 30)"
+RESTART_HEADING = "## Service restarts: SIGTERM under load, restart to ready (issue 40)"
+WRITES_HEADING = "## Service gallery: writes that never wait for searches (issue 40)"
+EMPTY = {"median": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
 TOKEN = "bench-token-0123456789abcdef"
 DIM = 512
 
@@ -255,6 +266,338 @@ def new_pg_database(server_url: str) -> str:
     return create_database(server_url)
 
 
+def until_ready(url: str, proc: subprocess.Popen, t0: float, timeout: float = 600) -> tuple[float, float]:
+    """(seconds from ``t0``, the process's start, to GET /readyz answering 200; the CPU seconds the process used by
+    then: on a busy machine the wall time grows with the load, its CPU time much less)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                wall = time.perf_counter() - t0
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return wall, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} was not ready within {timeout}s")
+
+
+async def load_until_exit(url: str, proc: subprocess.Popen, clients: int, signal_after: float, rng) -> dict:
+    """``clients`` searchers and one enroller until the server has exited; SIGTERM after ``signal_after`` seconds.
+    Every request is (start, end, outcome) against the signal's time."""
+    import signal
+
+    import httpx
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    queries = unit(rng, 256).tolist()
+    calls: list[tuple[float, float, str, object]] = []  # (start, end, kind, status code or error name)
+    acknowledged: list[str] = []
+    sent_at: list[float] = []
+
+    async def client(http, kind: str, w: int):
+        i = w
+        while proc.poll() is None:
+            t = time.perf_counter()
+            try:
+                if kind == "search":
+                    r = await http.post("/search", json={"embedding": queries[i % len(queries)], "k": 5},
+                                        headers=auth)
+                else:
+                    name = f"sig{i}"
+                    r = await http.post("/enroll", json={"identity": name, "embeddings": unit(rng, 2).tolist()},
+                                        headers=auth)
+                    if r.status_code == 200:
+                        acknowledged.append(name)
+                outcome = r.status_code
+            except httpx.TransportError as err:
+                outcome = type(err).__name__
+            calls.append((t, time.perf_counter(), kind, outcome))
+            if not isinstance(outcome, int):
+                await asyncio.sleep(0.01)  # refused: the socket is closed, the process about to end
+            i += clients + 1
+
+    async def terminate():
+        await asyncio.sleep(signal_after)
+        sent_at.append(time.perf_counter())
+        proc.send_signal(signal.SIGTERM)
+
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=clients + 1)) as http:
+        await asyncio.gather(*[client(http, "search", w) for w in range(clients)], client(http, "enrol", clients),
+                             terminate())
+    t_sig = sent_at[0]
+    before = [c for c in calls if c[0] < t_sig]
+    after = [c for c in calls if c[0] >= t_sig]
+    # sent before the signal: answered (200), refused because they reached the server after it (503), or failed
+    return {"t_signal": t_sig, "acknowledged": acknowledged, "requests": len(calls),
+            "in_flight": sum(1 for c in before if c[1] > t_sig),
+            "before_503": sum(1 for c in before if c[3] == 503),
+            "failed_before": sum(1 for c in before if c[3] not in (200, 503)),
+            "after_ok": sum(1 for c in after if c[3] == 200), "after_503": sum(1 for c in after if c[3] == 503),
+            "after_refused": sum(1 for c in after if not isinstance(c[3], int)),
+            "after_other": sum(1 for c in after if isinstance(c[3], int) and c[3] not in (200, 503))}
+
+
+def restart_under_load(model: Path, n: int, clients: int, seconds: float, rng, tmp: Path) -> dict:
+    """Start, SIGTERM under load, restart on the same gallery (SQLite, flat index): the times to ready and what the
+    clients saw."""
+    import httpx
+
+    from facesiam.service.database import open_database
+
+    folder = tmp / "restart"
+    db = open_database(str(folder / "gallery.sqlite"), DIM)
+    fill(db, n, rng)
+    db.close()
+    args = ["--checkpoint", str(model), "--gallery", str(folder), "--threshold", "0.5", "--device", "cpu"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    proc = start_server(args, port, tmp / "restart1.log", {"OMP_NUM_THREADS": "2"})
+    try:
+        first_ready, first_cpu = until_ready(url, proc, t0)
+        seen = asyncio.run(load_until_exit(url, proc, clients, seconds, rng))
+        status = proc.wait(timeout=120)
+        stop_s = time.perf_counter() - seen["t_signal"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    t0 = time.perf_counter()
+    proc = start_server(args, port, tmp / "restart2.log", {"OMP_NUM_THREADS": "2"})
+    try:
+        ready, ready_cpu = until_ready(url, proc, t0)
+        r = httpx.get(url + "/identities", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
+        have = {i["name"]: i["images"] for i in r.json()["identities"]}
+        lost = sum(1 for name in seen["acknowledged"] if have.get(name) != 2)
+        proc.terminate()
+        second_status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {**seen, "acknowledged": len(seen["acknowledged"]), "lost": lost, "exit_status": status,
+            "second_exit_status": second_status, "first_ready_s": first_ready, "restart_ready_s": ready,
+            "first_ready_cpu_s": first_cpu, "restart_ready_cpu_s": ready_cpu, "stop_s": stop_s, "faces": n,
+            "load": os.getloadavg()[0]}
+
+
+def bench_model(tmp: Path) -> Path:
+    """The served model: tf_efficientnetv2_b0 at 112 px, random weights (its load is part of a start)."""
+    import torch
+
+    from facesiam.config import ModelConfig
+    from facesiam.model import build_model, export_model
+
+    torch.manual_seed(0)
+    return export_model(build_model(ModelConfig(backbone="tf_efficientnetv2_b0", image_size=112)),
+                        ModelConfig(backbone="tf_efficientnetv2_b0", image_size=112), tmp / "model")
+
+
+def run_restart(args, rng, tmp: Path, model: Path) -> dict:
+    r = restart_under_load(model, args.serve_size, args.clients, args.restart_after, rng, tmp)
+    print(f"restart at {r['faces']:,} faces: start to ready {r['first_ready_s']:.1f} s ({r['first_ready_cpu_s']:.1f} "
+          f"CPU s); SIGTERM with {r['in_flight']} request(s) sent before it unanswered: {r['failed_before']} failed, "
+          f"{r['before_503']} answered 503; exit status {r['exit_status']}, stopped in {r['stop_s']:.1f} s; after it "
+          f"{r['after_503']} answered 503, {r['after_refused']} refused, {r['after_ok']} answered 200; restart to "
+          f"ready {r['restart_ready_s']:.1f} s ({r['restart_ready_cpu_s']:.1f} CPU s); {r['lost']} of "
+          f"{r['acknowledged']} acknowledged enrolments lost (load average {r['load']:.1f})", flush=True)
+    return r
+
+
+def write_restart_doc(r: dict) -> None:
+    rows = [("process start to `/readyz` 200 (first start): wall / CPU of the process",
+             f"{r['first_ready_s']:.1f} s / {r['first_ready_cpu_s']:.1f} s"),
+            ("**restart to `/readyz` 200** (goal: at most 15 s): wall / CPU of the process",
+             f"**{r['restart_ready_s']:.1f} s** / {r['restart_ready_cpu_s']:.1f} s"),
+            ("sent before SIGTERM, unanswered then / of them failed / answered 503 (reached the server after it)",
+             f"{r['in_flight']} / **{r['failed_before']}** / {r['before_503']}"),
+            ("sent after SIGTERM: 503 / connection refused / 200",
+             f"{r['after_503']} / {r['after_refused']} / {r['after_ok']}"),
+            ("exit status / SIGTERM to exit", f"{r['exit_status']} / {r['stop_s']:.1f} s"),
+            ("acknowledged enrolments / missing after the restart", f"{r['acknowledged']} / **{r['lost']}**")]
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    text = f"""{RESTART_HEADING}
+
+`python tools/bench_serve_gallery.py --restart-only --write-doc` ({datetime.date.today().isoformat()},
+{os.cpu_count()} cores): `facesiam serve` on a SQLite gallery of {r['faces']:,} random 512-d faces (flat index;
+model tf_efficientnetv2_b0 from a checkpoint, on the CPU), 8 clients searching and one enrolling, SIGTERM after a
+few seconds of load (service/lifecycle.py: new requests 503, those in flight finish, the database closed), then
+`serve` started again on the same gallery:
+
+| | |
+|---|---|
+{table}
+
+The machine's load average was {r['load']:.1f} on {os.cpu_count()} cores (other work running): the wall times grow
+with it, the process's CPU time much less. A start is importing torch and the service, loading the model, reading
+every face from SQLite and building the index. Requests sent after the signal are answered 503 while those in
+flight finish (a 200 there: sent in the same instant as the signal, before the server handled it), then refused
+once the socket is closed.
+"""
+    write_section(RESTART_HEADING, text)
+    print(f"wrote {RESTART_HEADING!r} in docs/benchmarks.md")
+
+
+def index_class_from(rev: str):
+    """The service's LiveIndex as it was at git revision ``rev`` (read with `git show`, nothing checked out): the
+    baseline of a before/after comparison in one run."""
+    import importlib.util
+
+    source = subprocess.run(["git", "show", f"{rev}:facesiam/service/live_index.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    spec = importlib.util.spec_from_loader("facesiam.service._live_index_" + rev.replace("~", "_"), loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "facesiam.service"
+    exec(compile(source, f"{rev}:facesiam/service/live_index.py", "exec"), module.__dict__)  # noqa: S102
+    cls = module.LiveIndex
+    if not hasattr(cls, "wait_merged"):  # what today's store calls on close
+        cls.wait_merged = lambda self, timeout=None: None
+    return cls
+
+
+def store_load(store, clients: int, seconds: float, write: bool, rng) -> dict:
+    """``clients`` threads searching the store (top 5, one query each) for ``seconds``, with or without one more
+    thread writing continuously (enrol 2 faces; every 4th write deletes one of the gallery's identities) and, for
+    an index that merges, one merge half-way (far more often than its every 4,096 faces: the worst case)."""
+    import threading
+
+    queries = unit(rng, 256)
+    searches: list[float] = []
+    enrols: list[float] = []
+    deletes: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    def searcher(w: int):
+        i = w
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            store.search(queries[i % len(queries)][None], 5)
+            searches.append((time.perf_counter() - t) * 1000)
+            i += clients
+
+    def writer():
+        i = 0
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            if i % 4 == 1:
+                store.delete(f"p{int(rng.integers(store.size // 4))}")
+                deletes.append((time.perf_counter() - t) * 1000)
+            else:
+                store.enroll(f"w{time.monotonic_ns()}", unit(rng, 2), ["upload", "upload"])
+                enrols.append((time.perf_counter() - t) * 1000)
+            i += 1
+
+    merged: list[float] = []
+
+    def merge():  # one merge of the index's delta half-way (today's index): its cost lands on the searches
+        time.sleep(seconds / 2)
+        t = time.perf_counter()
+        store._index.merge()  # noqa: SLF001  (the store merges on its own every 4,096 faces; here on purpose)
+        merged.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=searcher, args=(w,)) for w in range(clients)]
+    threads += [threading.Thread(target=writer)] if write else []
+    threads += [threading.Thread(target=merge)] if write and hasattr(store._index, "merge") else []
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"search": stats(searches), "enrol": stats(enrols) if enrols else None,
+            "delete": stats(deletes) if deletes else None, "merge_s": max(merged, default=float("nan"))}
+
+
+def writes_under_searches(target: str, n: int, clients: int, seconds: float, rng, baseline: str | None) -> dict:
+    """Part 6 (issue 40): search p99 alone and with a writer, enrol / delete p99 under ``clients`` searching
+    threads, in-process on a SQLite gallery of ``n`` faces (flat index); with ``baseline`` also for the index of
+    that git revision, interleaved with today's (each on its own copy of the gallery)."""
+    from facesiam.service import store as store_module
+    from facesiam.service.database import open_database
+
+    db = open_database(target, DIM)
+    fill(db, n, rng)
+    db.close()
+    variants = {"now": store_module.LiveIndex}
+    if baseline:
+        variants[baseline] = index_class_from(baseline)
+    stores = {}
+    for name, cls in variants.items():
+        copy = Path(target).with_name(f"{name}.sqlite")
+        shutil.copy(target, copy)
+        store_module.LiveIndex, keep = cls, store_module.LiveIndex
+        try:
+            stores[name] = store_module.GalleryStore(open_database(str(copy), DIM), model="bench")
+        finally:
+            store_module.LiveIndex = keep
+    runs: dict = {name: {"alone": [], "during": []} for name in stores}
+    try:
+        for name, store in stores.items():
+            store_load(store, clients, 2, False, rng)  # warm-up
+        for _ in range(2):  # interleaved, so a change of the machine's speed hits every variant alike
+            for name, store in stores.items():
+                runs[name]["alone"].append(store_load(store, clients, seconds, False, rng))
+                runs[name]["during"].append(store_load(store, clients, seconds, True, rng))
+    finally:
+        for store in stores.values():
+            store.close()
+    out = {}
+    for name, r in runs.items():
+        alone = min(r["alone"], key=lambda x: x["search"]["p99"])
+        during = min(r["during"], key=lambda x: x["search"]["p99"])
+        worst = {op: max((x[op] for x in r["during"] if x[op]), key=lambda x: x["p99"], default=EMPTY)
+                 for op in ("enrol", "delete")}  # the worse of the two runs: a goal is a ceiling
+        out[name] = {"alone": alone["search"], "during": during["search"], **worst,
+                     "ratio": during["search"]["p99"] / alone["search"]["p99"],
+                     "merge_s": max(x["merge_s"] for x in r["during"])}
+        print(f"{name}: at {n:,} faces, {clients} searching threads: enrol p99 {out[name]['enrol']['p99']:.1f} ms "
+              f"(median {out[name]['enrol']['median']:.1f}), delete p99 {out[name]['delete']['p99']:.1f} ms; search "
+              f"p99 {alone['search']['p99']:.0f} ms alone, {during['search']['p99']:.0f} ms with writes: "
+              f"{out[name]['ratio']:.2f}x; a merge took {out[name]['merge_s']:.1f} s", flush=True)
+    if baseline:
+        base, now = out[baseline], out["now"]
+        print(f"vs {baseline}: enrol p99 {base['enrol']['p99'] / now['enrol']['p99']:.0f}x lower, delete p99 "
+              f"{base['delete']['p99'] / now['delete']['p99']:.0f}x lower, search p99 alone "
+              f"{now['alone']['p99'] / base['alone']['p99']:.2f}x the baseline's", flush=True)
+    return {"n": n, "clients": clients, "seconds": seconds, "baseline": baseline, **out}
+
+
+def write_writes_doc(r: dict) -> None:
+    def row(name: str) -> str:
+        x = r[name]
+        label = "now (delta + copy-on-write merges)" if name == "now" else f"`{name}` (one lock)"
+        return (f"| {label} | {x['enrol']['median']:.1f} | **{x['enrol']['p99']:.1f}** | {x['delete']['p99']:.1f} | "
+                f"{x['alone']['p99']:.0f} | {x['during']['p99']:.0f} | **{x['ratio']:.2f}x** |")
+
+    names = ["now"] + ([r["baseline"]] if r["baseline"] else [])
+    table = "\n".join(row(name) for name in names)
+    baseline = (f"; the baseline is the index of git revision `{r['baseline']}`, measured in the same run on its own "
+                "copy of the gallery") if r["baseline"] else ""
+    command_baseline = f" --baseline {r['baseline']}" if r["baseline"] else ""
+    text = f"""{WRITES_HEADING}
+
+`python tools/bench_serve_gallery.py --writes-only --seconds {r['seconds']:g}{command_baseline}`
+({datetime.date.today().isoformat()}, {os.cpu_count()} cores): a GalleryStore on SQLite with {r['n']:,} random
+512-d faces (flat index), {r['clients']} threads searching (top 5) for {r['seconds']:g} s, alone and with one more
+thread writing continuously (2-face enrolments; every 4th write deletes an identity of 4 faces), interleaved, best
+of 2 by search p99 (writes: the worse of the 2){baseline}:
+
+| index | enrol median ms | enrol p99 ms | delete p99 ms | search p99 alone ms | with writes ms | ratio |
+|---|---|---|---|---|---|---|
+{table}
+
+Goals (issue 40): enrol p99 at most 20 ms under 8 searching clients at 200k faces; search p99 with writes within
+1.2x of without. A write appends to the index's delta (or hides a face) under a lock held for microseconds, and
+a merge folds them into a copy of the index off the request path (service/live_index.py): each run with writes
+forces one half-way ({r['now']['merge_s']:.1f} s; the service merges once per 4,096 faces), so its cost is in the
+search p99 above. An enrolment's time is its SQLite transaction (fsync), the catch-up, and the share of the
+CPU its thread gets beside the searching threads (each busy in FAISS, which runs without the GIL).
+"""
+    write_section(WRITES_HEADING, text)
+    print(f"wrote {WRITES_HEADING!r} in docs/benchmarks.md")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 1_000_000])
@@ -266,10 +609,32 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=15, help="length of each search run")
     p.add_argument("--trials", type=int, default=20, help="enrolments timed from one server to the other")
     p.add_argument("--pg-url", help="a PostgreSQL server URL to create databases on (default: start one)")
+    p.add_argument("--restart-after", type=float, default=5, help="seconds of load before the SIGTERM (part 5)")
+    p.add_argument("--restart-only", action="store_true", help="only part 5 (SIGTERM under load, restart to ready)")
+    p.add_argument("--writes-only", action="store_true", help="only part 6 (writes under searches)")
+    p.add_argument("--writes-size", type=int, default=200_000, help="gallery size of part 6")
+    p.add_argument("--baseline", help="part 6: also measure the index of this git revision (e.g. HEAD)")
     p.add_argument("--write-doc", action="store_true")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-gallery-"))
+    if args.writes_only:
+        try:
+            writes = writes_under_searches(str(tmp / "writes" / "gallery.sqlite"), args.writes_size, args.clients,
+                                           args.seconds, rng, args.baseline)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.write_doc:
+            write_writes_doc(writes)
+        return
+    if args.restart_only:
+        try:
+            restart = run_restart(args, rng, tmp, bench_model(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.write_doc:
+            write_restart_doc(restart)
+        return
     os.chmod(tmp, 0o755)  # a throw-away PostgreSQL server runs as its own user below it
     pg_server, pg_stop = postgres(args, tmp)
     rows, old = [], {}
@@ -289,14 +654,7 @@ def main() -> None:
                 old[n] = old_enrol_latency(tmp / f"old{n}", n, rng, 5)
                 shutil.rmtree(tmp / f"old{n}")
                 print(f"folder format {n:,}: enrol median {old[n]['median']:.0f} ms", flush=True)
-        import torch
-
-        from facesiam.config import ModelConfig
-        from facesiam.model import build_model, export_model
-
-        torch.manual_seed(0)
-        cfg = ModelConfig(backbone="tf_efficientnetv2_b0", image_size=112)
-        model = export_model(build_model(cfg), cfg, tmp / "model")
+        model = bench_model(tmp)
         serve = serve_under_enrolment(model, str(tmp / "served" / "gallery.sqlite"), args.serve_size, args.clients,
                                       args.seconds, rng, tmp)
         print(f"search p99 at {args.serve_size:,}: alone {serve['alone']['p99']:.0f} ms, during enrolment "
@@ -306,12 +664,17 @@ def main() -> None:
             print(f"second server finds an enrolment after: median {follow['median']:.0f} ms, max "
                   f"{follow['max']:.0f} ms", flush=True)
         pixels = pixel_budget(tmp)
+        restart = run_restart(args, rng, tmp, model)
+        writes = writes_under_searches(str(tmp / "writes" / "gallery.sqlite"), args.writes_size, args.clients,
+                                       args.seconds, rng, args.baseline)
     finally:
         if pg_stop:
             pg_stop()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.write_doc:
         write_doc(args, rows, old, serve, follow, pixels)
+        write_restart_doc(restart)
+        write_writes_doc(writes)
 
 
 def write_doc(args, rows, old, serve, follow, pixels) -> None:

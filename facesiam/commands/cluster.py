@@ -6,6 +6,9 @@
 
 FOLDERS/person_0001/... hold symbolic links to the photos (--copy: copies); the photos never move. Rename the
 folders you recognise, check FOLDERS/report.html, and the result is an ImageFolder for make-shards.
+
+PHOTOS may also be a shard folder, or shards at a URL (s3://bucket/shards, https://...): photos whose originals are
+not on this machine are written from the images stored in the shards (cluster.json counts them as from_shards).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Optional, Sequence
 
 from . import command
 from .common import log_to_stderr
-from .doctor import add_embedder_arguments, open_model
+from .doctor import add_embedder_arguments, open_model, teacher_pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cluster", description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("photos", help="a folder of photos (any layout; every image below it)")
+    p.add_argument("photos", help="a folder of photos (any layout; every image below it), or shards (also at "
+                                  "s3://, gs://, https://)")
     add_embedder_arguments(p, required=True)
     p.add_argument("--out", required=True, help="output folder: person_NNNN/, unsure/, clusters.csv, report.html")
     p.add_argument("--method", choices=METHODS, default="average",
@@ -58,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                           method=args.method, min_size=args.min_size, copy=args.copy, truth=args.truth,
                           workers=args.workers, batch_size=args.batch_size, num_workers=args.num_workers,
                           progress=args.progress, multi=args.multi, overwrite=args.overwrite,
-                          detect=args.detect)
+                          detect=args.detect, teacher_pass=teacher_pass(args))
     print(f"{summary['count']} photos -> {summary['clusters']} people + {summary['unsure']} unsure in {args.out}")
     if "scores" in summary:
         s = summary["scores"]

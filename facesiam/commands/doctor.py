@@ -6,7 +6,10 @@
     facesiam doctor --undo QUARANTINE/manifest-....json                         # and back
     facesiam make-shards DATA SHARDS --exclude DOCTOR/findings.jsonl            # or pack without them
 
-DATA is an ImageFolder of raw photos (aligned as the model was trained), an aligned folder or a shard folder.
+DATA is an ImageFolder of raw photos (aligned as the model was trained), an aligned folder or a shard folder, also
+at a URL (s3://bucket/shards, gs://..., https://...: facesiam/data/remote.py). A teacher on shards goes through the
+teacher pass (training/teacher_pass.py): a teacher cache that a distillation run or `embed --teacher` filled for the
+same shards and teacher is reused, and one the doctor fills serves them.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def add_embedder_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     """--checkpoint | --onnx | --teacher: the model that embeds the photos (doctor and cluster)."""
     model = add_model_choice(p, required)
     model.add_argument("--teacher", help="a face model that needs no training: dlib (pip install "
-                                         "'facesiam[teacher-dlib]') or onnx:PATH; raw photo folders only")
+                                         "'facesiam[teacher-dlib]') or onnx:PATH; on shards its cached teacher pass")
     add_threshold_arguments(p, required=False)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--multi", choices=("largest", "central"), default="largest",
@@ -52,6 +55,15 @@ def open_model(args: argparse.Namespace):
     return open_embedder(args.checkpoint, args.onnx, device=args.device), str(args.checkpoint or args.onnx)
 
 
+def teacher_pass(args: argparse.Namespace):
+    """How a teacher embeds shards (curate/photos.load_photos): the cached teacher pass; None without a teacher."""
+    if not args.teacher:
+        return None
+    from ..training.teacher_pass import teacher_targets
+
+    return teacher_targets
+
+
 def _parser() -> argparse.ArgumentParser:
     from ..curate.checks import CheckSettings
     from ..curate.doctor import DEFAULT_MERGE_FAR, DEFAULT_STRANGER_FAR
@@ -59,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doctor", description=__doc__.split("\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
-    p.add_argument("data", nargs="?", help="ImageFolder, aligned folder or shard folder")
+    p.add_argument("data", nargs="?", help="ImageFolder, aligned folder or shard folder (or shards at s3://, gs://, "
+                                           "https://)")
     add_embedder_arguments(p, required=False)
     p.add_argument("--out", help="report folder: findings.jsonl, report.html, report.md, doctor.json")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier doctor report at --out")
@@ -129,7 +142,8 @@ def _examine(args: argparse.Namespace) -> dict:
                          stranger_far=args.stranger_far, merge=args.merge_threshold, merge_far=args.merge_far,
                          settings=settings, detect=args.detect,
                          workers=args.workers, batch_size=args.batch_size, num_workers=args.num_workers,
-                         progress=args.progress, multi=args.multi, overwrite=args.overwrite)
+                         progress=args.progress, multi=args.multi, overwrite=args.overwrite,
+                         teacher_pass=teacher_pass(args))
     found = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if v) or "nothing"
     print(f"{summary['photos']} photos: {found}; {summary['suspects']} suggested for quarantine")
     print(f"report: {Path(args.out) / 'report.html'}  findings: {Path(args.out) / 'findings.jsonl'}")

@@ -5,12 +5,15 @@
 
 The gallery lives in GALLERY/gallery.sqlite, or in PostgreSQL with --db (several serve processes share it).
 Tokens come from --token-file (one per line with scopes; re-read on SIGHUP) or $FACESIAM_TOKEN; without either, a
-new one is generated and printed.
+new one is generated and printed. SIGTERM or SIGINT drains: requests in flight finish (new ones get 503), the
+database is closed, exit status 0; requests still running after --grace seconds are cut, exit status 1
+(service/lifecycle.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import os
@@ -86,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                    "a token or the query string) whether or not --access-log is given (default: text)")
     p.add_argument("--log-identities", action="store_true", help="name the identity in JSON access lines of the "
                    "/identities/{name} routes (default: the route template only)")
+    p.add_argument("--grace", type=float, default=20.0, metavar="SECONDS", help="after SIGTERM or SIGINT: seconds "
+                   "the requests in flight may take to finish while new ones get 503 and /readyz 503; then the "
+                   "database is closed and serve exits 0, or 1 when requests still running had to be cut (a second "
+                   "signal cuts at once; default 20)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="also serve /metrics (Prometheus "
                    "text format) without a token on 127.0.0.1:PORT; GET /metrics on --port always needs an admin "
                    "token")
@@ -123,18 +130,19 @@ def build(args: argparse.Namespace):
     from ..eval.embed import open_embedder
 
     embedder = open_embedder(args.checkpoint, args.onnx, device=args.device, threads=args.threads)
-    name = f"{args.onnx} (onnxruntime)" if args.onnx else f"{args.checkpoint} (torch)"
+    name = embedder.describe(parity=False) if args.onnx else f"{args.checkpoint} (torch)"  # each face's record
     settings = ServiceSettings(tokens=tokens, threshold=float(threshold), threshold_source=source,
                                public_read=args.public_read, public_rate=args.public_rate,
                                public_burst=args.public_burst, max_bytes=int(args.max_upload_mb * 1024 * 1024),
                                max_pixels=int(args.max_pixels), max_side=args.max_side, top_k=args.top_k,
                                keep_images=Path(args.keep_images) if args.keep_images else None, align=args.align,
-                               max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, model_name=name,
+                               max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                               model_name=embedder.describe() if args.onnx else name,  # int8: + its parity
                                allowed_hosts=allowed_hosts(args.host, args.allow_host),
                                body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6),
                                max_faces=args.max_faces, public_cost_rate=args.public_cost_rate,
                                metrics_port=args.metrics_port, json_access_log=args.log_format == "json",
-                               log_identities=args.log_identities)
+                               log_identities=args.log_identities, grace=args.grace)
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment
@@ -152,6 +160,8 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
 
     if args.header_timeout <= 0 or args.limit_concurrency < 1:
         raise InputError("--header-timeout must be > 0 and --limit-concurrency >= 1")
+    if not args.grace >= 0:
+        raise InputError(f"--grace must be a number of seconds >= 0, got {args.grace}")
     if args.metrics_port is not None and not (0 < args.metrics_port < 65536 and args.metrics_port != args.port):
         raise InputError(f"--metrics-port must be a free port other than --port {args.port}, got {args.metrics_port}")
     json_log = args.log_format == "json"
@@ -161,7 +171,8 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
             **({"log_config": None} if json_log else {}),
             "proxy_headers": bool(args.forwarded_allow_ips), "forwarded_allow_ips": args.forwarded_allow_ips or None,
             "timeout_keep_alive": KEEP_ALIVE, "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
-            "http": header_timeout_protocol(args.header_timeout), "limit_concurrency": args.limit_concurrency}
+            "http": header_timeout_protocol(args.header_timeout), "limit_concurrency": args.limit_concurrency,
+            "timeout_graceful_shutdown": args.grace}
 
 
 @command("serve")
@@ -200,4 +211,28 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     log.info("facesiam serve: http://%s:%d/ (web page); POST /verify /search /recognize /detect /enroll (pid %d)",
              args.host, args.port, os.getpid())
     logging.getLogger("uvicorn.access").addFilter(AccessLogWithoutQuery())
-    uvicorn.run(app, **options)
+    serve(app, options)
+
+
+def serve(app, options: dict) -> None:
+    """uvicorn.run's one-process path, with the server of service/lifecycle.py: SIGTERM drains, then exit status 0,
+    or CUT_EXIT_STATUS when the grace period cut requests still running."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+
+    from ..service.lifecycle import CUT_EXIT_STATUS, graceful_server
+
+    service = app.state.service
+    server = graceful_server(uvicorn.Config(app, **options), service.drain, service.batcher.hurry)
+    server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)  # as uvicorn.run: the port taken, or the app's startup failed
+    if service.drain.cut:
+        log.error("shut down: the grace period of %g s was over with %d request(s) still running; they were cut",
+                  service.drain.grace, service.drain.cut)
+        raise SystemExit(CUT_EXIT_STATUS)
+    log.info("shut down cleanly%s", f" after {service.drain.why}" if service.drain.draining else "")
+    # the work is done (requests answered, database closed): the interpreter's last garbage collection over torch's
+    # and the app's objects took 2-3 CPU seconds (10 s and more on a busy machine) between this line and the exit,
+    # which an orchestrator counts against its kill deadline; frozen objects are left out of it
+    gc.freeze()

@@ -27,7 +27,7 @@ from ..data.folder import check_destination
 from ..fileio import staged_directory, write_json
 from .checks import CheckSettings, run_checks
 from .findings import KINDS, Finding, write_findings
-from .photos import Photos, load_photos
+from .photos import Photos, TeacherPass, load_photos
 from .sheets import Sheet, caption, count_table, write_sheets
 
 log = logging.getLogger("facesiam.curate")
@@ -106,16 +106,19 @@ def run_doctor(data: str | os.PathLike, out: str | os.PathLike, embedder: Any, *
                far: float = 1e-3, stranger_far: float = DEFAULT_STRANGER_FAR, merge: Optional[float] = None,
                merge_far: float = DEFAULT_MERGE_FAR, settings: Optional[dict] = None,
                workers: Optional[int] = None, batch_size: int = 64, num_workers: int = 0, progress: bool = True,
-               multi: str = "largest", overwrite: bool = False, detect: bool = True) -> dict:
-    """Examine DATA with ``embedder``; write REPORT (staged: it appears complete). Returns doctor.json's contents."""
+               multi: str = "largest", overwrite: bool = False, detect: bool = True,
+               teacher_pass: Optional[TeacherPass] = None) -> dict:
+    """Examine DATA (a folder, or shards at a URL) with ``embedder``; write REPORT (staged: it appears complete).
+    ``teacher_pass``: how a teacher embeds shards (load_photos). Returns doctor.json's contents."""
     out = Path(out)
     # never inside DATA (the report's thumbnails would become an identity), never over anything but a report
-    check_destination(Path(data), out, overwrite, marker="doctor.json", what="a doctor report")
+    check_destination(Path(str(data)), out, overwrite, marker="doctor.json", what="a doctor report")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".doctor-", dir=out.resolve().parent) as work:
         photos = load_photos(data, embedder, Path(work), workers=workers, batch_size=batch_size,
-                             num_workers=num_workers, progress=progress, multi=multi, detect=detect)
+                             num_workers=num_workers, progress=progress, multi=multi, detect=detect,
+                             teacher_pass=teacher_pass)
         t1 = time.perf_counter()
         values, notes = thresholds(photos, report=report, operating_point=operating_point, same_person=same_person,
                                    far=far, stranger_far=stranger_far, merge=merge, merge_far=merge_far)

@@ -19,9 +19,10 @@ import numpy as np
 
 from ..errors import InputError, and_more
 from ..data.folder import check_destination
+from ..data.remote import is_remote
 from ..fileio import staged_directory, write_json, write_text
 from .cluster import UNSURE, cluster_embeddings, cluster_scores
-from .photos import Photos, load_photos
+from .photos import Photos, TeacherPass, load_photos
 from .sheets import Sheet, caption, write_sheets
 
 log = logging.getLogger("facesiam.curate")
@@ -64,15 +65,18 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
                 threshold: float, threshold_source: str, method: str = "average", min_size: int = 2,
                 copy: bool = False, truth: Optional[str] = None, workers: Optional[int] = None,
                 batch_size: int = 64, num_workers: int = 0, progress: bool = True, multi: str = "largest",
-                overwrite: bool = False, detect: bool = True) -> dict:
-    """Cluster the photos under ``photos_dir`` and write FOLDERS (staged: complete or not at all)."""
-    out, src = Path(out), Path(photos_dir)
-    check_destination(src, out, overwrite, marker=MARKER, what="a cluster output")
+                overwrite: bool = False, detect: bool = True, teacher_pass: Optional[TeacherPass] = None) -> dict:
+    """Cluster the photos under ``photos_dir`` (or the shards there, also at a URL) and write FOLDERS (staged:
+    complete or not at all). ``teacher_pass``: how a teacher embeds shards (photos.load_photos)."""
+    out = Path(out)
+    src = str(photos_dir) if is_remote(photos_dir) else Path(photos_dir)
+    check_destination(Path(str(src)), out, overwrite, marker=MARKER, what="a cluster output")
     out.resolve().parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=".cluster-", dir=out.resolve().parent) as work:
         photos = load_photos(src, embedder, Path(work), unlabeled=True, workers=workers, batch_size=batch_size,
-                             num_workers=num_workers, progress=progress, multi=multi, detect=detect)
+                             num_workers=num_workers, progress=progress, multi=multi, detect=detect,
+                             teacher_pass=teacher_pass)
         true = read_truth(truth, photos) if truth else None
         rows = np.flatnonzero(photos.embedded)
         t1 = time.perf_counter()
@@ -88,7 +92,7 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
         if true is not None:
             summary["scores"] = cluster_scores(clusters, true)
         with staged_directory(out, last=MARKER) as tmp:
-            table = _write_folders(tmp, photos, clusters, names, copy)
+            table, summary["from_shards"] = _write_folders(tmp, photos, clusters, names, copy)
             write_text(tmp / "clusters.csv", table)
             write_json(tmp / MARKER, summary)
             try:  # the folders are kept even if the pictures fail
@@ -101,9 +105,12 @@ def run_cluster(photos_dir: str | os.PathLike, out: str | os.PathLike, embedder:
     return summary
 
 
-def _write_folders(tmp: Path, photos: Photos, clusters: np.ndarray, names: list[str], copy: bool) -> str:
-    """The links (or copies), one folder per cluster; returns clusters.csv (path,folder,file)."""
+def _write_folders(tmp: Path, photos: Photos, clusters: np.ndarray, names: list[str],
+                   copy: bool) -> tuple[str, int]:
+    """The links (or copies), one folder per cluster; returns clusters.csv (path,folder,file) and how many photos
+    were written from the shards' stored images (their originals are not here: shards at a URL, or moved)."""
     used: dict[str, set] = {}
+    from_shards = 0
     rows = ["path,folder,file"]
     for i, (path, folder) in enumerate(zip(photos.files, names)):
         (tmp / folder).mkdir(exist_ok=True)
@@ -113,9 +120,14 @@ def _write_folders(tmp: Path, photos: Photos, clusters: np.ndarray, names: list[
             stem, ext = os.path.splitext(os.path.basename(path))
             name, n = f"{stem}_{n}{ext}", n + 1
         taken.add(name)
-        _link(photos.root / path, tmp / folder / name, copy)
+        stored = None if photos.stored is None or (photos.root / path).exists() else photos.stored(i)
+        if stored is not None:
+            (tmp / folder / name).write_bytes(stored)
+            from_shards += 1
+        else:
+            _link(photos.root / path, tmp / folder / name, copy)
         rows.append(",".join(_csv_field(v) for v in (path, folder, name)))
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n", from_shards
 
 
 def _csv_field(value: str) -> str:

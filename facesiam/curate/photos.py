@@ -2,9 +2,14 @@
 crop, embedding, sharpness and file hash. The doctor and the clustering both start from here.
 
 DATA can be a raw ImageFolder (photos are detected and aligned as the model was trained, into a temporary folder),
-an aligned folder (alignment.json) or a shard folder (dataset.json, every split). Files are always named by the
+an aligned folder (alignment.json) or a shard folder (dataset.json, every split), also at a URL (``s3://``, ``gs://``,
+``https://``: read through facesiam/data/remote.py, a batch of samples at a time). Files are always named by the
 user's *source* photos (relative to ``Photos.root``): that is what a user reviews, quarantines, and what
 ``make_shards --exclude`` skips.
+
+A teacher embeds shards through the teacher pass (training/teacher_pass.py ``teacher_targets``, passed in as
+``teacher_pass``: curate/ does not import training/), so the doctor reuses the cache that a distillation run or
+``embed --teacher`` filled for the same shards and teacher, or fills it for them: the two never disagree.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import hashlib
 import logging
 import os
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -25,6 +31,7 @@ from ..data.folder import available_cpus, list_image_folder
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import decode_rgb, load_rgb
 from ..data.readers import ShardDataset, _FaceDataset
+from ..data.remote import is_remote
 from ..errors import InputError, and_more
 from ..faces.quality import sharpness
 from ..faces.record import read_alignment
@@ -34,6 +41,9 @@ from ..fileio import sha256_file
 log = logging.getLogger("facesiam.curate")
 
 THUMB_SIZE = 96  # px: contact-sheet thumbnails
+BLOCK = 256  # shard samples read as one batch (at a URL: their range requests in parallel)
+# training/teacher_pass.py teacher_targets: (data, split, teacher, batch_size=...) -> (embeddings N x D, found N)
+TeacherPass = Callable[..., tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
@@ -59,6 +69,9 @@ class Photos:
     meta: dict = field(default_factory=dict)
     crop_index: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
     """Each photo's index in the reader of what the model sees (-1: none)."""
+    stored: Optional[Callable[[int], Optional[bytes]]] = field(default=None, repr=False)
+    """Shards only: photo i's image bytes as stored in them (None: not in the shards), for outputs that need the
+    file where the original photos are not at hand (shards at a URL)."""
 
     def __len__(self) -> int:
         return len(self.files)
@@ -82,6 +95,14 @@ class _Files(_FaceDataset):
     def _image(self, index: int) -> Image.Image:
         return self.read(index)
 
+    def __getitems__(self, keys: list) -> list:
+        """A batch (torch's DataLoader asks for one): shard samples read together (at a URL: in parallel)."""
+        if not hasattr(self.read, "many"):
+            return [self[k] for k in keys]
+        parsed = [self._key(k) for k in keys]
+        images = self.read.many([index for index, _ in parsed])
+        return [self._item(index, seed, image) for (index, seed), image in zip(parsed, images)]
+
 
 class _FolderReader:
     """Picklable: files under a folder (DataLoader workers get a copy)."""
@@ -94,20 +115,35 @@ class _FolderReader:
 
 
 class _ShardReader:
-    """Picklable: samples of shard splits, by position in their concatenation."""
+    """Picklable: samples of shard splits (a folder or a URL), by position in their concatenation."""
 
-    def __init__(self, root: Path, splits: Sequence[str], keep: Sequence[tuple[int, int]]):
+    def __init__(self, root: str | Path, splits: Sequence[str], keep: Sequence[tuple[int, int]]):
         self.root, self.splits, self.keep = root, list(splits), list(keep)
         self._open: dict[int, ShardDataset] = {}
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_open": {}}
 
-    def raw(self, i: int) -> bytes:
-        split, index = self.keep[i]
+    def _dataset(self, split: int) -> ShardDataset:
         if split not in self._open:
             self._open[split] = ShardDataset(self.root, self.splits[split])
-        return self._open[split].read_bytes(index)
+        return self._open[split]
+
+    def raw(self, i: int) -> bytes:
+        split, index = self.keep[i]
+        return self._dataset(split).read_bytes(index)
+
+    def iter_raw(self, positions: Sequence[int]) -> Iterator[tuple[int, bytes]]:
+        """(k, bytes of sample ``positions[k]``) for every k, BLOCK samples a batch (at a URL: fetched in parallel,
+        yielded as they arrive)."""
+        for start in range(0, len(positions), BLOCK):
+            by_split: dict[int, list[tuple[int, int]]] = defaultdict(list)
+            for k in range(start, min(len(positions), start + BLOCK)):
+                split, index = self.keep[int(positions[k])]
+                by_split[split].append((k, index))
+            for split, items in by_split.items():
+                for j, data in self._dataset(split).iter_bytes([index for _, index in items]):
+                    yield items[j][0], data
 
     def __call__(self, i: int) -> Image.Image:
         return decode_rgb(self.raw(i))
@@ -184,24 +220,30 @@ def _check_identities(data: Path, listing: Any) -> None:
 
 def load_photos(data: str | os.PathLike, embedder: Any, work: Path, *, unlabeled: bool = False,
                 workers: Optional[int] = None, batch_size: int = 64, num_workers: int = 0,
-                progress: bool = True, multi: str = "largest", detect: bool = True) -> Photos:
+                progress: bool = True, multi: str = "largest", detect: bool = True,
+                teacher_pass: Optional[TeacherPass] = None) -> Photos:
     """Detect, align (as ``embedder``'s model was trained) and embed every photo of DATA; see the module docstring.
 
-    embedder: a TorchEmbedder or OnnxEmbedder (eval/embed.py ``open_embedder``), or a Teacher (faces/teachers.py:
-    it embeds the original photos its own way; raw folders only). work: an empty folder for the aligned crops of
-    raw photos (the caller deletes it). multi: which face to keep when the model does not say (see detection_only).
-    detect: run the face detector on raw photos for an unaligned model too (its findings: no face, several faces...).
+    data: a folder, or shards at a URL. embedder: a TorchEmbedder or OnnxEmbedder (eval/embed.py ``open_embedder``),
+    or a Teacher (faces/teachers.py: it embeds the original photos its own way). work: an empty folder for the
+    aligned crops of raw photos (the caller deletes it). multi: which face to keep when the model does not say (see
+    detection_only). detect: run the face detector on raw photos for an unaligned model too (its findings: no face,
+    several faces...). teacher_pass: training/teacher_pass.py ``teacher_targets``, how a teacher embeds shards.
     """
-    data = Path(data)
-    if not data.is_dir():
-        raise NotADirectoryError(f"{data} is not a folder; give an ImageFolder (one sub-folder per identity), an "
-                                 "aligned folder or a shard folder")
+    shards = is_remote(data)
+    if not shards:
+        data = Path(data)
+        if not data.is_dir():
+            raise NotADirectoryError(f"{data} is not a folder; give an ImageFolder (one sub-folder per identity), an "
+                                     "aligned folder or a shard folder (or shards at s3://, gs://, https://)")
+        shards = (data / METADATA_FILE).is_file()
     teacher = hasattr(embedder, "prepare")
     t0 = time.perf_counter()
-    if (data / METADATA_FILE).is_file():
-        if teacher:
-            raise InputError(f"{data} is a shard folder; a teacher embeds the original photos: give their folder")
-        photos, crops = _from_shards(data, embedder.alignment)
+    if shards:
+        if teacher and teacher_pass is None:
+            raise InputError(f"{data} is a shard folder: a teacher embeds shards through the teacher pass (facesiam "
+                             "doctor/cluster --teacher, or pass teacher_pass); or give the photos' folder")
+        photos, crops = _from_shards(data, None if teacher else embedder.alignment, check=not teacher)
     else:
         alignment = None if teacher else embedder.alignment
         photos, crops = _from_folder(data, alignment, work, unlabeled, workers, progress, multi, teacher, detect)
@@ -211,7 +253,8 @@ def load_photos(data: str | os.PathLike, embedder: Any, work: Path, *, unlabeled
     log.info("%d photos, %d with a face to embed (%.1fs)", len(photos), len(rows), time.perf_counter() - t0)
     t1 = time.perf_counter()
     if teacher:
-        emb, found = _embed_teacher(embedder, photos, rows, batch_size, progress)
+        emb, found = (_teacher_on_shards(teacher_pass, embedder, data, photos, rows, batch_size) if shards else
+                      _embed_teacher(embedder, photos, rows, batch_size, progress))
         photos.embedded[rows[~found]] = False
     else:
         emb = _embed(embedder, _Files(_Rows(crops, photos.crop_index, rows), len(rows)), batch_size, num_workers,
@@ -233,6 +276,12 @@ class _Rows:
     def __call__(self, q: int) -> Image.Image:
         return self.read(int(self.index[q]))
 
+    def many(self, qs: Sequence[int]) -> list[Image.Image]:
+        """Rows ``qs``: shard samples read as one batch (at a URL: in parallel), files one by one."""
+        if isinstance(self.read, _ShardReader):
+            return [decode_rgb(raw) for raw in _raw_block(self.read, self.index[np.asarray(qs, np.int64)])]
+        return [self(q) for q in qs]
+
 
 def _measure_sharpness(photos: Photos, crops: Callable[[int], Image.Image], size: int) -> None:
     """Sharpness of every photo to embed, read in threads (decoding releases the GIL); a photo that cannot be read
@@ -244,15 +293,46 @@ def _measure_sharpness(photos: Photos, crops: Callable[[int], Image.Image], size
         except Exception as err:  # noqa: BLE001 -- one bad file must not stop the doctor
             return f"cannot read: {type(err).__name__}: {err}"
 
+    def measure_raw(raw: bytes) -> Any:
+        try:
+            return sharpness(decode_rgb(raw), size)
+        except Exception as err:  # noqa: BLE001 -- as measure
+            return f"cannot read: {type(err).__name__}: {err}"
+
     rows = np.flatnonzero(photos.embedded)
+    values: Iterator[Any]
     with concurrent.futures.ThreadPoolExecutor(max(1, min(4, available_cpus()))) as pool:
-        for i, value in zip(rows, pool.map(measure, rows)):
+        if isinstance(crops, _ShardReader):  # a batch of samples read at once (at a URL: in parallel), then measured
+            blocks = (_raw_block(crops, photos.crop_index[rows[s:s + BLOCK]]) for s in range(0, len(rows), BLOCK))
+            values = (value for block in blocks for value in pool.map(measure_raw, block))
+        else:
+            values = pool.map(measure, rows)
+        for i, value in zip(rows, values):
             if isinstance(value, str):
                 photos.embedded[i] = False
                 photos.records[i] = {"path": photos.files[i], "output": None, "status": "skipped", "faces": 0,
                                      "reason": value, "skip": "unreadable"}
             else:
                 photos.sharpness[i] = value
+
+
+def _raw_block(reader: _ShardReader, positions: np.ndarray) -> list[bytes]:
+    """The stored bytes of samples ``positions``, in that order, read as one batch."""
+    out: list = [None] * len(positions)
+    for k, data in reader.iter_raw(positions):
+        out[k] = data
+    return out
+
+
+def _teacher_on_shards(teacher_pass: TeacherPass, teacher: Any, data: str | Path, photos: Photos, rows: np.ndarray,
+                       batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A teacher's embedding of each shard photo of ``rows`` and whether it found a face, through the teacher pass:
+    its cache when there is one for these shards and this teacher, else computed once (by every split) and cached."""
+    per_split = [teacher_pass(str(data), split, teacher, batch_size=batch_size) for split in photos.meta["splits"]]
+    emb = np.concatenate([e for e, _ in per_split])
+    found = np.concatenate([f for _, f in per_split])
+    index = photos.crop_index[rows]  # rows of the splits' concatenation (_from_shards keeps their order)
+    return emb[index], found[index]
 
 
 def _embed_teacher(teacher: Any, photos: Photos, rows: np.ndarray, batch_size: int,
@@ -353,11 +433,14 @@ def _from_folder(data: Path, alignment: Optional[dict], work: Path, unlabeled: b
                    meta), reader
 
 
-def _from_shards(data: Path, alignment: Optional[dict]) -> tuple[Photos, Callable[[int], Image.Image]]:
-    """Every split of a shard folder; photos the alignment skipped (not in the shards) come from its record."""
+def _from_shards(data: str | Path, alignment: Optional[dict],
+                 check: bool = True) -> tuple[Photos, Callable[[int], Image.Image]]:
+    """Every split of a shard folder (or URL); photos the alignment skipped (not in the shards) come from its record.
+    ``check``: refuse crops aligned otherwise than ``alignment`` (a teacher brings its own preprocessing)."""
     meta = read_metadata(data)
     recorded = meta.get("alignment")
-    _check_alignment(alignment, recorded["info"] if recorded else None, data)
+    if check:
+        _check_alignment(alignment, recorded["info"] if recorded else None, data)
     by_output = _records_by(recorded["images"], "output") if recorded else {}
     splits = sorted(meta["splits"])
     keep, files, identities, records = [], [], [], []
@@ -370,14 +453,17 @@ def _from_shards(data: Path, alignment: Optional[dict]) -> tuple[Photos, Callabl
             identities.append(ds.classes[int(label)])
             records.append(record)
     reader = _ShardReader(data, splits, keep)
-    sha: list[Optional[str]] = [hashlib.sha256(reader.raw(i)).hexdigest() for i in range(len(keep))]  # the crops
+    sha: list[Optional[str]] = [None] * len(keep)  # of the crops
+    for k, raw in reader.iter_raw(range(len(keep))):
+        sha[k] = hashlib.sha256(raw).hexdigest()
     skipped = [r for r in (recorded["images"] if recorded else []) if not r["output"]]
     files += [r["path"] for r in skipped]
     identities += [r["path"].split("/", 1)[0] for r in skipped]
     records += skipped
     sha += [None] * len(skipped)
     crop_index = np.r_[np.arange(len(keep)), -np.ones(len(skipped), np.int64)]
-    root = Path(recorded["source"]) if recorded else Path(meta.get("source") or data)
-    info = {"data": str(data), "root": str(root), "kind": "shards", "unlabeled": False}
-    return _photos(root, files, identities, records, crop_index, sha, reader, root if root.is_dir() else None,
-                   info), reader
+    root = Path(recorded["source"]) if recorded else Path(meta.get("source") or str(data))
+    info = {"data": str(data), "root": str(root), "kind": "shards", "unlabeled": False, "splits": splits}
+    photos = _photos(root, files, identities, records, crop_index, sha, reader, root if root.is_dir() else None, info)
+    photos.stored = lambda i: reader.raw(int(crop_index[i])) if crop_index[i] >= 0 else None
+    return photos, reader

@@ -13,6 +13,12 @@ no common step count, and has no position to save, so this one is written here. 
 3. rank r takes its slice of every step, so identities are disjoint across ranks within a step and every
    rank has the same number of steps.
 
+An elastic resize mid-epoch (a checkpoint of W ranks resumed on W' ranks) continues the same epoch: its chunks
+(step 1, independent of the world size) less those the steps already taken at earlier world sizes used, still in
+key order, are dealt by step 2's rules into steps of the new size (``set_epoch(..., earlier=...)``), so across
+the resize every chunk is trained on once, as without one (only the left-overs of the epoch's last step are
+dropped). Without a resize the plan is unchanged, so a resume on the same world size stays exact.
+
 Each yielded index comes with an augmentation seed, ``(index, aug_seed)``, so a sample's augmentation depends
 only on (seed, epoch, position), never on worker count or order (see ShardDataset).
 
@@ -82,16 +88,24 @@ class DistributedPerClassSampler(Sampler[list[tuple[int, int]]]):
             )
         self.epoch = 0
         self.start_step = 0
-        self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.earlier: tuple[tuple[int, int, int], ...] = ()
+        self._plan_cache: tuple[tuple, np.ndarray, np.ndarray] | None = None
 
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Select the epoch to plan and the step to start from (for resuming mid-epoch)."""
+    def set_epoch(self, epoch: int, start_step: int = 0,
+                  earlier: Sequence[Sequence[int]] = ()) -> None:
+        """Select the epoch to plan and the step to start from (for resuming mid-epoch).
+
+        ``earlier``: the steps this epoch already took on other world sizes before an elastic resize, as
+        (num_replicas, batch_size, steps) per stretch, oldest first; this world size's plan (and ``start_step``)
+        then covers only the chunks they did not take."""
         self.epoch = epoch
         self.start_step = start_step
+        self.earlier = tuple((int(w), int(b), int(k)) for w, b, k in earlier)
 
     def _plan(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's (steps x classes_per_rank x m) indices and matching aug seeds for the current epoch."""
-        if self._plan_cache is not None and self._plan_cache[0] == self.epoch:
+        key = (self.epoch, self.earlier)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1], self._plan_cache[2]
         self._plan_cache = None  # free the last epoch's plan before making this one
         m, n, step = self.m, self._counts, self.classes_per_step
@@ -107,6 +121,16 @@ class DistributedPerClassSampler(Sampler[list[tuple[int, int]]]):
         keys = (chunk_j + np.repeat(u, nch)) / np.repeat(nch.astype(np.float64), nch)
         order = np.argsort(keys, kind="stable")
         del keys
+        for world, batch, taken in self.earlier:  # an elastic resize: drop what the earlier world sizes took
+            if batch % m or world < 1:
+                raise ValueError(f"earlier stretch ({world} x batch {batch}) does not fit m_per_class {m}")
+            done = _assemble(order, chunk_class, chunk_j, world * batch // m)
+            if taken > len(done):
+                raise ValueError(f"epoch {self.epoch}: an earlier stretch took {taken} steps of {world} x batch "
+                                 f"{batch}, but its plan has {len(done)}; the checkpoint is not of this data")
+            left = np.ones(len(order), dtype=bool)
+            left[done[:taken].reshape(-1)] = False
+            order = order[left]
         rows = _assemble(order, chunk_class, chunk_j, step)  # steps x step, positions in key order
 
         lo, hi = self.rank * self.classes_per_rank, (self.rank + 1) * self.classes_per_rank
@@ -117,13 +141,19 @@ class DistributedPerClassSampler(Sampler[list[tuple[int, int]]]):
         short = pos >= n[cls]
         pos[short] = picks[(pick_off[cls] + pos - n[cls])[short]]
         plan = perm[self._starts[cls] + pos].astype(self._index_dtype, copy=False)
+        if self.earlier:  # a stream of its own per stretch: the full plan's seeds are drawn after its chunks
+            rng = np.random.default_rng([self.seed, self.epoch, len(self.earlier)])
         seeds = _seeds(rng, len(chunks), step, m, lo, hi)
-        self._plan_cache = (self.epoch, plan, seeds)
+        self._plan_cache = (key, plan, seeds)
         return plan, seeds
 
     def steps_per_epoch(self) -> int:
         """Steps every rank takes in the current epoch."""
         return len(self._plan()[0])
+
+    def batch_indices(self, step: int) -> list[int]:
+        """This rank's image indices at ``step`` of the current plan (what the loader yields there)."""
+        return self._plan()[0][step].reshape(-1).tolist()
 
     def __len__(self) -> int:
         return self.steps_per_epoch() - self.start_step
@@ -266,11 +296,17 @@ def _assemble(order: np.ndarray, chunk_class: np.ndarray, chunk_j: np.ndarray, s
     one chunk at a time (_replay) until a step ends with nothing waiting.
     """
     total = len(order)
-    at = np.empty(total, dtype=np.int64)
-    at[order] = np.arange(total)
-    prev = np.where(chunk_j[order] > 0, at[np.maximum(order - 1, 0)], -1)  # position of the previous chunk
-    del at
     cls = chunk_class[order]
+    if total == len(chunk_class):  # every chunk: an identity's previous chunk is the chunk id before
+        at = np.empty(total, dtype=np.int64)
+        at[order] = np.arange(total)
+        prev = np.where(chunk_j[order] > 0, at[np.maximum(order - 1, 0)], -1)  # position of the previous chunk
+        del at
+    else:  # what a resize left: the previous chunk of the same identity still in the sequence
+        by_class = np.lexsort((np.arange(total), cls))
+        same = cls[by_class[1:]] == cls[by_class[:-1]]
+        prev = np.full(total, -1, dtype=np.int64)
+        prev[by_class[1:][same]] = by_class[:-1][same]
     blocks: list[np.ndarray] = []
     p, window = 0, 1
     while total - p >= step:

@@ -48,7 +48,8 @@ def threshold_from_report(report: str | os.PathLike,
     elif operating_point.startswith("far="):
         key = f"{float(operating_point[4:]):.0e}"
         value = (v.get("threshold_at_far") or {}).get(key)
-        what = f"FAR <= {key}, TAR {(v.get('tar_at_far') or {}).get(key)}"
+        tar = (v.get('tar_at_far') or {}).get(key)
+        what = f"FAR <= {key}, TAR {'n/a' if tar is None else f'{tar:.4f}'}"
     else:
         raise InputError(f"unknown operating point {operating_point!r}: use one of {OPERATING_POINTS}")
     if value is None:

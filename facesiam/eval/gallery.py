@@ -25,7 +25,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,6 +73,65 @@ def trained_ivf(x: np.ndarray, nlist: int):
     index.cp.niter = 10
     index.train(x if n <= 40 * nlist else x[np.random.default_rng(0).choice(n, 40 * nlist, replace=False)])
     return index
+
+
+def search_knob(index, kind: str) -> Optional[int]:
+    """An index's search knob: nprobe (ivf), efSearch (hnsw), None (flat); under an IndexIDMap too."""
+    if kind == "ivf":
+        return int(_faiss().extract_index_ivf(index).nprobe)
+    if kind == "hnsw":
+        return int(_hnsw(index).efSearch)
+    return None
+
+
+def set_search_knob(index, kind: str, value: int) -> None:
+    if kind == "ivf":
+        _faiss().extract_index_ivf(index).nprobe = int(value)
+    elif kind == "hnsw":
+        _hnsw(index).efSearch = int(value)
+
+
+def _hnsw(index):
+    """The HNSW graph's parameters of an IndexHNSW, or of one under an IndexIDMap(2)."""
+    faiss = _faiss()
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index).hnsw if hasattr(index, "id_map") else index.hnsw
+
+
+def tune_search(index, kind: str, given: Optional[int], target: float,
+                recall: Callable[[], float]) -> tuple[int, float]:
+    """The search knob for an ivf/hnsw index (nprobe/efSearch), shared by ``facesiam gallery build`` and the
+    service's index (service/live_index.py): ``given`` when set, else the smallest power of two (hnsw: from 16)
+    whose ``recall()`` estimate reaches ``target``. Leaves the index set to it; returns (value, recall)."""
+    limit = _faiss().extract_index_ivf(index).nlist if kind == "ivf" else 4096
+    lowest = 1 if kind == "ivf" else 16
+    candidates = [given] if given else [v for v in (2 ** p for p in range(13)) if lowest <= v < limit] + [limit]
+    value, estimate = candidates[0], 0.0
+    for value in candidates:
+        set_search_knob(index, kind, value)
+        estimate = recall()
+        if estimate >= target:
+            break
+    return int(value), estimate
+
+
+def held_out_recall(search: Callable[[np.ndarray, int], np.ndarray], vectors: np.ndarray,
+                    labels: Optional[np.ndarray] = None, sample: int = RECALL_SAMPLE, seed: int = 0) -> float:
+    """Recall@1 against exact search, up to ``sample`` of the unit rows ``vectors`` as queries that leave
+    themselves out: the share whose first other result has the label of the exact nearest other row.
+    ``search(q, k)`` returns row numbers of ``vectors`` (Q x k, -1: none); ``labels``: identities (None: each row
+    its own, i.e. the same face)."""
+    n = len(vectors)
+    if n < 2:
+        return 1.0
+    labels = np.arange(n) if labels is None else np.asarray(labels)
+    pick = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
+    q = np.ascontiguousarray(vectors[pick])
+    _, exact = topk_cosine(q, vectors, 1, exclude=pick, device="cpu", normalized=True)
+    approx = search(q, 2)
+    first_other = np.where(approx[:, 0] == pick, approx[:, 1], approx[:, 0])
+    found = first_other >= 0
+    return float(np.mean(found & (labels[np.maximum(first_other, 0)] == labels[exact[:, 0]])))
 
 
 def topk_cosine(queries: Array, reference: Array, k: int, *, exclude: Optional[Array] = None,
@@ -166,10 +225,8 @@ class Gallery:
                 **(meta or {})}
         gallery = cls(index, names, identity, list(paths) if paths is not None else [""] * n, info)
         if kind != "flat":
-            knob = "nprobe" if kind == "ivf" else "efSearch"
-            given = nprobe if kind == "ivf" else ef_search
             gallery.meta["recall_target"] = target_recall
-            gallery._tune(x, knob, given, target_recall)
+            gallery._tune(x, nprobe if kind == "ivf" else ef_search, target_recall)
         else:
             gallery.meta["recall_at_1_estimate"] = 1.0
         log.info("built %s gallery: %d entries of %d identities, dim %d, in %.1fs%s", kind, n, len(names), d,
@@ -177,23 +234,14 @@ class Gallery:
         return gallery
 
     def _set_knob(self, value: int) -> None:
-        if self.kind == "ivf":
-            self.index.nprobe = int(value)
-            self.meta["params"]["nprobe"] = int(value)
-        elif self.kind == "hnsw":
-            self.index.hnsw.efSearch = int(value)
-            self.meta["params"]["efSearch"] = int(value)
+        if self.kind in ("ivf", "hnsw"):
+            set_search_knob(self.index, self.kind, value)
+            self.meta["params"]["nprobe" if self.kind == "ivf" else "efSearch"] = int(value)
 
-    def _tune(self, x: np.ndarray, knob: str, given: Optional[int], target: float) -> None:
+    def _tune(self, x: np.ndarray, given: Optional[int], target: float) -> None:
         """Use the given knob value, else the smallest power of two reaching the target recall estimate."""
-        limit = self.index.nlist if self.kind == "ivf" else 4096
-        lowest = 1 if self.kind == "ivf" else 16
-        candidates = [given] if given else [v for v in (2 ** p for p in range(13)) if lowest <= v < limit] + [limit]
-        for value in candidates:
-            self._set_knob(value)
-            recall = self.estimate_recall(x)
-            if recall >= target:
-                break
+        value, recall = tune_search(self.index, self.kind, given, target, lambda: self.estimate_recall(x))
+        self._set_knob(value)  # records it in meta too
         self.meta["recall_at_1_estimate"] = recall
 
     def recall_note(self) -> str:
@@ -218,16 +266,7 @@ class Gallery:
             _, exact = topk_cosine(q, vectors, 1, device="cpu", normalized=True)
             _, approx = self.index.search(q, 1)
             return float(np.mean(self.identity[approx[:, 0]] == self.identity[exact[:, 0]]))
-        n = len(vectors)
-        if n < 2:
-            return 1.0
-        pick = np.sort(np.random.default_rng(seed).choice(n, min(sample, n), replace=False))
-        q = np.ascontiguousarray(vectors[pick])
-        _, exact = topk_cosine(q, vectors, 1, exclude=pick, device="cpu", normalized=True)
-        _, approx = self.index.search(q, 2)
-        first_other = np.where(approx[:, 0] == pick, approx[:, 1], approx[:, 0])
-        found = first_other >= 0
-        return float(np.mean(found & (self.identity[np.maximum(first_other, 0)] == self.identity[exact[:, 0]])))
+        return held_out_recall(lambda q, k: self.index.search(q, k)[1], vectors, self.identity, sample, seed)
 
     # ------------------------------------------------------------------ adding and searching
     @property

@@ -14,6 +14,7 @@ chosen on the other folds, AUC, TAR@FAR). See facesiam.eval.metrics for the meth
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -36,11 +37,21 @@ DATA_CREDITS = {
 
 
 def data_credit(data: Optional[str]) -> Optional[str]:
-    """The citation of a shared real-face data set, judged by the data path's name (lfw*, orl*, yale*)."""
+    """The citation of a shared real-face data set, judged by the data path's name (lfw*, orl*, yale*), or for
+    local shards by the photo folder they were made from (dataset.json's sources: fit's RUN/shards of Yale)."""
     if not data:
         return None
-    name = Path(data).name.lower()
-    return next((text for key, text in DATA_CREDITS.items() if name.startswith(key)), None)
+    names = [Path(data).name]
+    try:
+        meta = json.loads((Path(data) / "dataset.json").read_text())
+        names += [Path(p).name for p in ((meta.get("alignment") or {}).get("source"), meta.get("source")) if p]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass  # not local shards: the path's own name decides
+    for name in names:
+        credit = next((text for key, text in DATA_CREDITS.items() if name.lower().startswith(key)), None)
+        if credit:
+            return credit
+    return None
 
 
 def evaluate(data: dict, *, protocols: Optional[Sequence[str]] = None, pairs_file: Optional[str] = None,

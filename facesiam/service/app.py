@@ -15,7 +15,8 @@
                                                 without a token on 127.0.0.1:--metrics-port               (admin)
     GET  /healthz, GET /                     -> "ok" while the process lives; the web page              (public)
     GET  /readyz                             -> 200 when the model, the index and the database are ready,
-                                                503 otherwise (the database away: writes answer 503 too) (public)
+                                                503 otherwise (the database away: writes answer 503 too;
+                                                draining after SIGTERM: all but these two; lifecycle.py) (public)
 
 Faces are biometric data, so: every route declares the scope a token needs (service/tokens.py: read, write,
 admin) and a route without one is refused, not public (fail closed); ``public_read`` opens the read scope without a
@@ -41,6 +42,7 @@ from ..errors import ConflictError, InputError
 from .context import Service, ServiceError, ServiceSettings
 from .database import DatabaseUnavailable
 from .hardening import BODY_LIMIT, SECURITY_HEADERS, RequestGuard
+from .lifecycle import DrainGate
 from .metrics import RequestRecorder
 from .routes import gallery_routes, info_routes, probe_routes
 from .store import GalleryStore, open_store
@@ -68,6 +70,8 @@ def create_app(embedder, settings: ServiceSettings, store: Optional[GalleryStore
     _install_guard(app, service, routes)
     for router in routers:
         app.include_router(router)
+    # around the guards: after SIGTERM every new request but the probes is answered 503 before anything else
+    app.add_middleware(DrainGate, drain=service.drain)
     # outermost: it counts (and, with --log-format json, logs) every answer, the guards' refusals included
     app.add_middleware(RequestRecorder, metrics=service.metrics, routes=routes,
                        json_log=settings.json_access_log, log_identities=settings.log_identities)

@@ -4,6 +4,8 @@ Each request puts its decoded images on an asyncio queue and awaits a future per
 first waiting image, then keeps collecting until ``max_batch`` images or ``max_wait_ms`` have passed, and runs the
 batch in a single worker thread (the model never runs on the event loop, and one thread keeps torch/onnxruntime
 from competing with themselves for the cores). ``max_batch=1`` turns batching off: every image is its own pass.
+When the service drains (service/lifecycle.py) ``hurry`` ends the waiting for company, and ``stop`` runs every image
+queued before it, then stops: a request in flight at SIGTERM gets its answer.
 
 Hand-written because the libraries for this (e.g. Ray Serve's @serve.batch, NVIDIA Triton's dynamic batcher) are
 whole serving systems; this is the 60 lines a FastAPI app needs.
@@ -22,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 log = logging.getLogger("facesiam.serve")
+_HURRY, _STOP = object(), object()  # the worker's queue messages besides images: stop waiting for company; stop
 
 
 class NoFace(ValueError):
@@ -55,6 +58,9 @@ class Batcher:
         self.on_batch: Optional[Callable[[int], None]] = None  # told each batch's size (service/metrics.py)
         self._queue: Optional[asyncio.Queue] = None
         self._worker: Optional[asyncio.Task] = None
+        self._collecting: list = []  # the batch the worker is gathering (taken off the queue, not yet running)
+        self._closed = False
+        self._signals = 0  # _HURRY and _STOP messages in the queue (not images)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facesiam-model")
 
     async def start(self) -> None:
@@ -68,23 +74,38 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        """Images waiting for the model thread (the queue depth /metrics reports)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        """Images waiting for the model thread, those of a batch still gathering included (the queue depth
+        /metrics reports)."""
+        waiting = self._queue.qsize() - self._signals if self._queue is not None else 0
+        return waiting + len(self._collecting)
+
+    def hurry(self) -> None:
+        """No more waiting for company: from now on a batch is what is waiting when it starts (the service is
+        draining: a batch held back for images that will not come would keep its requests for --batch-wait-ms)."""
+        self.max_wait = 0.0
+        if self._queue is not None:
+            self._signal(_HURRY)  # wakes the worker if it is waiting
 
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
+        """Run every image queued so far, then stop (``embed`` refuses new ones)."""
+        self._closed = True
+        if self.running:
+            self.hurry()
+            self._signal(_STOP)
+            await self._worker
         self._pool.shutdown(wait=True)
+
+    def _signal(self, message: object) -> None:
+        self._signals += 1
+        self._queue.put_nowait(message)
 
     async def run_in_model_thread(self, fn: Callable, *args):
         """Run ``fn`` on the model's thread (e.g. a gallery write), in order with the batches."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def embed(self, images: Sequence[Image.Image]) -> list:
+        if self._closed:
+            raise RuntimeError("the model thread has stopped (the service is shutting down)")
         loop = asyncio.get_running_loop()
         futures = []
         for image in images:
@@ -95,39 +116,60 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            self._signals -= first is _HURRY or first is _STOP
+            if first is _STOP:
+                return
+            if first is _HURRY:
+                continue
+            batch = self._collecting = [first]
             deadline = self.clock() + self.max_wait
             while len(batch) < self.max_batch:
                 try:  # whatever is already waiting joins at once; then wait out the time budget
-                    batch.append(self._queue.get_nowait())
-                    continue
+                    item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
-                    pass
-                left = deadline - self.clock()
-                if left <= 0:
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                self._signals -= item is _HURRY or item is _STOP
+                if item is _HURRY:
+                    deadline = self.clock()  # what is waiting now still joins; nothing more is waited for
+                elif item is _STOP:
+                    stopping = True
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            images = [image for image, _ in batch]
-            try:
-                results = await loop.run_in_executor(self._pool, self.embed_many, images)
-            except Exception as err:  # a model failure fails this batch's requests, not the service
-                log.exception("batch of %d failed", len(batch))
-                results = [err] * len(batch)
-            self.stats.batches += 1
-            self.stats.images += len(batch)
-            self.stats.largest = max(self.stats.largest, len(batch))
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    if isinstance(result, Exception) and not isinstance(result, NoFace):  # NoFace is an answer
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                else:
+                    batch.append(item)
+            self._collecting = []
+            # a request cut at the end of a drain (its future cancelled) needs its images no more
+            batch = [(image, future) for image, future in batch if not future.done()]
+            if batch:
+                await self._pass(loop, batch)
+
+    async def _pass(self, loop, batch: list) -> None:
+        """One network pass over ``batch`` ((image, future) pairs); each future gets its image's result."""
+        images = [image for image, _ in batch]
+        try:
+            results = await loop.run_in_executor(self._pool, self.embed_many, images)
+        except Exception as err:  # a model failure fails this batch's requests, not the service
+            log.exception("batch of %d failed", len(batch))
+            results = [err] * len(batch)
+        self.stats.batches += 1
+        self.stats.images += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                if isinstance(result, Exception) and not isinstance(result, NoFace):  # NoFace is an answer
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 def embed_many_for(embedder, *, align: bool = True) -> Callable[[Sequence[Image.Image]], list]:

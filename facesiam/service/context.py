@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.images import BadImage, TooManyPixels, rgb_from_bytes
 from .batcher import Batcher, NoFace, embed_many_for
 from .hardening import LOOPBACK_HOSTS, BadName, RateLimiter, normalize_identity
+from .lifecycle import Drain
 from .metrics import ServiceMetrics, start_metrics_server
 from .store import GalleryStore
 from .tokens import PUBLIC, SCOPES, TokenSet
@@ -96,6 +97,9 @@ class ServiceSettings:
     """Write one JSON access-log line per request (request id, method, route template, status, ms)."""
     log_identities: bool = False
     """Name the identity (the route's {name}) in JSON access-log lines; off: names are biometric records' keys."""
+    grace: float = 20.0
+    """Seconds after SIGTERM or SIGINT that requests in flight may take to finish (new ones get 503 meanwhile);
+    those still running then are cut (service/lifecycle.py)."""
 
 
 class ServiceError(Exception):
@@ -136,7 +140,8 @@ class Service:
         self.max_request = self.body_limit(MANY)  # the largest any endpoint takes
         self.limiter = RateLimiter(settings.public_rate, settings.public_burst)
         self.cost = RateLimiter(settings.public_cost_rate, settings.public_cost_rate * 10)  # megapixel-faces
-        self.metrics = ServiceMetrics(store, self.batcher)
+        self.drain = Drain(settings.grace)  # SIGTERM: service/lifecycle.py
+        self.metrics = ServiceMetrics(store, self.batcher, self.drain)
 
     def timer(self) -> Timer:
         """A request's Timer, whose steps also go to the /metrics stage histograms."""
@@ -157,8 +162,8 @@ class Service:
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no SIGHUP
             pass
         log.info("serving %s; gallery %s (%d faces, %d identities; index %s); threshold %.4f (%s); batching %s",
-                 s.model_name, self.store.db.describe(), self.store.size, len(self.store.identities()),
-                 self.store.index.describe(), s.threshold, s.threshold_source,
+                 s.model_name, self.store.describe_database(), self.store.size, len(self.store.identities()),
+                 self.store.describe_index(), s.threshold, s.threshold_source,
                  f"up to {s.max_batch} images within {s.batch_wait_ms} ms" if s.max_batch > 1 else "off")
         try:
             yield
@@ -166,8 +171,9 @@ class Service:
             if metrics_server is not None:
                 metrics_server.shutdown()
                 metrics_server.server_close()
-            await self.batcher.stop()
-            self.store.close()
+            await self.batcher.stop()  # runs what is queued (requests in flight until the end of a drain)
+            self.store.close()  # the listener thread stopped, the database closed (SQLite: its WAL checkpointed)
+            log.info("gallery %s closed", self.store.describe_database())
 
     def authorize(self, request: Request, scope: str) -> None:
         """Raise 401/403/429 unless the request may use ``scope`` (PUBLIC: anyone)."""

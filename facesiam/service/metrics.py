@@ -42,7 +42,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServiceMetrics", "RequestRecorder", "start_me
 class ServiceMetrics:
     """The service's metrics in their own registry; ``text()`` is the /metrics page."""
 
-    def __init__(self, store, batcher):
+    def __init__(self, store, batcher, drain=None):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("facesiam_requests", "HTTP requests answered, by route template, method and status",
                                 ("route", "method", "status"), registry=registry)
@@ -56,9 +56,9 @@ class ServiceMetrics:
         self.refusals = Counter("facesiam_auth_refusals", "Requests refused by the token check, by the scope the "
                                 "route needs and the status (401: no token, 403: wrong token or scope, 429: public "
                                 "rate limit)", ("scope", "status"), registry=registry)
-        registry.register(_ScrapeTime(store, batcher))
+        registry.register(_ScrapeTime(store, batcher, drain))
         batcher.on_batch = self.batches.observe
-        store.db.on_statement = self.database.observe
+        store.on_statement(self.database.observe)
 
     def stage(self, name: str, ms: float) -> None:
         """A Timer's sink: ``decode_ms`` -> the decode stage's histogram."""
@@ -72,10 +72,11 @@ class ServiceMetrics:
 
 
 class _ScrapeTime:
-    """The gauges read when scraped: the gallery's faces and identities, the index kind, the queue depth."""
+    """The gauges read when scraped: the gallery's faces and identities, the index kind, the queue depth, the
+    requests in flight and whether the service is draining (service/lifecycle.py's Drain)."""
 
-    def __init__(self, store, batcher):
-        self.store, self.batcher = store, batcher
+    def __init__(self, store, batcher, drain=None):
+        self.store, self.batcher, self.drain = store, batcher, drain
 
     def describe(self):
         return []  # read at scrape time only (describing would call collect() at registration)
@@ -86,10 +87,15 @@ class _ScrapeTime:
         yield GaugeMetricFamily("facesiam_gallery_identities", "Enrolled identities",
                                 value=len(store.identities()))
         index = InfoMetricFamily("facesiam_index", "The gallery's search index in memory")
-        index.add_metric([], {"kind": store.index.kind})
+        index.add_metric([], {"kind": store.index_kind})
         yield index
         yield GaugeMetricFamily("facesiam_batch_queue_depth", "Images waiting for the model thread",
                                 value=self.batcher.queued)
+        if self.drain is not None:
+            yield GaugeMetricFamily("facesiam_requests_in_flight", "Requests being served, this scrape included "
+                                    "(/healthz and /readyz not counted)", value=self.drain.in_flight)
+            yield GaugeMetricFamily("facesiam_draining", "1 after SIGTERM or SIGINT, while requests in flight finish",
+                                    value=int(self.drain.draining))
 
 
 def route_of(routes: list, scope: dict) -> tuple[str, dict]:

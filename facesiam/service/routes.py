@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .context import MANY, PAGE, Service, ServiceError, Timer, checked_name, scoped
 from .faces import TooManyFaces, faces_in
+from .lifecycle import RETRY_AFTER
 from .metrics import CONTENT_TYPE_LATEST
 from .tokens import PUBLIC
 
@@ -44,9 +45,11 @@ def info_routes(service: Service) -> APIRouter:
     @scoped(PUBLIC)
     async def readyz():
         """For a load balancer: 200 when this process can serve every endpoint, 503 (and which part is not
-        ready: model, index, database) otherwise; /healthz only says the process lives."""
-        waiting = [part for part, ready in (("model", service.batcher.running), ("index", store.index is not None),
-                                            ("database", await run_in_threadpool(store.db.ping))) if not ready]
+        ready: model, index, database; or that it is shutting down) otherwise; /healthz only says the process lives."""
+        if service.drain.draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": str(RETRY_AFTER)})
+        waiting = [part for part, ready in (("model", service.batcher.running), ("index", store.index_ready),
+                                            ("database", await run_in_threadpool(store.ping))) if not ready]
         if waiting:
             return JSONResponse({"status": "not ready", "waiting_for": waiting}, status_code=503,
                                 headers={"Retry-After": "2"})
@@ -55,11 +58,11 @@ def info_routes(service: Service) -> APIRouter:
     @router.get("/status")
     @scoped("admin")
     async def status():
-        reachable = await run_in_threadpool(store.db.ping)
+        reachable = await run_in_threadpool(store.ping)
         return {"status": "ok" if reachable else "database unreachable", "model": settings.model_name,
                 "gallery_size": store.size,
-                "identities": len(store.identities()), "database": store.db.describe(),
-                "index": store.index.describe(), "threshold": settings.threshold,
+                "identities": len(store.identities()), "database": store.describe_database(),
+                "index": store.describe_index(), "threshold": settings.threshold,
                 "threshold_source": settings.threshold_source, "batching": service.batcher.stats.as_dict(),
                 "tokens": len(settings.tokens.tokens)}
 

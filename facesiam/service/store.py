@@ -1,9 +1,13 @@
 """The service's gallery: a database (service/database.py) that holds it, and an index in memory (live_index.py)
 that follows the database's change log.
 
-Every write is one database transaction (acknowledged only once committed); the store then applies the log since
-the last change it saw (``catch_up``), which is how other processes' writes arrive too (PostgreSQL: at once, by
-LISTEN/NOTIFY). Nothing is rewritten whole: an enrol costs one insert per face and one in-place add to the index.
+The store owns the order of things: the routes and the service talk to the store only, and the store alone calls
+its two parts, one way (store -> database, store -> index; neither knows the other, and the database's
+listener only wakes the store with the callback it was given). Every
+write is one database transaction (acknowledged only once committed); the store then applies the log since the
+last change it saw (``catch_up``), which is how other processes' writes arrive too (PostgreSQL: at once, by
+LISTEN/NOTIFY). Nothing is rewritten whole: an enrol costs one insert per face and one add to the index's delta,
+which never waits for the searches in flight (live_index.py).
 
     gallery folder   GALLERY/gallery.sqlite (created 0600 in a 0700 folder); a folder of the earlier format
                      (gallery.json + index.faiss + entries.npz, facesiam gallery build) is imported on first start
@@ -18,7 +22,7 @@ import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -39,10 +43,10 @@ class GalleryStore:
 
     def __init__(self, db: FaceDatabase, *, model: str = "", index: str = "flat", nprobe: Optional[int] = None,
                  ef_search: Optional[int] = None):
-        self.db, self.model, self.dim = db, model, db.dim
+        self._db, self.model, self.dim = db, model, db.dim
         snap = db.snapshot()
-        self.index = LiveIndex(self.dim, index, vectors=unit_rows(snap.embeddings), ids=snap.face_ids, nprobe=nprobe,
-                               ef_search=ef_search)
+        self._index = LiveIndex(self.dim, index, vectors=unit_rows(snap.embeddings), ids=snap.face_ids, nprobe=nprobe,
+                                ef_search=ef_search)
         self._apply = threading.Lock()
         self.seq = snap.seq
         self.names: dict[int, str] = dict(snap.names)  # identity id -> name
@@ -59,24 +63,48 @@ class GalleryStore:
     # ------------------------------------------------------------------ following the database
     def follow(self) -> None:
         """Apply other processes' writes as they happen (PostgreSQL; a SQLite file has one writer: this one)."""
-        self._listener = self.db.listen(self.catch_up, self._stop)
+        self._listener = self._db.listen(self.catch_up, self._stop)
 
     def close(self) -> None:
         self._stop.set()
         if self._listener is not None:
             self._listener.join(timeout=5)
-        self.db.close()
+        self._index.wait_merged(timeout=5)  # a merge is memory only: the database holds every write already
+        self._db.close()
+
+    # ------------------------------------------------------------------ the parts, as the service sees them
+    def ping(self) -> bool:
+        """Whether the database answers now (reconnecting if it went away)."""
+        return self._db.ping()
+
+    def describe_database(self) -> str:
+        return self._db.describe()
+
+    def describe_index(self) -> str:
+        return self._index.describe()
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    @property
+    def index_ready(self) -> bool:
+        return self._index is not None
+
+    def on_statement(self, observe: Callable[[float], None]) -> None:
+        """``observe(seconds)`` after each database statement (/metrics)."""
+        self._db.on_statement = observe
 
     def catch_up(self) -> int:
         """Apply the change log since the last change seen; returns how many changes were applied."""
         with self._apply:
-            changes = self.db.changes_since(self.seq)
+            changes = self._db.changes_since(self.seq)
             pending_ids: list[int] = []
             pending_x: list[np.ndarray] = []
 
             def flush():
                 if pending_ids:
-                    self.index.add(np.asarray(pending_ids, np.int64), unit_rows(np.stack(pending_x)))
+                    self._index.add(np.asarray(pending_ids, np.int64), unit_rows(np.stack(pending_x)))
                     pending_ids.clear()
                     pending_x.clear()
 
@@ -92,7 +120,7 @@ class GalleryStore:
                     self.most_faces = max(self.most_faces, self.counts[ident])
                 elif change.op == "remove" and change.face_id in self.face_identity:
                     flush()  # a remove after an add of the same face in this batch must find it in the index
-                    self.index.remove(np.asarray([change.face_id], np.int64))
+                    self._index.remove(np.asarray([change.face_id], np.int64))
                     ident = self.face_identity.pop(change.face_id)
                     self.counts[ident] -= 1
                     if not self.counts[ident]:
@@ -138,7 +166,7 @@ class GalleryStore:
     # ------------------------------------------------------------------ reads
     @property
     def size(self) -> int:
-        return self.index.size
+        return self._index.size
 
     def identities(self) -> dict[str, int]:
         """Enrolled names -> number of faces, in enrolment order."""
@@ -153,7 +181,7 @@ class GalleryStore:
         """Top-k identities per query: [{"identity", "score", "face"}] (an identity's score: its best face's)."""
         q = unit_rows(embeddings)
         k_faces = int(min(self.size, max(k, (k - 1) * self.most_faces + 1)))
-        scores, faces = self.index.search(q, k_faces)
+        scores, faces = self._index.search(q, k_faces)
         results = []
         for row_s, row_f in zip(scores, faces):
             seen, hits = set(), []
@@ -169,31 +197,31 @@ class GalleryStore:
         return results
 
     def faces_of(self, identity: str) -> Optional[list[dict]]:
-        return self.db.faces_of(identity)
+        return self._db.faces_of(identity)
 
     # ------------------------------------------------------------------ writes (each one transaction)
     def enroll(self, identity: str, embeddings: np.ndarray, sources: Sequence[str]) -> tuple[list[int], int]:
         """Add one identity's faces; returns (their face ids, the identity's face count after the change)."""
         self._not_look_alike(identity)
-        ids = self.db.add_faces(identity, np.asarray(embeddings, np.float32), list(sources), self.model)
+        ids = self._db.add_faces(identity, np.asarray(embeddings, np.float32), list(sources), self.model)
         self._caught_up()
         return ids, self.count(identity)
 
     def delete(self, identity: str) -> int:
         """Remove an identity; returns how many faces it had (0: not enrolled, nothing written)."""
-        removed = self.db.delete_identity(identity)
+        removed = self._db.delete_identity(identity)
         self._caught_up()
         return removed
 
     def delete_face(self, face_id: int) -> Optional[str]:
         """Remove one face; returns its identity's name (None: no such face)."""
-        name = self.db.delete_face(face_id)
+        name = self._db.delete_face(face_id)
         self._caught_up()
         return name
 
     def rename(self, old: str, new: str) -> bool:
         self._not_look_alike(new, renaming=old)
-        renamed = self.db.rename(old, new)
+        renamed = self._db.rename(old, new)
         self._caught_up()
         return renamed
 

@@ -4,7 +4,7 @@ with byte ranges (Python's http.server has none) and moto's S3-compatible server
 ``RangeServer(folder)``: GET/HEAD with ``Range: bytes=a-b`` (206), ETag, Last-Modified, keep-alive (HTTP/1.1), 404
 for missing files. ``drop`` ranged GETs are answered by closing the connection (a dropped connection), and with
 ``ignore_range`` it answers every GET with the whole file (a server without range support). ``requests`` records
-(method, path, Range header) of every request.
+(method, path, Range header) of every request, ``peers`` the client's (host, port) of each: its connection.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class _RangeHandler(BaseHTTPRequestHandler):
         srv, wanted = self.server, self.headers.get("Range")
         with srv.lock:
             srv.requests.append((self.command, self.path, wanted))
+            srv.peers.append(tuple(self.client_address[:2]))
             drop = body and wanted is not None and srv.drop > 0
             srv.drop -= drop
         if drop:  # close without an answer: the client sees a dropped connection
@@ -77,16 +78,18 @@ class _RangeHandler(BaseHTTPRequestHandler):
 class RangeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, folder: str | os.PathLike, *, drop: int = 0, ignore_range: bool = False):
-        super().__init__(("127.0.0.1", 0), _RangeHandler)
+    def __init__(self, folder: str | os.PathLike, *, drop: int = 0, ignore_range: bool = False,
+                 host: str = "127.0.0.1"):
+        super().__init__((host, 0), _RangeHandler)  # host: loopback, or a TwoHosts address (testing/netns.py)
         self.folder, self.drop, self.ignore_range = Path(folder), drop, ignore_range
         self.requests: list[tuple[str, str, Optional[str]]] = []
+        self.peers: list[tuple[str, int]] = []  # the client address of each request: one per connection
         self.lock = threading.Lock()
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True, name="range-server")
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
 
     def __enter__(self) -> "RangeServer":
         self._thread.start()
@@ -98,12 +101,13 @@ class RangeServer(ThreadingHTTPServer):
         self._thread.join(timeout=10)
 
 
-def start_moto():
-    """moto's S3-compatible server on a free loopback port, in a thread: (server, endpoint URL). stop() it."""
+def start_moto(host: str = "127.0.0.1"):
+    """moto's S3-compatible server on a free port of ``host`` (loopback, or a TwoHosts address), in a thread:
+    (server, endpoint URL). stop() it."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     return server, f"http://{host}:{port}"

@@ -8,8 +8,9 @@
 
 A checkpoint is written into ``.tmp-step-N`` and renamed when complete, so a crash (kill -9 included) at any
 moment leaves only complete ``step-N`` directories; ``--resume latest`` takes the newest. Exports go through
-fileio's staged directories. Exact resume needs the same world size; on another one the epoch position is mapped
-to the new batch plan.
+fileio's staged directories. A resume on the same world size is exact; on another one (an elastic resize) the
+epoch continues with the chunks its steps so far did not take, re-dealt over the new world size (TrainState's
+``earlier_stretches``; the sampler's ``set_epoch(..., earlier=...)``), so no sample of the epoch is replayed or skipped.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -45,6 +46,10 @@ class TrainState:
     skipped_steps: int = 0        # optimizer steps skipped for a non-finite loss/gradient, in total
     best_value: Optional[float] = None  # best validation value of cfg.best_metric so far
     best_step: Optional[int] = None
+    # An elastic resize mid-epoch: this epoch's stretches on other world sizes, [world_size, batch_size, batches]
+    # oldest first; batches_in_epoch then counts within the re-dealt rest of the epoch. Empty at each epoch's start.
+    earlier_stretches: list[list[int]] = field(default_factory=list)
+    steps_offset: int = 0         # optimizer steps the run takes beyond epochs x steps per epoch (set at a resize)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +87,36 @@ def find_checkpoint(run: Path, resume: Optional[str]) -> Optional[Path]:
     path = Path(resume)
     read_train_state(path)  # a one-line error now, not a traceback after the data and model were built
     return path
+
+
+def resume_state(state: TrainState, world_size: int, batch_size: int,
+                 steps_left: Callable[[int, list[list[int]], int], int], steps_per_epoch: int, epochs: int) -> float:
+    """Continue a checkpoint's ``state`` (in place) on ``world_size`` processes of ``batch_size``; returns the ratio of
+    its global batch to this one (1.0: the same world size, an exact resume: nothing changes).
+
+    On another world size (an elastic resize) the stretch it took of the epoch joins ``earlier_stretches`` and the
+    rest of the epoch is re-dealt over this one (back on the size of the stretch before, with nothing taken since,
+    that stretch's plan simply continues). A step stays one optimizer step, on whatever world size takes it;
+    ``steps_offset`` makes the run's length (epochs x ``steps_per_epoch`` + offset, steps_per_epoch on this world
+    size) end with its last epoch. ``steps_left(epoch, earlier, batch)``: the optimizer steps of that epoch's
+    re-dealt rest on this world size from micro-batch ``batch`` on.
+    """
+    if (state.world_size, state.batch_size) == (world_size, batch_size):
+        return 1.0
+    earlier = [list(s) for s in state.earlier_stretches]
+    if state.batches_in_epoch:
+        earlier.append([state.world_size, state.batch_size, state.batches_in_epoch])
+    position = earlier.pop()[2] if earlier and earlier[-1][:2] == [world_size, batch_size] else 0
+    (log.warning if earlier else log.info)(
+        "resuming a %d-process checkpoint on %d process(es) %s: the rest of the epoch is re-dealt over them (no "
+        "sample replayed or skipped); per-step lr schedules continue by samples seen", state.world_size, world_size,
+        "mid-epoch" if earlier else "at an epoch's start")
+    ratio = state.world_size * state.batch_size / (world_size * batch_size)
+    state.earlier_stretches, state.batches_in_epoch = earlier, position
+    state.world_size, state.batch_size = world_size, batch_size
+    rest = steps_left(state.epoch, earlier, position)
+    state.steps_offset = state.step + rest - (state.epoch + 1) * steps_per_epoch
+    return ratio
 
 
 def list_checkpoints(run: Path) -> list[Path]:
@@ -132,22 +167,12 @@ class Checkpointer:
         ckpts = list_checkpoints(self.run)
         return ckpts[-1] if ckpts else None
 
-    def restore(self, path: Path, batch_size: int) -> None:
-        """Load everything registered with the accelerator and the train state; map the epoch position onto another
-        world size."""
+    def restore(self, path: Path) -> None:
+        """Load everything registered with the accelerator (the train state is read before: resume_state)."""
         acc, state = self.accelerator, self.state
         acc.load_state(str(path))
-        state.load_state_dict(asdict(read_train_state(path)))
         if self.centres is not None:
             self._restore_centres(path)
-        if (state.world_size, state.batch_size) != (acc.num_processes, batch_size) and state.batches_in_epoch:
-            seen = state.batches_in_epoch * state.world_size * state.batch_size
-            new_pos = seen // (acc.num_processes * batch_size)
-            log.warning("resuming a %d-process checkpoint on %d processes mid-epoch: the epoch continues at batch %d "
-                        "of a re-planned epoch (exact resume needs the same world size)",
-                        state.world_size, acc.num_processes, new_pos)
-            state.batches_in_epoch = int(new_pos)
-        state.world_size, state.batch_size = acc.num_processes, batch_size
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, state.step, state.epoch,
                  state.batches_in_epoch)
 

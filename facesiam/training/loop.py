@@ -26,9 +26,9 @@ from ..config import TrainConfig
 from ..distill import teacher_cosine
 from ..errors import FacesiamError
 from ..optim import build_optimizer, build_schedule, evaluation_weights
-from . import setup
+from . import peers, setup
 from .cadence import Cadence
-from .checkpoint import Checkpointer, TrainState, find_checkpoint
+from .checkpoint import Checkpointer, TrainState, find_checkpoint, read_train_state, resume_state
 from .preemption import PREEMPTED_EXIT_CODE, Preempted, Preemption, shield_loader_workers
 from .run_config import record_start
 from .tracking import RunLogger, StepWindow
@@ -50,6 +50,7 @@ class Trainer:
         self.cfg = cfg
         self.accelerator = acc = setup.build_accelerator(cfg)
         self.main = acc.is_main_process
+        peers.record(acc)  # every rank's address, while the network works: a failed collective names the peer
         logging.basicConfig(level=logging.INFO if self.main else logging.WARNING,
                             format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file save messages drown the run's log
@@ -68,12 +69,19 @@ class Trainer:
         learner = setup.build_learner(cfg, num_classes=len(self.data.train.classes), distillation=self.distillation,
                                       device=acc.device)
         optimizer = build_optimizer(cfg, learner)
-        self.total_steps = setup.total_steps(cfg, self.data.steps_per_epoch)
-        # The schedule is not prepared: AcceleratedScheduler would step it once per process. It knows its own unit:
-        # the loop calls all its hooks (optim.Schedule).
-        self.schedule = build_schedule(cfg, optimizer, self.total_steps)
-        self.learner, self.optimizer = acc.prepare(learner, optimizer)
         self.state = TrainState(world_size=acc.num_processes, batch_size=cfg.batch_size)
+        self.steps_per_epoch = steps_per_epoch = self.data.steps_per_epoch  # epoch 0's: the run's length counts them
+        resize = 1.0
+        if resume_from is not None:  # on another world size: the epoch's rest re-dealt (an elastic resize)
+            self.state = read_train_state(resume_from)
+            resize = resume_state(self.state, acc.num_processes, cfg.batch_size, self.data.steps_left,
+                                  steps_per_epoch, cfg.epochs)
+        self.total_steps = setup.total_steps(cfg, steps_per_epoch, self.state.steps_offset)
+        # The schedule is not prepared: AcceleratedScheduler would step it once per process. It knows its own unit:
+        # the loop calls all its hooks (optim.Schedule). Its length is this world size's, without the resize's offset:
+        # after a resize it re-counts its steps in this size's (rescale below), so the lr goes on by samples seen.
+        self.schedule = build_schedule(cfg, optimizer, setup.total_steps(cfg, steps_per_epoch))
+        self.learner, self.optimizer = acc.prepare(learner, optimizer)
         if self.schedule.scheduler is not None:  # none for schedule-free: nothing to save, the layout stays as it was
             acc.register_for_checkpointing(self.schedule)
         self.network = acc.unwrap_model(self.learner).model  # the embedding network being trained
@@ -91,7 +99,9 @@ class Trainer:
                                          alignment=self.data.alignment,
                                          centres=getattr(learner.criterion, "partial", None), optimizer=self.optimizer)
         if resume_from is not None:
-            self.checkpointer.restore(resume_from, cfg.batch_size)
+            self.checkpointer.restore(resume_from)
+            if resize != 1.0:
+                self.schedule.rescale(resize)
         elif cfg.loss.init_centres == "imprint":
             setup.imprint_centres(acc, acc.unwrap_model(self.learner), self.data)
         self.logger = RunLogger(acc, cfg, self.run, resumed_step=self.state.step if resume_from else None)
@@ -129,9 +139,15 @@ class Trainer:
         self._log_plan()
         with self.preemption:  # from here SIGTERM/SIGUSR1 stop the run after a step (training/preemption.py)
             while s.step < self.total_steps and s.epoch < cfg.epochs:
-                bar = tqdm(total=self.data.steps_per_epoch, initial=s.batches_in_epoch // cfg.grad_accum_steps,
-                           desc=f"epoch {s.epoch}", disable=not self.main, dynamic_ncols=True)
-                for window in self.window.timed(self.data.windows(s.epoch, s.batches_in_epoch)):
+                steps = self.data.steps_left(s.epoch, s.earlier_stretches)  # this world size's stretch of the epoch
+                if s.batches_in_epoch >= self.data.batches_per_epoch:  # a resize left less than a step of it
+                    s.epoch, s.batches_in_epoch, s.earlier_stretches = s.epoch + 1, 0, []
+                    self.schedule.after_epoch()
+                    continue
+                bar = tqdm(total=steps, initial=s.batches_in_epoch // cfg.grad_accum_steps, desc=f"epoch {s.epoch}",
+                           disable=not self.main, dynamic_ncols=True)
+                windows = self.data.windows(s.epoch, s.batches_in_epoch, s.earlier_stretches)
+                for window in self.window.timed(windows):
                     grad_norm = self.train_step(window)
                     s.batches_in_epoch += len(window)
                     bar.update(1)
@@ -139,7 +155,7 @@ class Trainer:
                         self._log_step(grad_norm, bar)
                     epoch_end = s.batches_in_epoch >= self.data.batches_per_epoch
                     if epoch_end:
-                        s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+                        s.epoch, s.batches_in_epoch, s.earlier_stretches = s.epoch + 1, 0, []
                         self.schedule.after_epoch()
                     last = s.step >= self.total_steps or s.epoch >= cfg.epochs
                     self.after_step(boundary=epoch_end or last, last=last)
@@ -256,7 +272,7 @@ class Trainer:
         log.info("training %s (%.2fM parameters, loss %s) on %d images of %d identities; %d process(es) x batch %d "
                  "x accumulation %d; %d steps/epoch, %d steps in all; device %s, precision %s", cfg.model.backbone,
                  n_params / 1e6, loss, len(data.train), len(set(data.train.labels.tolist())),
-                 acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, data.steps_per_epoch, self.total_steps,
+                 acc.num_processes, cfg.batch_size, cfg.grad_accum_steps, self.steps_per_epoch, self.total_steps,
                  acc.device, cfg.mixed_precision)
 
     def _finish(self) -> dict[str, Any]:
@@ -265,8 +281,9 @@ class Trainer:
                    "best_metric": self.cfg.best_metric, "best_value": s.best_value, "best_step": s.best_step,
                    "best_dir": str(run / "best"), "final_dir": str(run / "final"), "run_dir": str(run)}
         self.logger.summary(summary, run)
+        best = "n/a" if s.best_value is None else f"{s.best_value:.4g}"  # for people: 0.00112, not 0.0011201344...
         log.info("done: %d steps; best %s = %s at step %s; model in %s", s.step, self.cfg.best_metric,
-                 s.best_value, s.best_step, run / "best")
+                 best, s.best_step, run / "best")
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()  # closes the trackers and (in accelerate>=1.x) the process group: call it last
         return summary
@@ -278,4 +295,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from ..errors import InputError
 
         raise InputError("--data SHARDS and --output RUN are required")
-    return Trainer(cfg).train()
+    with peers.named_on_failure(cfg.collective_timeout):  # a node gone from the network: one line naming it
+        trainer = Trainer(cfg)
+        try:
+            return trainer.train()
+        finally:
+            trainer.data.close()  # persistent, SIGTERM-shielded workers would keep the process from exiting

@@ -86,7 +86,7 @@ def shield_loader_workers(loader) -> None:
 
     torchrun, Slurm and ``kill -- -PGID`` signal a rank's whole process group, workers included; a worker ended by
     that signal turns the rank's next batch into "DataLoader worker exited unexpectedly" instead of a clean stop.
-    The rank still ends its workers when it exits, and a worker whose rank died exits by itself.
+    The rank ends its workers when the run ends (TrainData.close), and a worker whose rank died exits by itself.
     """
     loader.worker_init_fn = functools.partial(_ignore_stop_signals, loader.worker_init_fn)
 

@@ -28,7 +28,7 @@ HISTORY_FILE = "config-history.yaml"
 
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "num_workers", "log_every_steps", "val_every_steps", "val_batch_size", "checkpoint_every_steps",
-    "keep_checkpoints", "output", "wandb", "wandb_project", "tensorboard", "val_bin",
+    "keep_checkpoints", "output", "wandb", "wandb_project", "tensorboard", "val_bin", "collective_timeout",
 })
 """Settings a resume may change: none of them changes what a step computes (the .bin sets are only scored)."""
 

@@ -7,12 +7,14 @@ The loop (training/loop.py) only wires these together; nothing here runs a train
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,13 +75,17 @@ def build_accelerator(cfg: TrainConfig):
 
     cfg.mixed_precision is set to the precision that runs (resolve_precision), so RUN/config.yaml records it."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     use_cuda = resolve_device().type == "cuda"
     precision = resolve_precision(cfg)
     if precision == "fp16" and not use_cuda:
         raise InputError("mixed_precision fp16 needs CUDA (fp16 autocast does nothing on CPU); use bf16 or no")
     cfg.mixed_precision = precision
-    return Accelerator(cpu=not use_cuda, mixed_precision=precision)
+    # Every collective fails after collective_timeout, not torch's 30 minutes: a node gone from the network stops the
+    # run with an error (loop.py names the peer) that torchrun sees, where it would otherwise hang.
+    wait = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout))
+    return Accelerator(cpu=not use_cuda, mixed_precision=precision, kwargs_handlers=[wait])
 
 
 @dataclass
@@ -94,6 +100,18 @@ class TrainData:
     model_input: ModelInput  # a loader batch -> the model's input on the device (augment/batch.py)
     alignment: Optional[dict] = None  # dataset.json's face alignment (detector, template, size), None: unaligned
 
+    def close(self) -> None:
+        """Stop the loader's persistent workers now, at the end of the run.
+
+        They ignore SIGTERM (preemption.shield_loader_workers), and multiprocessing's exit handler ends daemonic
+        children with SIGTERM and then joins them: left to it, a finished run would wait for them forever. torch
+        has no public call for this; its iterator's own shutdown (what deleting the iterator runs) is used.
+        """
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
     @property
     def batches_per_epoch(self) -> int:
         """Micro-batches of an epoch that make whole accumulation windows (a partial last window is dropped)."""
@@ -103,22 +121,57 @@ class TrainData:
     def steps_per_epoch(self) -> int:
         return self.batches_per_epoch // self.accumulation
 
-    def windows(self, epoch: int, start_batch: int = 0) -> Iterator[list[Batch]]:
-        """The epoch's accumulation windows (lists of `accumulation` micro-batches), from micro-batch ``start_batch``.
+    def steps_left(self, epoch: int, earlier: Sequence[Sequence[int]] = (), start_batch: int = 0) -> int:
+        """Optimizer steps of the epoch from micro-batch ``start_batch`` (of its re-dealt rest after ``earlier``
+        stretches on other world sizes: TrainState.earlier_stretches)."""
+        self.sampler.set_epoch(epoch, start_step=start_batch, earlier=earlier)
+        return (self.batches_per_epoch - start_batch) // self.accumulation
 
-        The sampler decides the batches from (seed, epoch, position) alone, so a resumed epoch continues exactly.
+    def windows(self, epoch: int, start_batch: int = 0, earlier: Sequence[Sequence[int]] = ()
+                ) -> Iterator[list[Batch]]:
+        """The epoch's accumulation windows (lists of `accumulation` micro-batches), from micro-batch ``start_batch``
+        (of the epoch's rest after ``earlier`` stretches on other world sizes, as in ``steps_left``).
+
+        The sampler decides the batches from (seed, epoch, earlier, position) alone, so a resumed epoch continues
+        exactly. With $FACESIAM_TRACE_SAMPLES set, each window's sample indices are appended to a file there first.
         """
-        self.sampler.set_epoch(epoch, start_step=start_batch)
+        self.sampler.set_epoch(epoch, start_step=start_batch, earlier=earlier)
+        trace = _sample_trace(self.sampler, epoch)
         window: list[Batch] = []
         left = self.batches_per_epoch - start_batch
-        for batch in self.loader:
+        for position, batch in enumerate(self.loader, start_batch):
             if left <= 0:
                 break  # the partial window at the epoch's end: never trained on
             window.append(batch)
             left -= 1
             if len(window) == self.accumulation:
+                if trace is not None:
+                    trace(range(position + 1 - len(window), position + 1))
                 yield window
                 window = []
+
+
+TRACE_ENV = "FACESIAM_TRACE_SAMPLES"
+"""A folder: each process appends the dataset indices of every window it trains on to a JSON-lines file there (a
+check that an epoch trains on each sample once, elastic resizes included; off when unset)."""
+
+
+def _sample_trace(sampler: DistributedPerClassSampler, epoch: int) -> Optional[Callable[[range], None]]:
+    folder = os.environ.get(TRACE_ENV)
+    if not folder:
+        return None
+    path = Path(folder) / f"samples-{os.getpid()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stretch = len(sampler.earlier)  # which stretch of the epoch (0 unless it was resized)
+
+    def write(batches: range) -> None:
+        indices = [i for b in batches for i in sampler.batch_indices(b)]
+        record = {"epoch": epoch, "stretch": stretch, "world_size": sampler.num_replicas, "rank": sampler.rank,
+                  "batches": [batches.start, batches.stop], "indices": indices}
+        with open(path, "a", encoding="utf-8") as out:  # a line per window, flushed: a killed run keeps its lines
+            out.write(json.dumps(record) + "\n")
+
+    return write
 
 
 def record_metadata(data: str) -> dict:
@@ -144,6 +197,9 @@ def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_
                              "identities; distil a teacher from them (--teacher dlib) or pack labelled folders")
         if cfg.m_per_class != 1:
             raise InputError(f"{cfg.data} holds unlabelled photos, each its own identity: set --m-per-class 1")
+        if cfg.distill.label_weight:
+            raise InputError(f"{cfg.data} holds unlabelled photos: distill.label_weight needs identities; set it to 0 "
+                             "or pack labelled folders")
     alignment = (meta.get("alignment") or {}).get("info")
     if alignment and m.center_crop:
         log.warning("center_crop %.2f on faces aligned onto the template (%s/dataset.json) cuts into the face; "
@@ -175,10 +231,11 @@ def build_data(cfg: TrainConfig, accelerator, *, loader_timeout: float = LOADER_
                                          seed=cfg.seed)
     # The loader is not prepared by Accelerate: the sampler already shards batches across ranks and keeps its own
     # position. Its own generator: creating a loader iterator must not draw from the global RNG, or a resumed run
-    # diverges.
+    # diverges. Persistent workers: a worker's open shards, connections and signed URLs (shards at a URL) last the
+    # run instead of an epoch; every sample's augmentation is seeded by its key, never by the worker's RNG.
     loader = DataLoader(train, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=accelerator.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=False,
+                        generator=torch.Generator().manual_seed(cfg.seed), persistent_workers=cfg.num_workers > 0,
                         prefetch_factor=4 if cfg.num_workers else None,
                         timeout=loader_timeout if cfg.num_workers else 0)  # a dead worker raises, not hangs
     data = TrainData(train, val, sampler, loader, cfg.grad_accum_steps, model_input, alignment)
@@ -196,6 +253,8 @@ class Distillation:
     dim: int
     train: tuple[np.ndarray, np.ndarray]
     val: Optional[tuple[np.ndarray, np.ndarray]]
+    labels: Optional[np.ndarray] = None
+    """The training photos' identities (row i = dataset index i) when distill.label_weight adds the label loss."""
 
 
 def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Optional[Distillation]:
@@ -221,7 +280,8 @@ def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Option
                  float(np.linalg.norm(mean)))
         train, val = (train[0] - mean, train[1]), (None if val is None else (val[0] - mean, val[1]))
     data.train.return_index = True  # before the loader starts its workers: they pickle the dataset
-    return Distillation(teacher.name, teacher.dim, train, val)
+    labels = np.asarray(data.train.labels) if d.label_weight else None
+    return Distillation(teacher.name, teacher.dim, train, val, labels)
 
 
 def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Distillation] = None,
@@ -238,14 +298,21 @@ def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Dis
         if learner.criterion.partial is not None:  # each rank's centres differ: DDP must neither sync nor average them
             exclude_from_ddp(learner, learner.criterion.partial.ddp_ignored("criterion.loss"))
         return learner
-    criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight)
+    label_loss = None
+    if cfg.distill.label_weight:
+        label_loss = Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes)
+    criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight,
+                                 label_loss=label_loss, label_weight=cfg.distill.label_weight)
     criterion.set_targets(*distillation.train, device=device)
+    if distillation.labels is not None:
+        criterion.set_labels(distillation.labels, device=device)
     return MetricLearner(model, criterion)
 
 
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """Optimizer steps of the run: epochs x steps per epoch, or max_steps when that comes first."""
-    steps = steps_per_epoch * cfg.epochs
+def total_steps(cfg: TrainConfig, steps_per_epoch: int, offset: int = 0) -> int:
+    """Optimizer steps of the run: epochs x steps per epoch (+ ``offset``: TrainState.steps_offset after an elastic
+    resize), or max_steps when that comes first."""
+    steps = steps_per_epoch * cfg.epochs + offset
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 

@@ -1,12 +1,25 @@
-"""The teacher pass of a distillation run: the teacher embeds every photo of a split once, cached beside the shards.
+"""The teacher pass of a distillation run: the teacher embeds every photo of a split once, and the result is cached.
 
-    SHARDS/teacher-cache/<teacher>-<split>-<key>/   embeddings.npy (N x D float32, row i = dataset index i),
-                                                    found.npy (N int8: FOUND_BY codes), meta.json (written last)
+    CACHE/<teacher>-<split>-<key>/   embeddings.npy (N x D float32, row i = dataset index i),
+                                     found.npy (N int8: FOUND_BY codes), meta.json (written last)
 
-``key`` hashes the teacher's fingerprint (weights, preprocessing, versions), the shards' dataset.json and where the
-photos come from, so a changed teacher or re-made shards get a new cache and never a stale one. The photos are cut
+Where CACHE is (``cache_dir``; the same rule for a distillation run, ``embed --teacher``, ``fit`` and the doctor):
+
+1. ``SHARDS/teacher-cache/`` when SHARDS is a local folder that holds a complete cache of this key, or that this
+   process may write: every run on those shards shares it, and it goes when the shards go.
+2. Otherwise (shards at a URL: ``s3://``, ``gs://``, ``https://``; or a read-only local folder)
+   ``$FACESIAM_CACHE/teacher-cache/`` (default ``~/.cache/facesiam/teacher-cache/``, the folder remote metadata is
+   cached in: facesiam/data/remote.py ``cache_root``). Set ``FACESIAM_CACHE`` to a folder beside the run to keep the
+   cache with it; with several nodes it must be a folder every node sees (rank r writes its own chunks there).
+
+``key`` hashes the teacher's fingerprint (weights, preprocessing, versions), the shards' dataset.json, the split
+and where the photos come from, so a changed teacher or re-made shards get a new cache and never a stale one. In
+the shared folder of rule 2 the key also holds where the shards are (the URL, or the local folder's real path) and
+their index (every sample's shard, offset and size), so two data sets never share a cache there. The photos are cut
 into chunks of CHUNK; rank r of W embeds chunks r, r+W, ... and writes each atomically (``chunk-NNNNNN.npz``), so a
 run killed at any moment resumes at the first missing chunk; the main process joins them when all are there.
+Shards at a URL are read through the remote shard reader (facesiam/data/remote.py): a chunk's stored images are
+fetched in parallel, never a whole tar.
 
 Which photo the teacher sees (``distill.teacher_source``): a teacher brings its own preprocessing (dlib: its own
 detector, 5 points and 150 px chip), so for aligned shards it reads the original photo that dataset.json's alignment
@@ -19,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -30,6 +44,7 @@ from PIL import Image
 from ..data import ShardDataset
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import load_rgb
+from ..data.remote import RemoteFolder, cache_root, is_remote
 from ..errors import InputError
 from ..faces.template import arcface_template
 from ..fileio import atomic_write, write_json
@@ -55,8 +70,9 @@ class PhotoSource:
             self.records = {r["output"]: r for r in alignment.get("images", []) if r.get("output")}
         self.root = root if self.records and root.is_dir() else None
         if mode == "originals" and self.root is None:
-            raise InputError(f"{Path(data) / METADATA_FILE}: distill.teacher_source originals needs aligned shards "
-                             f"whose photo folder is there ({root or 'not recorded'}); use teacher_source shards")
+            raise InputError(f"{str(data).rstrip('/')}/{METADATA_FILE}: distill.teacher_source originals needs "
+                             f"aligned shards whose photo folder is there ({root or 'not recorded'}); use "
+                             f"teacher_source shards")
         self.mode = "originals" if self.root is not None else "shards"
 
     def __len__(self) -> int:
@@ -67,32 +83,74 @@ class PhotoSource:
                 if self.mode == "originals" else "the images stored in the shards")
 
     def __call__(self, index: int) -> tuple[Image.Image, Optional[np.ndarray], str]:
-        path = self.dataset.paths[index]
-        record = self.records.get(path)
-        if self.root is not None and record is not None and (self.root / record["path"]).is_file():
-            landmarks = record.get("landmarks")
-            return (load_rgb(self.root / record["path"]), None if landmarks is None else np.asarray(landmarks),
-                    "original")
-        image = self.dataset[index][0]
-        landmarks = None
-        if self.info and (record is None or record.get("status") == "aligned"):
-            # An aligned crop is the template: its 5 points are where the template puts them.
-            landmarks = arcface_template(image.size[0])
-        return image.convert("RGB"), landmarks, "stored"
+        return self.many([index])[0]
+
+    def many(self, indices: Sequence[int]) -> list[tuple[Image.Image, Optional[np.ndarray], str]]:
+        """``self(i)`` for each of ``indices``; the stored images are read as one batch (at a URL: in parallel)."""
+        out: list = [None] * len(indices)
+        stored = []
+        for k, index in enumerate(indices):
+            record = self.records.get(self.dataset.paths[index])
+            if self.root is not None and record is not None and (self.root / record["path"]).is_file():
+                landmarks = record.get("landmarks")
+                out[k] = (load_rgb(self.root / record["path"]), None if landmarks is None else np.asarray(landmarks),
+                          "original")
+            else:
+                stored.append((k, index, record))
+        images = self.dataset.__getitems__([index for _, index, _ in stored]) if stored else []
+        for (k, _, record), (image, _) in zip(stored, images):
+            landmarks = None
+            if self.info and (record is None or record.get("status") == "aligned"):
+                # An aligned crop is the template: its 5 points are where the template puts them.
+                landmarks = arcface_template(image.size[0])
+            out[k] = (image.convert("RGB"), landmarks, "stored")
+        return out
 
 
 def shards_fingerprint(data: str | Path) -> str:
     """sha256 of dataset.json: it lists every shard with its sample counts, so re-made shards change it."""
-    return hashlib.sha256((Path(data) / METADATA_FILE).read_bytes()).hexdigest()
+    if is_remote(data):  # the local copy of the remote file (fetched again when the remote one changes)
+        folder = RemoteFolder(str(data))
+        path = folder.cached(METADATA_FILE, f"check the URL, or write a shard set there with tools/make_shards.py "
+                                            f"SRC {folder.url}")
+    else:
+        path = Path(data) / METADATA_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cache_dir(data: str | Path, split: str, teacher: Any, mode: str) -> Path:
+def _index_fingerprint(photos: "PhotoSource") -> str:
+    """sha256 of the split's index (each sample's shard, byte offset and size; each shard's size)."""
+    index = photos.dataset._index
+    digest = hashlib.sha256()
+    for array in (index.shard_bytes, index.shard, index.offset, index.size):
+        digest.update(np.ascontiguousarray(array, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may make and fill SHARDS/teacher-cache/."""
+    cache = folder / CACHE_DIR
+    return os.access(cache if cache.is_dir() else folder, os.W_OK | os.X_OK)
+
+
+def cache_dir(data: str | Path, split: str, teacher: Any, photos: "PhotoSource") -> Path:
+    """The cache folder of ``teacher``'s pass over ``photos`` (a PhotoSource of ``data``/``split``), by the rule in
+    the module docstring: beside local shards where possible, else under ``$FACESIAM_CACHE/teacher-cache/``."""
     fingerprint = {"version": CACHE_VERSION, "teacher": teacher.fingerprint(), "shards": shards_fingerprint(data),
-                   "split": split, "source": mode}
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                   "split": split, "source": photos.mode}
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(teacher.name.split(":", 1)[-1]).stem if ":" in teacher.name
                   else teacher.name)
-    return Path(data) / CACHE_DIR / f"{slug}-{split}-{key}"
+
+    def name(fp: dict) -> str:
+        return f"{slug}-{split}-{hashlib.sha256(json.dumps(fp, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+    if not is_remote(data):
+        beside = Path(data) / CACHE_DIR / name(fingerprint)
+        if (beside / "meta.json").is_file() or _writable(Path(data)):
+            return beside
+    location = str(data).rstrip("/") if is_remote(data) else str(Path(data).resolve())
+    fingerprint.update(location=location, index=_index_fingerprint(photos))
+    return cache_root() / CACHE_DIR / name(fingerprint)
 
 
 def _embed_chunk(teacher: Any, source: PhotoSource, indices: range, batch_size: int) -> dict[str, np.ndarray]:
@@ -106,8 +164,9 @@ def _embed_chunk(teacher: Any, source: PhotoSource, indices: range, batch_size: 
             emb[[j for j, _ in pending]] = teacher.embed([x for _, x in pending])
             pending.clear()
 
-    for j, i in enumerate(indices):
-        image, landmarks, where = source(i)
+    # a teacher batch of photos read at once (at a URL: in parallel), never a whole chunk of large originals
+    photos = (p for s in range(0, len(indices), batch_size) for p in source.many(indices[s:s + batch_size]))
+    for j, (image, landmarks, where) in enumerate(photos):
         prepared = teacher.prepare(image, landmarks)
         found[j], origin[j] = FOUND_BY[prepared.found_by], where == "original"
         if prepared.input is not None:
@@ -138,7 +197,7 @@ def teacher_targets(data: str | Path, split: str, teacher: Any, *, source: str =
     ``accelerator``, or this process alone). ``source``: distill.teacher_source (auto | originals | shards)."""
     accelerator = accelerator or _OneProcess()
     photos = PhotoSource(data, split, source)
-    out = cache_dir(data, split, teacher, photos.mode)
+    out = cache_dir(data, split, teacher, photos)
     if not (out / "meta.json").is_file():
         _fill(str(data), teacher, photos, out, accelerator, batch_size)
     emb = np.load(out / "embeddings.npy")

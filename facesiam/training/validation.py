@@ -111,7 +111,7 @@ class Validator:
             v, i = metrics["verification"], metrics["identification"]
             values.update({"val/auc": v["auc"], "val/eer": v["eer"], "val/tar_at_far_1e-03": v["tar_at_far"]["1e-03"],
                            "val/rank1": i["rank1"], "val/map_at_r": i["map_at_r"]})
-            summary.append(f"AUC {v['auc']:.4f}, EER {v['eer']:.4f}, TAR@FAR=1e-3 {v['tar_at_far']['1e-03']}, "
+            summary.append(f"AUC {v['auc']:.4f}, EER {v['eer']:.4f}, TAR@FAR=1e-3 {_rounded(v['tar_at_far']['1e-03'])}, "
                            f"rank-1 {i['rank1']:.4f}")
         if metrics.get("distillation", {}).get("teacher_cosine") is not None:
             values["val/teacher_cosine"] = metrics["distillation"]["teacher_cosine"]
@@ -141,3 +141,8 @@ class Validator:
             plt.close(fig)
         except Exception as err:  # noqa: BLE001 -- a plotting problem must never stop training
             log.warning("could not log the ROC figure: %s", err)
+
+
+def _rounded(x: Any) -> str:
+    """A metric for the log: 4 decimals, or "n/a" (TAR@FAR has no value when too few pairs reach that FAR)."""
+    return "n/a" if x is None else f"{x:.4f}"

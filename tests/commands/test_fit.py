@@ -272,6 +272,24 @@ def test_fit_end_to_end_and_killed_twice_gives_the_same_model(tmp_path, photos, 
     assert rerun.count("done earlier, skipped") == 8
 
 
+@pytest.mark.slow
+def test_fit_on_real_photos_yale(tmp_path, teacher_onnx):
+    """The whole fit on a small real set, the Yale faces (15 people, 164 raw 320x243 grey photos: MTCNN finds and
+    aligns each face), with the ONNX teacher the test made: every stage runs and the report is of held-out Yale
+    people (skips without ../shared/data)."""
+    from tests.conftest import shared_dataset
+
+    yale = shared_dataset("yale")
+    summary = fit(yale, tmp_path / "run", teacher=f"onnx:{teacher_onnx}", steps=(4, 4), val_identities=3,
+                  recipe=tiny_recipe(), progress=False, say=lambda s: None)
+    align = json.loads((tmp_path / "run" / "shards" / "dataset.json").read_text())["alignment"]
+    # MTCNN found a face in most raw photos (the dark "leftlight"/"rightlight" ones are the hard ones)
+    assert align["counts"]["aligned"] >= 0.75 * align["counts"]["images"], align["counts"]
+    assert summary["metrics"]["val_images"] >= 3 * 10  # 3 held-out people, ~11 photos each
+    assert (tmp_path / "run" / "model.onnx").is_file() and (tmp_path / "run" / "report" / "metrics.json").is_file()
+    assert "Yale" in (tmp_path / "run" / "report" / "report.md").read_text()  # the data set is credited
+
+
 @pytest.fixture(scope="module")
 def lfw_photos(tmp_path_factory) -> Path:
     """6 people of ../shared/data/lfw-devtrain, 5 raw photos each (skips without the shared data)."""

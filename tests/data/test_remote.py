@@ -215,3 +215,150 @@ def test_metadata_is_cached_until_the_remote_changes(local_shards, tmp_path):
         (copy / "train-000000.tar").unlink()
         with pytest.raises(InputError, match="train-000000.tar not found"):
             ShardDataset(server.url)
+
+
+# ---------------------------------------------------------------------------------------------- fewer, cheaper requests
+@pytest.fixture(scope="module")
+def s3_shards(s3, local_shards):
+    """local_shards uploaded as they are to s3://faces/copy."""
+    fsspec.filesystem("s3", skip_instance_cache=True).put(f"{local_shards}/", "faces/copy/", recursive=True)
+    return "s3://faces/copy"
+
+
+@pytest.fixture
+def s3_requests(s3, monkeypatch):
+    """Every request moto's S3 server receives for an object: SimpleNamespace(method, path, range, signature (the
+    query's X-Amz-Signature or Signature, or None), authorization (an Authorization header: signed by botocore))."""
+    from urllib.parse import parse_qs, urlparse
+
+    from moto.s3.responses import S3Response
+
+    seen: list[SimpleNamespace] = []
+    respond = S3Response.key_response
+
+    def recording(self, request, full_url, headers):
+        url = urlparse(full_url)
+        query = parse_qs(url.query)  # SigV4 or SigV2 presigned URLs
+        seen.append(SimpleNamespace(method=request.method, path=url.path, range=request.headers.get("Range"),
+                                    signature=next(iter(query.get("X-Amz-Signature") or query.get("Signature")
+                                                        or [None])),
+                                    authorization="Authorization" in request.headers))
+        return respond(self, request, full_url, headers)
+
+    monkeypatch.setattr(S3Response, "key_response", recording)
+    return seen
+
+
+def _ranged(requests):
+    return [r for r in requests if r.method == "GET" and r.range]
+
+
+def test_s3_ranges_are_plain_gets_on_urls_presigned_once_per_shard(local_shards, s3_shards, s3_requests,
+                                                                   monkeypatch):
+    for split in SPLITS:
+        _same_samples(local_shards, s3_shards, split)  # byte for byte, single reads and batches
+    ranged = _ranged(s3_requests)
+    assert ranged and all(r.signature and not r.authorization for r in ranged), "no botocore call per range"
+    for path in {r.path for r in ranged}:  # one signature per shard (and dataset), not one per request
+        assert len({r.signature for r in ranged if r.path == path}) == 1, path
+
+    s3_requests.clear()  # the switch back: every range through botocore, signed in its Authorization header
+    monkeypatch.setattr(remote, "PRESIGN", False)
+    _same_samples(local_shards, s3_shards, "train")
+    ranged = _ranged(s3_requests)
+    assert ranged and all(r.authorization and not r.signature for r in ranged)
+
+
+def test_s3_options_a_plain_get_cannot_carry_keep_botocore(s3_shards, s3_requests, local_shards):
+    ds = ShardDataset(s3_shards, storage_options={"requester_pays": True})  # RequestPayer on every request
+    assert ds.read_bytes(3) == ShardDataset(local_shards).read_bytes(3)
+    assert [r.authorization for r in _ranged(s3_requests)] == [True]
+
+
+def test_a_refused_presigned_get_is_read_through_botocore_then_presigning_stops(local_shards, s3_shards,
+                                                                                s3_requests):
+    expected, ds = ShardDataset(local_shards), ShardDataset(s3_shards)
+    folder, shard = ds.remote, ds._index.shards[int(ds._index.shard[0])]
+    assert ds.read_bytes(0) == expected.read_bytes(0)  # signs the shard's URL
+    for refusal in range(1, remote.PRESIGN_GIVE_UP + 1):
+        url, signed_at = folder._signed[shard]
+        folder._signed[shard] = (url.replace(f"/{shard}?", "/no-such-object?"), signed_at)  # the server says 404
+        s3_requests.clear()
+        assert ds.read_bytes(0) == expected.read_bytes(0)
+        assert [(r.path.endswith("/no-such-object"), r.authorization) for r in _ranged(s3_requests)] == [
+            (True, False), (False, True)], "the refused GET, then the same range through botocore"
+        assert folder._refused == refusal
+        if refusal < remote.PRESIGN_GIVE_UP:  # signed afresh at the next read
+            s3_requests.clear()
+            assert ds.read_bytes(0) == expected.read_bytes(0) and folder._refused == 0
+            assert [r.authorization for r in _ranged(s3_requests)] == [False]
+            folder._refused = refusal  # as if the refusals came in a row
+    s3_requests.clear()  # PRESIGN_GIVE_UP refusals in a row: a server that takes no presigned URLs
+    assert [raw for _, raw in sorted(ds.iter_bytes([0, 9, 17]))] == [expected.read_bytes(i) for i in (0, 9, 17)]
+    assert all(r.authorization for r in _ranged(s3_requests))
+
+
+def test_a_presigned_url_never_shows_in_an_error(s3_shards, monkeypatch):
+    import aiohttp
+    from fsspec.implementations.http import HTTPFileSystem
+
+    secret = "X-Amz-Security-Token=SESSION-TOKEN&X-Amz-Signature=0123abcd"
+    url = f"http://127.0.0.1:9/faces/copy/train-000000.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&{secret}"
+    assert "SESSION-TOKEN" not in remote.hide_signature(f"cannot read {url}, status 500")
+    assert remote.hide_signature("no URL here: Server disconnected") == "no URL here: Server disconnected"
+
+    async def payload_error(self, signed, start=None, end=None, **kwargs):  # an aiohttp error that quotes its URL
+        raise aiohttp.ClientPayloadError(f"Response payload is not completed: {signed}")
+
+    monkeypatch.setattr(HTTPFileSystem, "_cat_file", payload_error)
+    monkeypatch.setattr(remote, "RETRIES", 2)
+    ds = ShardDataset(s3_shards)
+    with pytest.raises(OSError) as exc:
+        ds.read_bytes(1)
+    text = str(exc.value) + repr(exc.value.__cause__) + repr(exc.value.__context__)
+    assert "failed 2 times" in text and "Response payload is not completed" in text
+    assert "X-Amz-Signature" not in text and "SESSION-TOKEN" not in text and "\n" not in str(exc.value)
+
+
+def test_a_batchs_neighbouring_ranges_are_one_get(local_shards, http, monkeypatch):
+    ds, expected = ShardDataset(http.url), ShardDataset(local_shards)
+    everything = list(range(len(ds)))  # every image of the split: adjacent in their shards, so one GET per shard
+    http.requests.clear()
+    assert [raw for _, raw in sorted(ds.iter_bytes(everything))] == [expected.read_bytes(i) for i in everything]
+    shards = {int(s) for s in ds._index.shard}
+    gets = [r for r in http.requests if r[0] == "GET"]
+    assert len(gets) == len(shards) < len(everything)
+    http.requests.clear()
+    monkeypatch.setattr(remote, "MERGE_GAP", -1)  # no merging: one GET per image
+    assert [raw for _, raw in sorted(ds.iter_bytes(everything))] == [expected.read_bytes(i) for i in everything]
+    assert len([r for r in http.requests if r[0] == "GET"]) == len(everything)
+
+
+def test_training_loader_workers_keep_their_connections_across_epochs(local_shards, http):
+    """Persistent workers: the second epoch reuses the first epoch's connections (new workers would open new ones),
+    and delivers the same batches as local disk."""
+    import torch
+
+    from facesiam.config import TrainConfig
+    from facesiam.training.setup import build_data
+
+    def loader(data):
+        cfg = TrainConfig(data=str(data), output="", batch_size=6, m_per_class=2, num_workers=2)
+        cfg.model.image_size = 32
+        accelerator = SimpleNamespace(device=torch.device("cpu"), num_processes=1, process_index=0)
+        return build_data(cfg, accelerator, loader_timeout=60)
+
+    def epoch(train, number):
+        train.sampler.set_epoch(number)
+        return list(train.loader)
+
+    served, local = loader(http.url), loader(local_shards)
+    connections = []
+    for number in (0, 1):
+        first = len(http.requests)
+        batches = epoch(served, number)
+        assert len(http.requests) > first, "the epoch read ranges"
+        connections.append(set(http.peers[first:]))
+        for (images_b, labels_b), (images_a, labels_a) in zip(batches, epoch(local, number), strict=True):
+            assert torch.equal(labels_b, labels_a) and torch.equal(images_b, images_a)
+    assert connections[1] <= connections[0], "the second epoch opened no new connection"

@@ -91,8 +91,19 @@ def test_errors_are_clear():
 def reference_plan(labels, batch_size, m, num_replicas, seed, epoch):
     """The sampler's first (per-identity Python) implementation, kept as the definition of the plan: all ranks'
     (steps x classes_per_step x m) indices and aug seeds."""
-    labels = np.asarray(labels, dtype=np.int64)
     step_size = batch_size // m * num_replicas
+    chunks, chunk_class, keys, rng = reference_chunks(labels, m, seed, epoch)
+    steps = reference_steps(np.argsort(np.asarray(keys), kind="stable"), chunk_class, step_size)
+    plan = np.asarray([[chunks[ci] for ci in step] for step in steps], dtype=np.int64)
+    plan = plan.reshape(len(steps), step_size, m)
+    aug_seeds = rng.integers(0, 2**31 - 1, size=plan.shape, dtype=np.int64)
+    return plan, aug_seeds
+
+
+def reference_chunks(labels, m, seed, epoch):
+    """The epoch's chunks of m images (whatever the world size), each one's identity and sort key, and the
+    generator after drawing them."""
+    labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(labels, kind="stable")
     _, starts, counts = np.unique(labels[order], return_index=True, return_counts=True)
     class_indices = [order[s:s + c] for s, c in zip(starts, counts)]
@@ -111,8 +122,14 @@ def reference_plan(labels, batch_size, m, num_replicas, seed, epoch):
             chunks.append(idx[j * m:(j + 1) * m])
             chunk_class.append(c)
             keys.append((j + u) / n_chunks)
+    return chunks, chunk_class, keys, rng
+
+
+def reference_steps(sequence, chunk_class, step_size):
+    """Steps of ``step_size`` chunks of distinct identities from ``sequence`` (chunk ids in key order): a chunk
+    whose identity is already in the step waits and gets first claim on the next one; left-overs dropped."""
     steps, current, in_step, waiting = [], [], set(), []
-    for k in np.argsort(np.asarray(keys), kind="stable"):
+    for k in sequence:
         for queue in (waiting, [int(k)]):
             for ci in list(queue):
                 if chunk_class[ci] in in_step:
@@ -126,10 +143,7 @@ def reference_plan(labels, batch_size, m, num_replicas, seed, epoch):
                 if len(current) == step_size:
                     steps.append(current)
                     current, in_step = [], set()
-    plan = np.asarray([[chunks[ci] for ci in step] for step in steps], dtype=np.int64)
-    plan = plan.reshape(len(steps), step_size, m)
-    aug_seeds = rng.integers(0, 2**31 - 1, size=plan.shape, dtype=np.int64)
-    return plan, aug_seeds
+    return steps
 
 
 def _assert_same_as_reference(labels, batch, m, world, seed=0, epoch=0):
@@ -219,3 +233,92 @@ def test_one_photo_per_identity():
     labels = np.arange(50)[::-1]
     plan = _assert_same_as_reference(labels, 5, 1, 2, seed=2)
     assert sorted(plan.reshape(-1).tolist()) == list(range(50))
+
+
+# ----------------------------------------------------------------------------- elastic resize: the rest re-dealt
+
+def _stretch(labels, world, epoch, earlier=(), steps=None, batch=8, m=4, seed=0, start=0):
+    """Every rank's batches of one stretch of an epoch at ``world`` ranks: steps x ranks x (index, aug_seed)."""
+    per_rank = []
+    for rank in range(world):
+        s = DistributedPerClassSampler(labels, batch, m, num_replicas=world, rank=rank, seed=seed)
+        s.set_epoch(epoch, start_step=start, earlier=earlier)
+        batches = list(s)
+        assert len(s) == len(batches)
+        per_rank.append(batches if steps is None else batches[:steps])
+    return [list(step) for step in zip(*per_rank)]
+
+
+def _indices(stretch):
+    return [i for step in stretch for batch in step for i, _ in batch]
+
+
+def test_resize_2_1_2_trains_every_image_of_the_epoch_exactly_once():
+    """40 identities x 8 images, m = 4: 80 chunks, every image in exactly one; 5 steps on 2 ranks, 6 on one, the
+    rest on 2 ranks again: every image of the epoch once, none twice, none left out."""
+    labels = np.random.default_rng(3).permutation(np.repeat(np.arange(40), 8))
+    first = _stretch(labels, 2, epoch=1, steps=5)
+    second = _stretch(labels, 1, epoch=1, earlier=[(2, 8, 5)], steps=6)
+    rest = _stretch(labels, 2, epoch=1, earlier=[(2, 8, 5), (1, 8, 6)])
+    assert len(rest) == (80 - 5 * 4 - 6 * 2) // 4
+    seen = _indices(first) + _indices(second) + _indices(rest)
+    assert sorted(seen) == list(range(len(labels)))
+    for step in first + second + rest:  # the per-rank contract holds in every stretch
+        ids = [set(labels[[i for i, _ in batch]].tolist()) for batch in step]
+        assert all(len(c) == 2 for c in ids) and len(set().union(*ids)) == 2 * len(step)
+        assert all(len(set(labels[[i for i, _ in batch[k:k + 4]]].tolist())) == 1 for batch in step for k in (0, 4))
+    seeds = [a for stretch in (first, second, rest) for step in stretch for batch in step for _, a in batch]
+    assert len(set(seeds)) > 0.99 * len(seeds)
+
+
+def reference_resize(labels, m, seed, epoch, stretches):
+    """The reference's re-deal: each stretch (world, batch, steps; None: to the epoch's end) makes steps by
+    reference_steps from the chunks the stretches before left, in key order. The chunks (as image-index tuples)
+    of each stretch's steps, and the chunks never taken."""
+    chunks, chunk_class, keys, _ = reference_chunks(labels, m, seed, epoch)
+    sequence = [int(k) for k in np.argsort(np.asarray(keys), kind="stable")]
+    out = []
+    for world, batch, steps in stretches:
+        made = reference_steps(sequence, chunk_class, world * batch // m)[:steps]
+        used = {ci for step in made for ci in step}
+        sequence = [ci for ci in sequence if ci not in used]
+        out.append([[tuple(chunks[ci].tolist()) for ci in step] for step in made])
+    return out, [tuple(chunks[ci].tolist()) for ci in sequence], [tuple(c.tolist()) for c in chunks]
+
+
+@pytest.mark.parametrize("case", range(9))
+def test_resize_deals_the_rest_of_the_epoch_like_the_reference(case):
+    """Random label sets (identities with clashing chunks, top-ups) through 2 -> 1 -> 2 -> 3 ranks: each stretch
+    is the reference's re-deal chunk for chunk, and over the stretches no chunk of the epoch comes twice."""
+    rng = np.random.default_rng(2000 + case)
+    m = (1, 2, 4)[case % 3]
+    per_rank = 1 + case % 2
+    labels = _random_labels(rng, int(rng.integers(12, 120)), ("uniform", "small", "long-tailed")[case % 3])
+    batch = per_rank * m
+    plan = [(2, batch, int(rng.integers(0, 4))), (1, batch, int(rng.integers(1, 5))), (2, batch, 2), (3, batch, None)]
+    expected, left, every = reference_resize(labels, m, case, case % 4, plan)
+    taken = [(world, batch_, len(steps)) for (world, batch_, _), steps in zip(plan, expected)]  # as many as there are
+    seen = []
+    for k, (world, _, steps) in enumerate(plan):
+        got = _stretch(labels, world, case % 4, earlier=taken[:k], steps=steps, batch=batch, m=m, seed=case)
+        got = [[tuple(i for i, _ in batch_[j:j + m]) for batch_ in step for j in range(0, batch, m)] for step in got]
+        assert got == expected[k], f"stretch {k} ({world} ranks) differs from the reference's re-deal"
+        seen += [c for step in got for c in step]
+    # Each chunk of the epoch taken once (chunks of an identity topped up from itself may hold the same images).
+    from collections import Counter
+
+    assert Counter(seen) + Counter(left) == Counter(every)
+    assert len(left) < 3 * per_rank + len(set(labels.tolist())), "only the last stretch's left-overs are dropped"
+
+
+def test_resume_inside_a_re_dealt_stretch_is_exact():
+    labels = _labels()
+    full = _stretch(labels, 1, epoch=2, earlier=[(2, 8, 3)], seed=4)
+    assert _stretch(labels, 1, epoch=2, earlier=[(2, 8, 3)], seed=4, start=4) == full[4:]
+
+
+def test_an_earlier_stretch_longer_than_its_plan_is_refused():
+    s = DistributedPerClassSampler(_labels(), 8, 4, num_replicas=1)
+    s.set_epoch(0, earlier=[(2, 8, 10_000)])
+    with pytest.raises(ValueError, match="not of this data"):
+        s.steps_per_epoch()

@@ -260,6 +260,7 @@ def test_evaluate_bin_end_to_end(aligned_faces, tiny_model_dir, tmp_path):
     assert both["bin"]["cfp_fp"]["accuracy_mean"] == pytest.approx(m["bin"]["cfp_fp"]["accuracy_mean"])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(aligned_faces, tiny_model_dir, tmp_path):
     """Under accelerate launch each process embeds its share of the images; the gathered embeddings and the
     XNorm summed over processes are those of one process."""

@@ -109,3 +109,35 @@ def test_no_face_is_an_answer_and_a_model_error_fails_only_its_batch():
     assert float(first[0][0]) == 1.0 and isinstance(first[1], NoFace)
     assert float(after[0][0]) == 2.0  # the service goes on after a failed pass
     assert stats["batches"] == 3 and stats["images"] == 4
+
+
+def test_hurry_and_stop_run_what_waits_for_company():
+    """A drain (service/lifecycle.py): a batch held back for company (max_wait one hour on a frozen clock) goes at
+    once on hurry(); stop() runs every image queued before it, then refuses new ones."""
+    calls: list[int] = []
+
+    async def scenario():
+        b = Batcher(fake_model(calls), max_batch=8, max_wait_ms=3_600_000, clock=SteppingClock(0.0))
+        await b.start()
+        first = asyncio.ensure_future(b.embed([1, 2]))
+        await until(lambda: b._queue.empty() and b.queued == 2)  # gathered by the worker, still waiting: counted
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not first.done()
+        b.hurry()
+        got_first = await first
+        # after hurry() a batch is what waits when it starts: these three go together, without waiting an hour
+        later = [asyncio.ensure_future(b.embed([x])) for x in (3, 4, 5)]
+        await until(lambda: all(f.done() for f in later))
+        queued = [asyncio.ensure_future(b.embed([x])) for x in (6, 7)]
+        await asyncio.sleep(0)
+        await b.stop()  # queued before the stop: run, not dropped (their answers are set)
+        await asyncio.wait_for(asyncio.gather(*queued), 10)
+        with pytest.raises(RuntimeError, match="stopped"):
+            await b.embed([8])
+        return got_first, [f.result() for f in later + queued], b.running
+
+    got_first, rest, running = asyncio.run(scenario())
+    assert [float(r[0]) for r in got_first] == [1.0, 2.0]
+    assert [float(r[0][0]) for r in rest] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert calls == [2, 3, 2] and not running

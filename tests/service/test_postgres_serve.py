@@ -16,6 +16,7 @@ from tests.service.conftest import REQUEST_TIMEOUT, Server, httpx
 pytestmark = pytest.mark.timeout(300)
 
 
+@pytest.mark.slow
 def test_two_servers_follow_each_other_and_kill_9_loses_nothing(tiny_model_dir, postgres_db, tmp_path):
     from facesiam.eval.embed import TorchEmbedder
 

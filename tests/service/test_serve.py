@@ -275,6 +275,7 @@ def test_batching_gives_the_same_scores_and_batches(tiny_model_dir, face_folder,
     assert len(list(kept.glob("*-image1.png"))) == len(list(kept.glob("*-image2.png"))) == 16  # --keep-images
 
 
+@pytest.mark.slow
 def test_kill_9_during_enrolment_leaves_a_whole_gallery(tiny_model_dir, face_folder, tmp_path):
     gallery = tmp_path / "gallery"
     paths = [p for ps in people(face_folder).values() for p in ps]
@@ -327,6 +328,7 @@ def test_kill_9_during_enrolment_leaves_a_whole_gallery(tiny_model_dir, face_fol
         acknowledged = size
 
 
+@pytest.mark.slow
 def test_serve_onnx_equals_the_checkpoint(tiny_model_dir, face_folder, expected, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -3,6 +3,7 @@ checkpoint save too) ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from facesiam.commands.train import main
 
-from ..conftest import REPO, SUBPROCESS_TIMEOUT, reset_accelerate
+from ..conftest import REPO, SUBPROCESS_TIMEOUT, accelerate_launch, reset_accelerate
 
 TINY = ["--backbone", "test_efficientnet", "--embedding-dim", "32", "--image-size", "32", "--batch-size", "16",
         "--m-per-class", "4", "--num-workers", "0", "--wandb", "off", "--tensorboard", "false", "--lr", "1e-3",
@@ -108,3 +109,59 @@ def test_resume_latest_after_kill_9_finishes_like_an_uninterrupted_run(synthetic
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in
              (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), "the resumed log continues the checkpoint's, without the lost steps twice"
+
+
+# ------------------------------------------------------------------------------------------ elastic resize 2 -> 1 -> 2
+
+def test_resume_state_records_an_epochs_stretches_across_resizes():
+    from facesiam.training.checkpoint import TrainState, resume_state
+
+    asked = []
+
+    def steps_left(epoch, earlier, batch):
+        asked.append((epoch, [list(s) for s in earlier], batch))
+        return 5
+
+    state = TrainState(step=12, epoch=1, batches_in_epoch=3, world_size=2, batch_size=8)
+    assert resume_state(state, 2, 8, steps_left, 9, 2) == 1.0 and not asked, "same size: exact, nothing changes"
+    assert resume_state(state, 1, 8, steps_left, 18, 2) == 2.0
+    assert (state.earlier_stretches, state.batches_in_epoch, state.world_size) == ([[2, 8, 3]], 0, 1)
+    assert asked[-1] == (1, [[2, 8, 3]], 0) and state.steps_offset == 12 + 5 - 2 * 18
+    # Back on 2 processes before the one process took a step: the 2-process stretch's own plan goes on.
+    assert resume_state(state, 2, 8, steps_left, 9, 2) == 0.5
+    assert (state.earlier_stretches, state.batches_in_epoch, state.world_size) == ([], 3, 2)
+    assert asked[-1] == (1, [], 3)
+
+
+def _traced(folder: Path) -> list[dict]:
+    """The windows the processes trained on ($FACESIAM_TRACE_SAMPLES: one JSON line per window per process)."""
+    return [json.loads(line) for f in sorted(folder.glob("samples-*.jsonl")) for line in f.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_shards, tmp_path, monkeypatch):
+    """2 gloo ranks stop at step 3 of a 9-step epoch, the run resumes on one process to step 7, then on 2 ranks to the
+    epoch's end. Every training identity has 8 images and m = 4, so an epoch takes each image exactly once: the
+    per-sample trace must hold each image of the train split once, none twice, none left out."""
+    from facesiam.data import ShardDataset
+    from facesiam.training.checkpoint import read_train_state
+
+    trace, run = tmp_path / "trace", tmp_path / "run"
+    env = {"FACESIAM_TRACE_SAMPLES": str(trace)}
+    args = ["--data", str(synthetic_shards), "--output", str(run), *TINY, "--batch-size", "8", "--epochs", "1",
+            "--val-split", "none", "--checkpoint-every-steps", "0", "--keep-checkpoints", "5", "--resume", "latest"]
+    accelerate_launch(REPO / "launch" / "train.py", [*args, "--max-steps", "3"], env=env)
+    monkeypatch.setenv("FACESIAM_TRACE_SAMPLES", str(trace))
+    one = main([*args, "--max-steps", "7"])
+    accelerate_launch(REPO / "launch" / "train.py", [*args, "--max-steps", "100"], env=env)
+
+    state = read_train_state(run / "checkpoints" / "step-7")
+    assert one["steps"] == 7 and (state.world_size, state.batches_in_epoch) == (1, 4)
+    assert state.earlier_stretches == [[2, 8, 3]]
+    windows = _traced(trace)
+    assert sorted({(w["stretch"], w["world_size"]) for w in windows}) == [(0, 2), (1, 1), (2, 2)]
+    assert sum(w["world_size"] == 1 for w in windows) == 4 and sum(w["world_size"] == 2 for w in windows) == 2 * 7
+    seen = [i for w in windows for i in w["indices"]]
+    assert sorted(seen) == list(range(len(ShardDataset(synthetic_shards, "train"))))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 11 and summary["epochs_completed"] == 1

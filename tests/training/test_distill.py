@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -133,6 +134,44 @@ def test_the_relational_term_matches_the_batch_similarity_matrices():
     assert crit.projection.weight.grad is not None
 
 
+def test_the_label_loss_is_added_on_the_photos_labels():
+    """distill.label_weight: distillation + w x the metric loss on labels[indices], the latter computed by PML."""
+    from pytorch_metric_learning import distances, losses as pml_losses
+
+    from facesiam.config import LossConfig
+    from facesiam.losses import Criterion
+
+    torch.manual_seed(2)
+    targets = F.normalize(torch.randn(12, 8), dim=1)
+    labels = torch.arange(12) // 2  # 6 people, 2 photos each
+    cfg = LossConfig(loss="triplet", margin=0.1, distance="cosine", miner="none")
+    crit = DistillCriterion(8, 8, label_loss=Criterion(cfg, 8, num_classes=6), label_weight=0.5)
+    crit.set_targets(targets, torch.ones(12, dtype=torch.bool))
+    crit.set_labels(labels.numpy())
+    idx = torch.tensor([4, 5, 0, 1, 10, 11, 7, 6])
+    emb = F.normalize(torch.randn(8, 8), dim=1)
+    loss, value = crit(emb, idx)
+    distill = (1 - (emb * targets[idx]).sum(1)).mean()
+    triplet = pml_losses.TripletMarginLoss(margin=0.1, distance=distances.CosineSimilarity())(emb, labels[idx])
+    assert triplet.item() > 0  # the check below would not see a dropped label term otherwise
+    assert loss.item() == pytest.approx((distill + 0.5 * triplet).item(), abs=1e-5)
+    assert value.item() == pytest.approx(loss.item())
+    no_labels = DistillCriterion(8, 8, label_loss=Criterion(cfg, 8, num_classes=6), label_weight=0.0)
+    assert no_labels.label_loss is None  # weight 0: distillation alone, exactly as before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--label-weight", "1"], "set distill.teacher"),
+    (["--label-weight", "1", "--teacher", "dlib", "--loss", "triplet", "--m-per-class", "1"], "--m-per-class 2"),
+    (["--label-weight", "-1", "--teacher", "dlib"], "label_weight must be >= 0"),
+])
+def test_label_weight_is_checked_before_anything_runs(flags, message, tmp_path):
+    from facesiam.commands.train import main
+
+    with pytest.raises(SystemExit, match=re.escape(message)):  # the command's one-line error
+        main(["--data", str(tmp_path), "--output", str(tmp_path / "run"), "--batch-size", "8", *flags])
+
+
 def test_teacher_cosine_is_the_mean_over_photos_with_a_target():
     rng = np.random.default_rng(0)
     t = rng.normal(size=(6, 4)).astype(np.float32)
@@ -210,12 +249,15 @@ def _weights(ckpt):
     return {k: v.numpy() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
 
 
-def test_distillation_resumes_exactly(shards, teacher_onnx, tmp_path):
+@pytest.mark.parametrize("label_flags", [[], ["--label-weight", "0.5", "--loss", "arcface", "--m-per-class", "2"]],
+                         ids=["distillation", "with-label-loss"])
+def test_distillation_resumes_exactly(shards, teacher_onnx, tmp_path, label_flags):
     from facesiam.commands.train import main
     from tests.conftest import reset_accelerate
 
     common = ["--data", str(shards), "--teacher", f"onnx:{teacher_onnx}", *DISTILL_FLAGS, "--val-split", "none",
-              "--max-steps", "7", "--relational-weight", "0.5", "--embedding-dim", "16"]  # with a projection
+              "--max-steps", "7", "--relational-weight", "0.5", "--embedding-dim", "16",  # with a projection
+              *label_flags]  # the label loss's class centres are trained and checkpointed too
     main([*common, "--output", str(tmp_path / "a")])
     reset_accelerate()
     main([*common, "--output", str(tmp_path / "b"), "--checkpoint-every-steps", "3"])

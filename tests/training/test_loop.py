@@ -72,13 +72,26 @@ def test_two_process_checkpoint_resumes_mid_epoch_on_one_process(ddp_run, synthe
         summary = main(["--data", str(synthetic_shards), "--output", str(tmp_path / "one"), *TINY, "--epochs", "2",
                         "--lr", "1e-3", "--scheduler", "cosine", "--resume", str(mid[0])])
     assert "mid-epoch" in caplog.text
-    # The images seen so far (batches x 2 processes x 16) are the position in the re-planned one-process epoch: the
-    # rest of that epoch, then one whole epoch.
+    # The one process takes the epoch's images the 2 processes did not (every identity has 8 images, m = 4: an epoch
+    # takes each image once, and the 2-process one leaves a chunk per rank over), 16 a step, then one whole epoch.
     labels = ShardDataset(synthetic_shards, "train").labels
     per_epoch = DistributedPerClassSampler(labels, 16, 4, num_replicas=1, rank=0).steps_per_epoch()
-    position = state["batches_in_epoch"] * 2 * 16 // 16
+    assert per_epoch == len(labels) // 16
+    rest = (len(labels) - state["batches_in_epoch"] * 2 * 16) // 16
     assert summary["epochs_completed"] == 2
-    assert summary["steps"] == state["step"] + (per_epoch - position) + per_epoch * (1 - state["epoch"])
+    assert summary["steps"] == state["step"] + rest + per_epoch * (1 - state["epoch"])
+    assert _train_state(tmp_path / "one" / "checkpoints" / f"step-{summary['steps']}")["earlier_stretches"] == []
+
+
+@pytest.mark.slow
+def test_a_run_with_loader_workers_exits_when_it_is_done(synthetic_shards, tmp_path):
+    """The loader's workers persist across epochs and ignore SIGTERM (preemption.py); the run must still end them,
+    or multiprocessing's exit handler (SIGTERM, then join) waits for them forever after "done"."""
+    proc = accelerate_launch(REPO / "launch" / "train.py", [
+        "--data", str(synthetic_shards), "--output", str(tmp_path / "run"), *TINY, "--num-workers", "1",
+        "--max-steps", "2"], timeout=240)
+    assert "done: 2 steps" in proc.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("augment", [["--augment-implementation", "torchvision"],
@@ -222,6 +235,7 @@ def test_two_processes_imprint_the_centres_of_the_global_batch(synthetic_shards,
     assert cross.diagonal().mean() > 0.7
 
 
+@pytest.mark.slow
 def test_partial_fc_trains_on_two_processes_resumes_exactly_and_reshards_onto_one(synthetic_shards, tmp_path):
     """Partial FC (centres sharded over 2 gloo ranks, half the negatives sampled): a resumed run ends with exactly
     the weights of an uninterrupted one (each rank's centres and their AdamW state come back from its own file),

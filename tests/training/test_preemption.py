@@ -145,6 +145,7 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(preempted):
     assert stop["epoch"] == 0 and stop["batch_in_epoch"] == stop["step"]
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_like_an_uninterrupted_one(
         preempted, uninterrupted, synthetic_shards):
     run, stop = preempted
