@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))  # facesiam from a checkout that is not installed
 
 import torch  # noqa: E402
 
-from benchdoc import DOC, LFW, cpu_seconds, lfw_subset, write_section  # noqa: E402  tools/ is on sys.path as a script
+from benchdoc import DOC, LFW, cpu_seconds, lfw_subset, process_cpu_seconds, write_section  # noqa: E402  tools/ is on sys.path as a script
 from facesiam.testing.servers import S3_ENV  # noqa: E402
 
 HEADING = "## Shards on object storage (S3, HTTP) vs local disk"
@@ -81,12 +81,6 @@ def _serve(folder: str, queue, stop, netns: tuple[str, str] | None = None) -> No
     moto.stop()
 
 
-def _process_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` and its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def training_loader(data: str, cfg_overrides: dict):
     """Training's own loader over ``data`` (build_data: its workers persist from epoch to epoch, as in training)."""
     from facesiam.config import TrainConfig
@@ -108,7 +102,7 @@ def loader_cpu(train) -> float:
     RUSAGE_CHILDREN (benchdoc.cpu_seconds) would miss them; their own /proc counters do not."""
     iterator = getattr(train.loader, "_iterator", None)  # torch keeps a persistent workers' iterator here
     workers = getattr(iterator, "_workers", None) or []
-    return cpu_seconds() + sum(_process_cpu(w.pid) for w in workers if w.is_alive())
+    return cpu_seconds() + sum(process_cpu_seconds(w.pid) for w in workers if w.is_alive())
 
 
 def request_plan(shards: Path, cfg_overrides: dict) -> tuple[float, float]:
@@ -138,9 +132,9 @@ def race(repeats: int, contenders: dict, server_pid: int) -> dict:
     every: dict = {name: [] for name in contenders}
     for _ in range(repeats):
         for name, train in contenders.items():
-            wall, cpu, server = time.perf_counter(), loader_cpu(train), _process_cpu(server_pid)
+            wall, cpu, server = time.perf_counter(), loader_cpu(train), process_cpu_seconds(server_pid)
             images = one_epoch(train)
-            run = (time.perf_counter() - wall, loader_cpu(train) - cpu, _process_cpu(server_pid) - server, images)
+            run = (time.perf_counter() - wall, loader_cpu(train) - cpu, process_cpu_seconds(server_pid) - server, images)
             print(f"  {name}: {images / run[0]:,.0f} images/s", file=sys.stderr)
             every[name].append(images / run[0])
             if name not in best or run[0] < best[name][0]:

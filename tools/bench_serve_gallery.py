@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import REPO, free_port, wait_ready, write_section
+from benchdoc import REPO, free_port, process_cpu_seconds, wait_ready, write_section
 
 sys.path.insert(0, str(REPO))
 HEADING = "## Service gallery: a database and an index changed in place (issue 30)"
@@ -269,21 +269,8 @@ def new_pg_database(server_url: str) -> str:
 def until_ready(url: str, proc: subprocess.Popen, t0: float, timeout: float = 600) -> tuple[float, float]:
     """(seconds from ``t0``, the process's start, to GET /readyz answering 200; the CPU seconds the process used by
     then: on a busy machine the wall time grows with the load, its CPU time much less)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                wall = time.perf_counter() - t0
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return wall, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise SystemExit(f"{url} was not ready within {timeout}s")
+    wait_ready(url, proc, timeout, path="/readyz", poll=0.05)
+    return time.perf_counter() - t0, process_cpu_seconds(proc.pid)
 
 
 async def load_until_exit(url: str, proc: subprocess.Popen, clients: int, signal_after: float, rng) -> dict:

@@ -4,6 +4,7 @@ read (../shared/data, credited in their reports), servers they start on a free l
 
 from __future__ import annotations
 
+import os
 import resource
 import subprocess
 import time
@@ -37,8 +38,16 @@ def lfw_subset(target: Path, images: int) -> Path | None:
     return target
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    """Until ``url``/healthz answers 200 (SystemExit when the server exits or the time is up)."""
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its threads so far (Linux /proc; it need not have exited)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180, path: str = "/healthz",
+               poll: float = 0.2) -> None:
+    """Until ``url`` + ``path`` answers 200, asked every ``poll`` seconds (SystemExit when the server exits or the
+    time is up)."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -46,12 +55,12 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+            if httpx.get(url + path, timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {timeout}s")
+        time.sleep(poll)
+    raise SystemExit(f"{url}{path} did not answer 200 within {timeout}s")
 
 
 def race(repeats: int, contenders: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
