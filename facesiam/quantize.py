@@ -71,6 +71,10 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
                              f"{parity['images']} photos of {parity['identities']} people), nothing written: "
                              f"{parity_line(parity)}; calibrate on more photos (--calibration-images "
                              f"{2 * calibration['images']}) or keep the fp32 export")
+        if parity["speedup"] is not None and parity["speedup"] < 1:
+            log.warning("int8: %.2fx the speed of fp32 on this CPU (the network alone, on the parity photos); keep "
+                        "the fp32 export for CPUs like this one (int8 pays where the CPU has VNNI)",
+                        parity["speedup"])
         proto = onnx.load(str(int8_path))
         meta = {**json.loads(_metadata(proto)[METADATA_KEY]), "int8": {"calibration": calibration, "parity": parity}}
         onnx.helper.set_model_props(proto, {**_metadata(proto), METADATA_KEY: json.dumps(meta)})
@@ -122,11 +126,16 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, da
     # depthwise convolutions (MobileFaceNet, EfficientNet) accurate. The head (after the last convolution: pooling,
     # the embedding layer, its normalisation) stays fp32: a sliver of the compute, and its rounding would land
     # on the embedding unfiltered
+    # reduce_range: 7-bit weights. x86 CPUs without VNNI multiply u8 x s8 pairs into saturating 16-bit sums
+    # (vpmaddubsw), which full-range weights overflow; onnxruntime advises 7 bits there, and a file exported here may
+    # be served on either kind of CPU. Measured on the trained Lite0 student (LFW held-out people, AVX2 without VNNI):
+    # full range lost 0.040 TAR@FAR=1e-3 and 0.0054 AUC (refused); 7 bits 0.0022 and 0.0002 (docs/benchmarks.md).
     quantize_static(str(prepared), str(int8_path), Photos(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=head)
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=head)
     log.info("int8: calibrated on %d training photos of %s (alignment %s)", len(picks), data, aligned)
     return {"data": str(data), "split": "train", "images": int(len(picks)), "seed": seed, "method": "minmax",
-            "format": "QDQ, per-channel int8 weights, uint8 activations", "fp32_nodes": len(head)}
+            "format": "QDQ, per-channel 7-bit int8 weights (reduce_range), uint8 activations", "fp32_nodes": len(head)}
 
 
 def embedding_head(path: str | os.PathLike) -> list[str]:
@@ -163,11 +172,13 @@ def int8_parity(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, data
     fp32 = OnnxEmbedder(fp32_path, threads=threads, providers=["CPUExecutionProvider"])
     int8 = OnnxEmbedder(int8_path, threads=threads, providers=["CPUExecutionProvider"])
     dataset, _ = open_as_trained(data, split, fp32.alignment, align, transform=None, log_it=False)
-    emb32, emb8 = [], []
+    emb32, emb8, seconds = [], [], {"fp32": 0.0, "int8": 0.0}
     for start in tqdm(range(0, len(dataset), batch_size), desc="int8 parity", unit="batch", disable=not progress):
         x = np.stack([fp32.preprocess(dataset[i][0]) for i in range(start, min(len(dataset), start + batch_size))])
-        emb32.append(fp32.embed_arrays(x))
-        emb8.append(int8.embed_arrays(x))
+        for name, model, out in (("fp32", fp32, emb32), ("int8", int8, emb8)):  # the same batch, one after the other
+            t = time.perf_counter()
+            out.append(model.embed_arrays(x))
+            seconds[name] += time.perf_counter() - t
     labels = np.asarray(dataset.labels, np.int64)
     key = far_key(INT8_FAR)
     result: dict = {"data": str(data), "split": split, "images": int(len(labels)),
@@ -184,5 +195,9 @@ def int8_parity(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, data
     result["tar_gap"] = abs(result["int8"]["tar"] - result["fp32"]["tar"])
     result["auc_gap"] = abs(result["int8"]["auc"] - result["fp32"]["auc"])
     result["ok"] = result["tar_gap"] <= INT8_TAR_TOLERANCE and result["auc_gap"] <= INT8_AUC_TOLERANCE
+    # the network alone on this CPU, on the parity photos (int8's images/s over fp32's): int8 pays only where the
+    # CPU multiplies int8 fast (VNNI) and the graph quantizes whole (MobileFaceNet's PReLUs stay fp32 between
+    # quantized convolutions: 0.81x on an AVX2 CPU without VNNI; docs/benchmarks.md)
+    result["speedup"] = seconds["fp32"] / seconds["int8"] if seconds["int8"] > 0 else None
     return result
 

@@ -259,6 +259,7 @@ def test_int8_export_keeps_the_verification_metrics_of_fp32(int8_onnx, trained_m
     assert parity["fp32"]["tar"] == pytest.approx(tar32, abs=step + 1e-3)
     assert abs(tar8 - tar32) <= 0.01 + step and abs(auc8 - auc32) <= TEST_AUC_TOLERANCE + 1e-3
     assert summary["calibration"]["images"] == 128 and summary["bytes"] < summary["fp32_bytes"]
+    assert parity["speedup"] > 0  # int8's images/s over fp32's on this CPU, timed on the parity photos
 
 
 @pytest.mark.slow

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from benchdoc import REPO, write_section  # tools/ is on sys.path when a tool runs as a script
 

@@ -184,11 +184,13 @@ def int8_main(args) -> None:
                    for name in ("fp32", "int8"))
     model = (f"{args.checkpoint} ({backbone}, trained), calibrated on {data}'s train split" if args.checkpoint
              else f"{backbone} at {args.image_size} px, random weights calibrated on synthetic faces (speed only)")
+    command = (f"--checkpoint {args.checkpoint} --data {args.data}" if args.checkpoint
+               else f"--backbone {backbone} --image-size {args.image_size}")
     held_out = (f"Parity on {parity['images']} photos of {parity['identities']} held-out people (all pairs, "
                 f"facesiam's evaluator): {parity_line(parity)}.\n" if parity
                 else "Parity: not measured (random weights; pass --checkpoint and --data).\n")
     text = (f"{INT8_HEADING}\n\n{datetime.date.today()}, {os.cpu_count()} CPU cores, {args.threads} onnxruntime "
-            f"threads each; {model}; `python tools/bench_onnx.py --int8 --backbone {backbone} --write-doc`. "
+            f"threads each; {model}; `python tools/bench_onnx.py --int8 {command} --write-doc`. "
             f"Network alone: batches of "
             f"{args.batch_size}, best of {args.repeats} interleaved runs. Through serve: {args.clients} clients send "
             f"{args.requests} `POST /verify` (two photos each; {source}{', --no-align' if aligned else ''}) to "

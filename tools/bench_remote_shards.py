@@ -145,8 +145,8 @@ def race(repeats: int, contenders: dict, server_pid: int) -> dict:
 def report(r: dict, args) -> str:
     local = r["best"]["local disk"]
     lines = [HEADING, "",
-             f"{datetime.date.today().isoformat()}, `python tools/bench_remote_shards.py --write-doc` on "
-             f"{platform.machine()} with {os.cpu_count()} cores shared with other jobs, torch "
+             f"{datetime.date.today().isoformat()}, `python tools/bench_remote_shards.py"
+             f"{' --netns' if args.netns else ''} --write-doc` on {platform.machine()} with {os.cpu_count()} cores, torch "
              f"{torch.__version__.split('+')[0]}. Training's own loader (build_data, default TrainConfig: batches of "
              f"{r['cfg']['batch_size']}, m={r['cfg']['m_per_class']}, {r['cfg']['num_workers']} workers, fused "
              f"augmentation at {r['cfg']['image_size']} px), one epoch of {local[3]:,} images per run, the three "
@@ -200,7 +200,7 @@ def report(r: dict, args) -> str:
               "training), so their connections and signed URLs do too; their CPU is read from /proc (they never "
               "exit). The *loader CPU: local disk / this* column is the speed a CPU-bound loader would reach with the "
               "server elsewhere and no waiting. Runs on this shared machine swing by up to 1.5x (the *every run* "
-              "column); compare ratios of the same run only.", ""]
+              "column); compare ratios of the same run only.", "", ""]
     return "\n".join(lines)
 
 

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from benchdoc import REPO, write_section  # tools/ is on sys.path when a tool runs as a script
 

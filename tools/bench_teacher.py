@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--write-doc", action="store_true", help="replace this section of docs/benchmarks.md")
     args = parser.parse_args(argv)
 
-    import numpy as np
     import torch
 
     from facesiam.data.folder import list_image_folder

@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                    "the requests in flight may take to finish while new ones get 503 and /readyz 503; then the "
                    "database is closed and serve exits 0, or 1 when requests still running had to be cut (a second "
                    "signal cuts at once; default 20)")
+    p.add_argument("--drain-delay", type=float, default=0.0, metavar="SECONDS", help="after SIGTERM or SIGINT: "
+                   "seconds during which /readyz answers 503 while requests are still served, before the drain "
+                   "above begins (time for a load balancer's health checks to take this instance out; a preStop "
+                   "sleep built in; default 0)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT", help="also serve /metrics (Prometheus "
                    "text format) without a token on 127.0.0.1:PORT; GET /metrics on --port always needs an admin "
                    "token")
@@ -142,7 +146,8 @@ def build(args: argparse.Namespace):
                                body_timeout=args.body_timeout, idle_timeout=min(10.0, args.body_timeout / 6),
                                max_faces=args.max_faces, public_cost_rate=args.public_cost_rate,
                                metrics_port=args.metrics_port, json_access_log=args.log_format == "json",
-                               log_identities=args.log_identities, grace=args.grace)
+                               log_identities=args.log_identities, grace=args.grace,
+                               drain_delay=args.drain_delay)
     check_settings(settings)
     if embedder.alignment and args.align:
         from ..faces.aligner import describe_alignment
@@ -160,8 +165,9 @@ def uvicorn_options(args: argparse.Namespace) -> dict:
 
     if args.header_timeout <= 0 or args.limit_concurrency < 1:
         raise InputError("--header-timeout must be > 0 and --limit-concurrency >= 1")
-    if not args.grace >= 0:
-        raise InputError(f"--grace must be a number of seconds >= 0, got {args.grace}")
+    if not (args.grace >= 0 and args.drain_delay >= 0):
+        raise InputError(f"--grace and --drain-delay must be numbers of seconds >= 0, got {args.grace} and "
+                         f"{args.drain_delay}")
     if args.metrics_port is not None and not (0 < args.metrics_port < 65536 and args.metrics_port != args.port):
         raise InputError(f"--metrics-port must be a free port other than --port {args.port}, got {args.metrics_port}")
     json_log = args.log_format == "json"

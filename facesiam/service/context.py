@@ -100,6 +100,9 @@ class ServiceSettings:
     grace: float = 20.0
     """Seconds after SIGTERM or SIGINT that requests in flight may take to finish (new ones get 503 meanwhile);
     those still running then are cut (service/lifecycle.py)."""
+    drain_delay: float = 0.0
+    """Seconds after SIGTERM or SIGINT during which /readyz answers 503 but requests are still served, before the
+    drain (for a load balancer to notice; a preStop sleep)."""
 
 
 class ServiceError(Exception):
@@ -140,7 +143,7 @@ class Service:
         self.max_request = self.body_limit(MANY)  # the largest any endpoint takes
         self.limiter = RateLimiter(settings.public_rate, settings.public_burst)
         self.cost = RateLimiter(settings.public_cost_rate, settings.public_cost_rate * 10)  # megapixel-faces
-        self.drain = Drain(settings.grace)  # SIGTERM: service/lifecycle.py
+        self.drain = Drain(settings.grace, delay=settings.drain_delay)  # SIGTERM: service/lifecycle.py
         self.metrics = ServiceMetrics(store, self.batcher, self.drain)
 
     def timer(self) -> Timer:

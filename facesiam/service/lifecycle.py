@@ -1,15 +1,18 @@
 """The service's end: what SIGTERM (every rolling update, every eviction) and SIGINT do.
 
-    signal      draining: /readyz answers 503 (a load balancer stops sending here), new requests 503 with
+    signal      with --drain-delay d: for d seconds /readyz answers 503 while every request is still served as usual
+                (a load balancer, or Kubernetes' endpoints, takes a probe period or two to stop sending here: a
+                preStop sleep built in); then
+    (delay)     draining: /readyz answers 503 (a load balancer stops sending here), new requests 503 with
                 Retry-After (a JSON error), /healthz stays 200 (the process lives); the micro-batcher stops holding
                 batches back for company; the requests in flight run to their end
     drained     uvicorn's own shutdown: the listening socket closed (new connections refused), idle keep-alive
                 connections closed; then the app's lifespan ends: the batcher finishes what is queued, the gallery
                 database is closed (SQLite: its WAL checkpointed into the file; PostgreSQL: the connection and the
                 listener thread)                                                                  -> exit status 0
-    --grace s   past the signal with requests still running: uvicorn cancels them (each answered 503 when its
-                answer had not begun), serve logs one line saying how many were cut and exits with CUT_EXIT_STATUS;
-                a second signal cuts at once
+    --grace s   past the signal (and the delay) with requests still running: uvicorn cancels them (each answered
+                503 when its answer had not begun), serve logs one line saying how many were cut and exits with
+                CUT_EXIT_STATUS; a second signal cuts at once
 
 uvicorn does the shutdown itself (``Server.should_exit``, ``timeout_graceful_shutdown`` cancelling what is still
 running, the lifespan's end). Written here is what it lacks: uvicorn closes its listening socket the moment a signal
@@ -41,9 +44,10 @@ CUT_EXIT_STATUS = 1  # the grace period ran out with requests in flight (command
 class Drain:
     """Whether the service is draining, and the requests it is serving (the probes not counted)."""
 
-    def __init__(self, grace: float = 20.0, clock: Callable[[], float] = time.monotonic):
-        self.grace, self.clock = grace, clock
-        self.since: Optional[float] = None  # when draining began (clock seconds)
+    def __init__(self, grace: float = 20.0, clock: Callable[[], float] = time.monotonic, delay: float = 0.0):
+        self.grace, self.clock, self.delay = grace, clock, delay
+        self.since: Optional[float] = None  # when the signal came (clock seconds)
+        self.refuse_from = math.inf  # when new requests start getting 503 (the signal + the delay)
         self.deadline = math.inf  # when requests still running are cut
         self.why = ""
         self.in_flight = 0  # requests inside the app now
@@ -51,19 +55,26 @@ class Drain:
 
     @property
     def draining(self) -> bool:
+        """A signal came: not ready (/readyz 503), whether or not new requests are refused yet."""
         return self.since is not None
+
+    @property
+    def refusing(self) -> bool:
+        """New requests get 503: the delay after the signal is over."""
+        return self.clock() >= self.refuse_from
 
     def begin(self, why: str) -> None:
         """Start draining; a second call cuts at once. Only sets attributes: safe in a signal handler."""
         now = self.clock()
         if self.since is None:
-            self.since, self.deadline, self.why = now, now + self.grace, why
+            self.since, self.why = now, why
+            self.refuse_from, self.deadline = now + self.delay, now + self.delay + self.grace
         else:
-            self.deadline = now
+            self.refuse_from = self.deadline = now
 
     def done(self) -> bool:
-        """Draining and nothing left to wait for: no request in flight, or the grace period over."""
-        return self.draining and (self.in_flight == 0 or self.clock() >= self.deadline)
+        """Draining, past the delay, and nothing left to wait for: no request in flight, or the grace period over."""
+        return self.refusing and (self.in_flight == 0 or self.clock() >= self.deadline)
 
     def left(self) -> float:
         """Seconds of the grace period left (0 when over)."""
@@ -83,7 +94,7 @@ class DrainGate:
         if scope["type"] != "http" or scope["path"] in PROBES:
             return await self.app(scope, receive, send)
         drain = self.drain
-        if drain.draining:
+        if drain.refusing:
             return await _unavailable("the service is shutting down; retry (another instance, or this one once it "
                                       "has restarted)")(scope, receive, send)
         started = False
@@ -124,7 +135,7 @@ def graceful_server(config, drain: Drain, on_drain: Callable[[], None]):
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        announced = False
+        announced = hurried = False
 
         def handle_exit(self, sig: int, frame) -> None:
             # instead of uvicorn's: its should_exit closes the socket at once, and the signal it records is
@@ -138,6 +149,13 @@ def graceful_server(config, drain: Drain, on_drain: Callable[[], None]):
                 return False
             if not self.announced:  # logged here, not in the signal handler: logging takes locks
                 self.announced = True
+                if drain.delay:
+                    log.info("%s: /readyz 503; requests still served for %g s (--drain-delay), then draining",
+                             drain.why, drain.delay)
+            if not drain.refusing:
+                return False
+            if not self.hurried:
+                self.hurried = True
                 log.info("%s: draining: %d request(s) in flight finish within %g s; new ones get 503, /readyz 503",
                          drain.why, drain.in_flight, drain.grace)
                 on_drain()

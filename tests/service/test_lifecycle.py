@@ -177,6 +177,32 @@ def test_requests_past_the_grace_period_are_cut_and_the_exit_status_says_so(tiny
         db.close()
 
 
+@pytest.mark.slow
+def test_drain_delay_serves_on_with_readyz_503_then_drains_and_exits_0(tiny_model_dir, tmp_path):
+    """serve --drain-delay 4: after SIGTERM /readyz is 503 at once while requests are still answered; then new
+    ones get 503 and serve exits 0 (nothing in flight)."""
+    args = ["--checkpoint", str(tiny_model_dir), "--gallery", str(tmp_path / "gallery"), "--threshold", "0.5",
+            "--device", "cpu", "--drain-delay", "4"]
+    with Server(args, log=tmp_path / "serve.log") as srv:
+        srv.proc.send_signal(signal.SIGTERM)
+        until(lambda: srv.client.get("/readyz").status_code == 503, "/readyz 503 after the signal", srv)
+        signalled = time.monotonic()
+        r = srv.client.get("/identities", headers=srv.auth)
+        assert r.status_code == 200 or time.monotonic() - signalled > 3, r.text  # still served during the delay
+
+        def refused() -> bool:  # 503, or the socket already closed (drained: nothing was in flight)
+            try:
+                return srv.client.get("/identities", headers=srv.auth, timeout=5).status_code == 503
+            except httpx.TransportError:
+                return True
+
+        until(refused, "refused after the delay", srv)
+        assert time.monotonic() - signalled > 3  # not before the delay was over
+        assert exit_status(srv) == 0, srv.output()
+        out = srv.output()
+        assert "requests still served for 4 s (--drain-delay)" in out and "SIGTERM: draining: 0 request(s)" in out
+
+
 def test_draining_answers_503_except_the_probes():
     """In process (no model, no subprocess): the DrainGate between the client and the app."""
     from fastapi.testclient import TestClient
@@ -200,3 +226,45 @@ def test_draining_answers_503_except_the_probes():
             assert r.headers["retry-after"] and r.headers["connection"] == "close"
         assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
         assert app.state.service.drain.in_flight == 0
+
+
+def test_drain_delay_keeps_serving_while_readyz_says_503_then_drains():
+    """--drain-delay: for its seconds after the signal only /readyz changes (503); then new requests get 503. A
+    second signal skips what is left of the delay and the grace period."""
+    from fastapi.testclient import TestClient
+
+    from facesiam.service.app import create_app
+    from facesiam.service.context import ServiceSettings
+    from facesiam.service.tokens import TokenSet
+    from tests.service.conftest import TOKEN
+    from tests.service.test_metrics import CountingEmbedder
+
+    now = [100.0]
+    app = create_app(CountingEmbedder(), ServiceSettings(tokens=TokenSet.single(TOKEN, "test"), threshold=0.5,
+                                                         threshold_source="test", grace=20, drain_delay=5))
+    drain = app.state.service.drain
+    drain.clock = lambda: now[0]
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        drain.begin("SIGTERM")
+        now[0] += 4.9
+        assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
+        assert client.get("/identities", headers=auth).status_code == 200  # still served
+        assert not drain.done()  # nothing in flight, but the delay is not over
+        now[0] += 0.2
+        assert client.get("/identities", headers=auth).status_code == 503
+        assert drain.done() and drain.left() == pytest.approx(19.9)
+        drain.begin("SIGINT")  # a second signal: cut at once
+        assert drain.left() == 0
+
+
+def test_a_second_signal_during_the_drain_delay_refuses_at_once():
+    from facesiam.service.lifecycle import Drain
+
+    now = [0.0]
+    drain = Drain(grace=20, clock=lambda: now[0], delay=30)
+    drain.begin("SIGTERM")
+    assert drain.draining and not drain.refusing
+    now[0] = 1.0
+    drain.begin("SIGINT")
+    assert drain.refusing and drain.left() == 0 and drain.done()

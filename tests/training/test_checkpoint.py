@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from facesiam.commands.train import main
@@ -138,26 +139,35 @@ def _traced(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("samples-*.jsonl")) for line in f.read_text().splitlines()]
 
 
+PARTIAL_FC = ["--loss", "arcface", "--margin", "20", "--scale", "16", "--partial-fc", "0.5"]
+
+
 @pytest.mark.slow
-def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("accumulation, loss", [(1, []), (2, []), (1, PARTIAL_FC)],
+                         ids=["plain", "accumulation-2", "partial-fc"])
+def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_shards, tmp_path, monkeypatch,
+                                                                   accumulation, loss):
     """2 gloo ranks stop at step 3 of a 9-step epoch, the run resumes on one process to step 7, then on 2 ranks to the
     epoch's end. Every training identity has 8 images and m = 4, so an epoch takes each image exactly once: the
-    per-sample trace must hold each image of the train split once, none twice, none left out."""
+    per-sample trace must hold each image of the train split once, none twice, none left out. With accumulation 2
+    each step is two micro-batches of 4 per process (the same 8 images a step), so the same steps hold. With Partial
+    FC the class centres go from 2 shards to 1 and back to 2."""
     from facesiam.data import ShardDataset
     from facesiam.training.checkpoint import read_train_state
 
     trace, run = tmp_path / "trace", tmp_path / "run"
     env = {"FACESIAM_TRACE_SAMPLES": str(trace)}
-    args = ["--data", str(synthetic_shards), "--output", str(run), *TINY, "--batch-size", "8", "--epochs", "1",
-            "--val-split", "none", "--checkpoint-every-steps", "0", "--keep-checkpoints", "5", "--resume", "latest"]
+    args = ["--data", str(synthetic_shards), "--output", str(run), *TINY, "--batch-size", str(8 // accumulation),
+            "--grad-accum-steps", str(accumulation), "--epochs", "1", "--val-split", "none",
+            "--checkpoint-every-steps", "0", "--keep-checkpoints", "5", "--resume", "latest", *loss]
     accelerate_launch(REPO / "launch" / "train.py", [*args, "--max-steps", "3"], env=env)
     monkeypatch.setenv("FACESIAM_TRACE_SAMPLES", str(trace))
     one = main([*args, "--max-steps", "7"])
     accelerate_launch(REPO / "launch" / "train.py", [*args, "--max-steps", "100"], env=env)
 
     state = read_train_state(run / "checkpoints" / "step-7")
-    assert one["steps"] == 7 and (state.world_size, state.batches_in_epoch) == (1, 4)
-    assert state.earlier_stretches == [[2, 8, 3]]
+    assert one["steps"] == 7 and (state.world_size, state.batches_in_epoch) == (1, 4 * accumulation)
+    assert state.earlier_stretches == [[2, 8 // accumulation, 3 * accumulation]]
     windows = _traced(trace)
     assert sorted({(w["stretch"], w["world_size"]) for w in windows}) == [(0, 2), (1, 1), (2, 2)]
     assert sum(w["world_size"] == 1 for w in windows) == 4 and sum(w["world_size"] == 2 for w in windows) == 2 * 7
@@ -165,3 +175,10 @@ def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_sha
     assert sorted(seen) == list(range(len(ShardDataset(synthetic_shards, "train"))))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 11 and summary["epochs_completed"] == 1
+    if loss:  # the one process's centres, dealt back onto 2 ranks, trained on: each rank's shard saved at the end
+        one = torch.load(run / "checkpoints" / "step-7" / "centres-0-of-1.pt", weights_only=True)
+        last = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
+        two = [torch.load(last / f"centres-{r}-of-2.pt", weights_only=True) for r in range(2)]
+        classes = one["num_classes"]
+        merged = torch.cat([t["weight"] for t in two], dim=1)[:, :classes]
+        assert merged.shape == one["weight"].shape and not torch.equal(merged, one["weight"]), "trained after 1 -> 2"
