@@ -47,8 +47,7 @@ class Drain:
     def __init__(self, grace: float = 20.0, clock: Callable[[], float] = time.monotonic, delay: float = 0.0):
         self.grace, self.clock, self.delay = grace, clock, delay
         self.since: Optional[float] = None  # when the signal came (clock seconds)
-        self.refuse_from = math.inf  # when new requests start getting 503 (the signal + the delay)
-        self.deadline = math.inf  # when requests still running are cut
+        self.deadline = math.inf  # when requests still running are cut (the signal + delay + grace)
         self.why = ""
         self.in_flight = 0  # requests inside the app now
         self.cut = 0  # requests cancelled at the deadline
@@ -60,17 +59,16 @@ class Drain:
 
     @property
     def refusing(self) -> bool:
-        """New requests get 503: the delay after the signal is over."""
-        return self.clock() >= self.refuse_from
+        """New requests get 503: the delay after the signal is over (or a second signal cut it short)."""
+        return self.since is not None and self.clock() >= min(self.since + self.delay, self.deadline)
 
     def begin(self, why: str) -> None:
         """Start draining; a second call cuts at once. Only sets attributes: safe in a signal handler."""
         now = self.clock()
         if self.since is None:
-            self.since, self.why = now, why
-            self.refuse_from, self.deadline = now + self.delay, now + self.delay + self.grace
+            self.since, self.deadline, self.why = now, now + self.delay + self.grace, why
         else:
-            self.refuse_from = self.deadline = now
+            self.deadline = now
 
     def done(self) -> bool:
         """Draining, past the delay, and nothing left to wait for: no request in flight, or the grace period over."""

@@ -203,8 +203,8 @@ def test_drain_delay_serves_on_with_readyz_503_then_drains_and_exits_0(tiny_mode
         assert "requests still served for 4 s (--drain-delay)" in out and "SIGTERM: draining: 0 request(s)" in out
 
 
-def test_draining_answers_503_except_the_probes():
-    """In process (no model, no subprocess): the DrainGate between the client and the app."""
+def in_process(**settings):
+    """(an app with no model and no subprocess, its client, the Authorization header): the DrainGate between them."""
     from fastapi.testclient import TestClient
 
     from facesiam.service.app import create_app
@@ -214,9 +214,13 @@ def test_draining_answers_503_except_the_probes():
     from tests.service.test_metrics import CountingEmbedder
 
     app = create_app(CountingEmbedder(), ServiceSettings(tokens=TokenSet.single(TOKEN, "test"), threshold=0.5,
-                                                         threshold_source="test"))
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+                                                         threshold_source="test", **settings))
+    return app, TestClient(app, base_url="http://127.0.0.1"), {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_draining_answers_503_except_the_probes():
+    app, client, auth = in_process()
+    with client:
         assert client.get("/readyz").json() == {"status": "ready"}
         assert client.get("/identities", headers=auth).status_code == 200
         app.state.service.drain.begin("test")
@@ -231,21 +235,11 @@ def test_draining_answers_503_except_the_probes():
 def test_drain_delay_keeps_serving_while_readyz_says_503_then_drains():
     """--drain-delay: for its seconds after the signal only /readyz changes (503); then new requests get 503. A
     second signal skips what is left of the delay and the grace period."""
-    from fastapi.testclient import TestClient
-
-    from facesiam.service.app import create_app
-    from facesiam.service.context import ServiceSettings
-    from facesiam.service.tokens import TokenSet
-    from tests.service.conftest import TOKEN
-    from tests.service.test_metrics import CountingEmbedder
-
     now = [100.0]
-    app = create_app(CountingEmbedder(), ServiceSettings(tokens=TokenSet.single(TOKEN, "test"), threshold=0.5,
-                                                         threshold_source="test", grace=20, drain_delay=5))
+    app, client, auth = in_process(grace=20, drain_delay=5)
     drain = app.state.service.drain
     drain.clock = lambda: now[0]
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    with TestClient(app, base_url="http://127.0.0.1") as client:
+    with client:
         drain.begin("SIGTERM")
         now[0] += 4.9
         assert client.get("/readyz").status_code == 503 and client.get("/healthz").status_code == 200
