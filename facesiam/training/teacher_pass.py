@@ -17,7 +17,9 @@ and where the photos come from, so a changed teacher or re-made shards get a new
 the shared folder of rule 2 the key also holds where the shards are (the URL, or the local folder's real path) and
 their index (every sample's shard, offset and size), so two data sets never share a cache there. The photos are cut
 into chunks of CHUNK; rank r of W embeds chunks r, r+W, ... and writes each atomically (``chunk-NNNNNN.npz``), so a
-run killed at any moment resumes at the first missing chunk; the main process joins them when all are there.
+run killed at any moment resumes at the first missing chunk; the main process joins them when all are there. One
+process without an Accelerator (fit's teacher stage) can deal the chunks to ``processes`` local processes the same
+way (dlib's network runs on one core: two processes, twice the photos per second).
 Shards at a URL are read through the remote shard reader (facesiam/data/remote.py): a chunk's stored images are
 fetched in parallel, never a whole tar.
 
@@ -29,11 +31,14 @@ shards the 5 points are then the template's own).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -182,29 +187,96 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)
 
 
-class _OneProcess:
-    """What the pass needs of an Accelerator, when there is none (tools/embed.py --teacher)."""
+class _LocalRanks:
+    """What the pass needs of an Accelerator, when there is none: rank ``index`` of ``count`` local processes.
+    Rank 0 is this process; its wait_for_everyone waits for the others (``helpers``: their futures)."""
 
-    process_index, num_processes, is_main_process = 0, 1, True
+    def __init__(self, index: int = 0, count: int = 1, helpers: Sequence[Any] = ()):
+        self.process_index, self.num_processes, self.is_main_process = index, count, index == 0
+        self.helpers = list(helpers)
 
     def wait_for_everyone(self) -> None:
+        for helper in self.helpers:
+            helper.result()  # a helper's error is raised here
+        self.helpers = []
+
+
+def _die_with_parent(parent: int) -> None:
+    """A helper process's start: it ends with the process that started it. A fit killed with SIGKILL would otherwise
+    leave its helpers computing beside the rerun, then waiting forever for work (ProcessPoolExecutor's workers do)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: a helper outlives a killed parent by its share of the pass
         pass
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _fill_as_rank(data: str, split: str, teacher: Any, source: str, out: str, rank: int, count: int,
+                  batch_size: int, chunk: int) -> None:
+    """A helper process's part of the pass (rank ``rank`` of ``count``); ``teacher`` arrives pickled (the real
+    teachers pickle as how to build them again)."""
+    global CHUNK
+    CHUNK = chunk  # this process only exists for this pass: its chunks must be the caller's
+    _fill(data, teacher, PhotoSource(data, split, source), Path(out), _LocalRanks(rank, count), batch_size)
 
 
 def teacher_targets(data: str | Path, split: str, teacher: Any, *, source: str = "auto", batch_size: int = 32,
-                    accelerator: Any = None) -> tuple[np.ndarray, np.ndarray]:
+                    accelerator: Any = None, processes: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings N x D, found N bool) of every photo of ``split``, from the cache or computed (by all ranks of
-    ``accelerator``, or this process alone). ``source``: distill.teacher_source (auto | originals | shards)."""
-    accelerator = accelerator or _OneProcess()
+    ``accelerator``, or by ``processes`` local processes: this one and helpers given the teacher pickled).
+    ``source``: distill.teacher_source (auto | originals | shards)."""
     photos = PhotoSource(data, split, source)
     out = cache_dir(data, split, teacher, photos)
     if not (out / "meta.json").is_file():
-        _fill(str(data), teacher, photos, out, accelerator, batch_size)
+        if accelerator is not None:
+            _fill(str(data), teacher, photos, out, accelerator, batch_size)
+        else:
+            count = max(1, min(processes, -(-len(photos) // CHUNK)))  # no more processes than chunks
+            executor = (concurrent.futures.ProcessPoolExecutor(count - 1, initializer=_die_with_parent,
+                                                               initargs=(os.getpid(),))
+                        if count > 1 else contextlib.nullcontext())
+            with executor as pool:
+                helpers = [pool.submit(_fill_as_rank, str(data), split, teacher, photos.mode, str(out), rank, count,
+                                       batch_size, CHUNK) for rank in range(1, count)]
+                _fill(str(data), teacher, photos, out, _LocalRanks(0, count, helpers), batch_size)
     emb = np.load(out / "embeddings.npy")
     found = np.load(out / "found.npy")
     if len(emb) != len(photos):
         raise InputError(f"{out}: {len(emb)} teacher embeddings for {len(photos)} photos; delete the folder to redo")
     return emb, found != FOUND_BY["none"]
+
+
+def carry_over(src: str | Path, dst: str | Path, teacher: Any, *, source: str = "auto") -> int:
+    """Give the shards ``dst``, re-made from some of the photos of the shards ``src`` (e.g. without the doctor's
+    suspects), the teacher's embeddings of those photos from ``src``'s cache instead of a second pass; returns the
+    photos carried. A photo is the same photo when its path in the shards is: both were written from one aligned
+    folder (a teacher embeds the photo, not the shard it is in). ``src``'s cache is filled first if needed."""
+    carried = 0
+    rows: dict[str, tuple[np.ndarray, int]] = {}
+    for split in sorted(read_metadata(src)["splits"]):
+        photos = PhotoSource(src, split, source)
+        teacher_targets(src, split, teacher, source=source)
+        folder = cache_dir(src, split, teacher, photos)
+        emb, found = np.load(folder / "embeddings.npy"), np.load(folder / "found.npy")
+        rows.update((path, (emb[i], int(found[i]))) for i, path in enumerate(photos.dataset.paths))
+    for split in sorted(read_metadata(dst)["splits"]):
+        photos = PhotoSource(dst, split, source)
+        out = cache_dir(dst, split, teacher, photos)
+        if (out / "meta.json").is_file():
+            continue
+        missing = [path for path in photos.dataset.paths if path not in rows]
+        if missing:
+            raise InputError(f"{dst}: {len(missing)} photos ({missing[0]}, ...) are not in {src}; run the teacher "
+                             f"pass on {dst} itself")
+        emb = np.stack([rows[path][0] for path in photos.dataset.paths]).astype(np.float32)
+        found = np.array([rows[path][1] for path in photos.dataset.paths], np.int8)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_cache(out, teacher, photos.dataset.paths, emb, found, carried_from=str(src))
+        carried += len(found)
+    return carried
 
 
 def _fill(data: str, teacher: Any, source: PhotoSource, out: Path, accelerator, batch_size: int) -> None:
@@ -232,20 +304,26 @@ def _fill(data: str, teacher: Any, source: PhotoSource, out: Path, accelerator, 
     accelerator.wait_for_everyone()
 
 
+def _write_cache(out: Path, teacher: Any, paths: Sequence[str], emb: np.ndarray, found: np.ndarray,
+                 **meta: Any) -> dict[str, int]:
+    """embeddings.npy and found.npy, then meta.json (last: it marks a whole cache); returns the found_by counts."""
+    for name, array in (("embeddings.npy", emb), ("found.npy", found)):
+        with atomic_write(out / name, "wb", encoding=None) as f:
+            np.save(f, array)
+    counts = {k: int((found == v).sum()) for k, v in FOUND_BY.items()}
+    write_json(out / "meta.json", {"teacher": teacher.fingerprint(), "photos": len(found), "dim": int(emb.shape[1]),
+                                   "found_by": counts, **meta,
+                                   "no_face": [paths[i] for i in np.flatnonzero(found == FOUND_BY["none"])]})
+    return counts
+
+
 def _join(teacher: Any, source: PhotoSource, out: Path, n: int, rate: float) -> None:
     """Concatenate the chunks into embeddings.npy and found.npy, then meta.json (last: it marks a whole cache)."""
     parts = [np.load(out / f"chunk-{c:06d}.npz") for c in range(-(-n // CHUNK))]
     emb = np.concatenate([p["embeddings"] for p in parts])
     found = np.concatenate([p["found"] for p in parts])
     original = np.concatenate([p["original"] for p in parts])
-    for name, array in (("embeddings.npy", emb), ("found.npy", found)):
-        with atomic_write(out / name, "wb", encoding=None) as f:
-            np.save(f, array)
-    counts = {k: int((found == v).sum()) for k, v in FOUND_BY.items()}
-    missed = [source.dataset.paths[i] for i in np.flatnonzero(found == FOUND_BY["none"])]
-    write_json(out / "meta.json", {"teacher": teacher.fingerprint(), "photos": n, "dim": int(emb.shape[1]),
-                                   "found_by": counts, "from_original_photos": int(original.sum()),
-                                   "no_face": missed})
+    counts = _write_cache(out, teacher, source.dataset.paths, emb, found, from_original_photos=int(original.sum()))
     for c in range(len(parts)):
         (out / f"chunk-{c:06d}.npz").unlink()
     log.info("teacher %s: %d photos (%.1f img/s on this process): face found by the teacher in %d, from the "

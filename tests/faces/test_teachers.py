@@ -6,6 +6,7 @@ Real face: the astronaut photo shipped with scikit-image (Eileen Collins, NASA, 
 
 from __future__ import annotations
 
+import pickle
 import builtins
 from pathlib import Path
 
@@ -76,6 +77,11 @@ def test_dlib_teacher_equals_dlibs_own_api(dlib_teacher, astronaut):
     fp = dlib_teacher.fingerprint()
     assert fp["name"] == "dlib" and fp["dlib"] == dlib.__version__ and len(fp["descriptor_sha256"]) == 64
     assert fp["chip_size"] == 150 and fp["chip_padding"] == 0.25 and fp["fallback"]
+
+    # pickled as how to build it again (the teacher pass's helper processes): the same teacher on the other side
+    again = pickle.loads(pickle.dumps(dlib_teacher))
+    assert again.fingerprint() == fp
+    np.testing.assert_array_equal(again.embed([prepared.input]), got[:1])
 
 
 def test_dlib_landmark_fallback_matches_dlibs_own_embedding(dlib_teacher, astronaut, astronaut_landmarks,
@@ -203,6 +209,10 @@ def test_onnx_teacher_without_metadata_needs_the_preprocessing(aligned_onnx, ali
     prepared = teacher.prepare(astronaut)  # the whole photo, resized
     assert prepared.found_by == "teacher" and prepared.input.shape == (3, 64, 64)
     np.testing.assert_allclose(teacher.embed([prepared.input]), _torch_embedding(aligned_model, astronaut), atol=1e-4)
+    # pickled as how to build it again, its given preprocessing included (a plain name would not rebuild it)
+    again = pickle.loads(pickle.dumps(teacher))
+    assert again.fingerprint() == teacher.fingerprint() and again.config == teacher.config
+    np.testing.assert_array_equal(again.embed([again.prepare(astronaut).input]), teacher.embed([prepared.input]))
     with pytest.raises(InputError, match="drop --teacher-size 112"):
         build_teacher(f"onnx:{aligned_onnx}", size=112)
 

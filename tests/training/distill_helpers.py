@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,14 +20,17 @@ class Prepared:
 
 class FakeTeacher:
     """Embeds a photo as a fixed random projection of its 4x4 thumbnail; 'finds no face' in photos whose thumbnail's
-    first pixel is a multiple of 5 (a fixed, image-dependent subset). ``kill_after``: SIGKILL itself on that call."""
+    first pixel is a multiple of 5 (a fixed, image-dependent subset). ``kill_after``: SIGKILL itself on that call
+    (only in the process that made it, not in a helper given it pickled). ``delay``: seconds each embed call takes.
+    ``pids``: a folder where each process that embeds leaves a file named by its pid."""
 
     dim = 8
 
-    def __init__(self, tag: str = "a", kill_after: Optional[int] = None):
+    def __init__(self, tag: str = "a", kill_after: Optional[int] = None, delay: float = 0.0,
+                 pids: Optional[str] = None):
         self.name = f"fake-{tag}"
         self.tag = tag
-        self.kill_after = kill_after
+        self.kill_after, self.delay, self.pids, self.home = kill_after, delay, pids, os.getpid()
         self.prepared = 0
         self.embed_calls = 0
         self.weights = np.random.default_rng(0).normal(size=(48, self.dim)).astype(np.float32)
@@ -43,8 +47,11 @@ class FakeTeacher:
 
     def embed(self, inputs) -> np.ndarray:
         self.embed_calls += 1
-        if self.kill_after is not None and self.embed_calls > self.kill_after:
+        if self.pids:
+            open(os.path.join(self.pids, str(os.getpid())), "a").close()
+        if self.kill_after is not None and self.embed_calls > self.kill_after and os.getpid() == self.home:
             os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.delay)
         out = np.stack(inputs) @ self.weights
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
@@ -78,9 +85,14 @@ def fill_on_rank(rank: int, world: int, data: str, chunk: int):
     return emb, found, teacher.prepared
 
 
-if __name__ == "__main__":  # python -m tests.training.distill_helpers SHARDS CHUNK KILL_AFTER: killed mid-pass
+if __name__ == "__main__":  # python -m tests.training.distill_helpers SHARDS CHUNK KILL_AFTER [PIDS]: killed mid-pass
     from facesiam.training import teacher_pass
 
     teacher_pass.CHUNK = int(sys.argv[2])
-    targets(sys.argv[1], FakeTeacher(kill_after=int(sys.argv[3])))
+    if len(sys.argv) > 4:  # with a helper process (processes=2), each embed call slow enough to outlive this one
+        teacher_pass.teacher_targets(sys.argv[1], "train", FakeTeacher(kill_after=int(sys.argv[3]), delay=0.2,
+                                                                       pids=sys.argv[4]),
+                                     source="shards", batch_size=4, processes=2)
+    else:
+        targets(sys.argv[1], FakeTeacher(kill_after=int(sys.argv[3])))
 

@@ -143,17 +143,24 @@ PARTIAL_FC = ["--loss", "arcface", "--margin", "20", "--scale", "16", "--partial
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation, loss", [(1, []), (2, []), (1, PARTIAL_FC)],
-                         ids=["plain", "accumulation-2", "partial-fc"])
+@pytest.mark.parametrize("accumulation, loss", [(1, []), (2, []), (1, PARTIAL_FC), (1, ["--teacher", "ONNX"])],
+                         ids=["plain", "accumulation-2", "partial-fc", "distillation"])
 def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_shards, tmp_path, monkeypatch,
                                                                    accumulation, loss):
     """2 gloo ranks stop at step 3 of a 9-step epoch, the run resumes on one process to step 7, then on 2 ranks to the
     epoch's end. Every training identity has 8 images and m = 4, so an epoch takes each image exactly once: the
     per-sample trace must hold each image of the train split once, none twice, none left out. With accumulation 2
     each step is two micro-batches of 4 per process (the same 8 images a step), so the same steps hold. With Partial
-    FC the class centres go from 2 shards to 1 and back to 2."""
+    FC the class centres go from 2 shards to 1 and back to 2. With distillation (an ONNX teacher) the targets come
+    from the teacher's cache, filled by the first 2 ranks and read by every later stretch."""
     from facesiam.data import ShardDataset
     from facesiam.training.checkpoint import read_train_state
+
+    if "ONNX" in loss:
+        from tests.training.test_distill import _teacher_onnx
+
+        loss = ["--teacher", f"onnx:{_teacher_onnx(tmp_path)}"]
+        synthetic_shards = shutil.copytree(synthetic_shards, tmp_path / "shards")  # its teacher cache is this test's
 
     trace, run = tmp_path / "trace", tmp_path / "run"
     env = {"FACESIAM_TRACE_SAMPLES": str(trace)}
@@ -175,7 +182,7 @@ def test_elastic_resize_2_1_2_trains_each_sample_of_the_epoch_once(synthetic_sha
     assert sorted(seen) == list(range(len(ShardDataset(synthetic_shards, "train"))))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 11 and summary["epochs_completed"] == 1
-    if loss:  # the one process's centres, dealt back onto 2 ranks, trained on: each rank's shard saved at the end
+    if loss == PARTIAL_FC:  # the one process's centres, dealt back onto 2 ranks, trained on: each rank's shard saved
         one = torch.load(run / "checkpoints" / "step-7" / "centres-0-of-1.pt", weights_only=True)
         last = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[-1]
         two = [torch.load(last / f"centres-{r}-of-2.pt", weights_only=True) for r in range(2)]

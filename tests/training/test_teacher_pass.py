@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -151,3 +153,86 @@ def test_a_distillation_run_on_remote_shards_fills_the_cache_and_the_next_run_re
             np.testing.assert_array_equal(got.train[1], want_found)
             np.testing.assert_allclose(got.train[0][want_found], want_emb[want_found], atol=1e-6)
     assert len(_caches(tmp_path)) == 1 and not (shards / teacher_pass.CACHE_DIR).exists()
+
+
+def test_local_helper_processes_share_the_pass_and_give_what_one_process_gives(shards):
+    """processes=2 (fit's teacher pass on both cores): this process embeds only its chunks, a helper process (given
+    the teacher pickled) the others, and the joined cache equals the teacher's direct embedding of every photo."""
+    want_emb, want_found = expected(shards)
+    teacher = FakeTeacher()
+    emb, found = teacher_pass.teacher_targets(shards, "train", teacher, source="shards", batch_size=5, processes=2)
+    n = len(want_found)
+    assert -(-n // teacher_pass.CHUNK) >= 2  # chunks to share
+    mine = sum(min(teacher_pass.CHUNK, n - c * teacher_pass.CHUNK) for c in range(0, -(-n // teacher_pass.CHUNK), 2))
+    assert teacher.prepared == mine < n  # the even chunks here, the odd ones in the helper
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_allclose(emb[found], want_emb[want_found], atol=1e-6)
+    assert not list((shards / teacher_pass.CACHE_DIR).glob("*/chunk-*"))  # joined
+
+
+def test_remade_shards_of_fewer_photos_carry_the_teachers_embeddings_over(synthetic_shards, shards, tmp_path):
+    """fit --clean: shards re-made without some photos (the same held-out people) get the teacher's embeddings of
+    their photos from the first shards' cache, row for row, with no second pass; a photo the first shards lack is a
+    one-line error."""
+    from facesiam.data import ShardDataset, write_shards
+    from facesiam.errors import InputError
+
+    faces = synthetic_shards.parent / "faces"
+    train = ShardDataset(shards, "train")
+    left_out = set(train.paths[::7])
+    val = ShardDataset(shards, "val")
+    fewer = tmp_path / "fewer"
+    write_shards(faces, fewer, exclude=left_out, val_identities=sorted({val.classes[i] for i in val.labels}),
+                 workers=1, progress=False)
+    first = FakeTeacher()
+    carried = teacher_pass.carry_over(shards, fewer, first, source="shards")
+    assert first.prepared == len(train) + len(val)  # the first shards' pass, once
+    assert carried == len(train) + len(val) - len(left_out)
+    for split in ("train", "val"):
+        again = FakeTeacher()
+        emb, found = teacher_pass.teacher_targets(fewer, split, again, source="shards")
+        assert again.prepared == 0  # carried, not computed
+        want_emb, want_found = expected(fewer, split)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_allclose(emb[found], want_emb[want_found], atol=1e-6)
+    more = shutil.copytree(synthetic_shards, tmp_path / "more")  # no cache yet
+    with pytest.raises(InputError, match=f"are not in {fewer}"):
+        teacher_pass.carry_over(fewer, more, FakeTeacher(), source="shards")
+
+
+def test_a_pass_killed_with_its_helper_running_leaves_no_helper_behind_and_resumes(shards, tmp_path):
+    """SIGKILL of the process that started the helper (fit killed with kill -9): the helper ends with it instead of
+    computing on beside the rerun and then waiting forever; the rerun completes the cache from the chunks left."""
+    import psutil
+
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    log = tmp_path / "log"
+    with log.open("w") as out:  # a file, not a pipe: a helper left behind would hold a pipe open, and run() with it
+        proc = subprocess.run([sys.executable, "-m", "tests.training.distill_helpers", str(shards), "16", "2",
+                               str(pids)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == -9, log.read_text()[-2000:]
+    helpers = [int(p.name) for p in pids.iterdir() if int(p.name) != os.getpid()]
+    assert len(helpers) == 2  # the killed process and its helper both embedded
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10  # the helper's own share would take ~4 s more if it went on
+    while any(map(alive, helpers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in helpers if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "a helper outlived the killed pass"
+    (cache,) = (shards / teacher_pass.CACHE_DIR).iterdir()
+    assert not (cache / "meta.json").exists()
+
+    teacher = FakeTeacher()
+    emb, found = teacher_pass.teacher_targets(shards, "train", teacher, source="shards", processes=2)
+    want_emb, want_found = expected(shards)
+    np.testing.assert_array_equal(found, want_found)
+    np.testing.assert_allclose(emb[found], want_emb[want_found], atol=1e-6)
