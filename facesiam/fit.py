@@ -400,11 +400,10 @@ class _Fit:
             manifest = _newest_manifest(self.quarantine)  # the one holding the moves (this try's or the killed one's)
             result.update(manifest=str(manifest), moved=len(named) - len(present) + moved)
             text = f", {result['moved']} quarantined (undo: facesiam doctor --undo {manifest})"
+            check_photos(self.photos, self.run_dir, self.o.val_identities)  # still enough people?
         faces = self.run_dir / "faces"
         alignment = read_alignment(faces)
         exclude = {r["output"] for r in alignment["images"] if r["output"] and r["path"] in named}
-        if named:
-            check_photos(self.photos, self.run_dir, self.o.val_identities)  # still enough people?
         val = ShardDataset(self.shards, "val")
         held_out = {val.classes[label] for label in set(val.labels.tolist())}
         kept = {r["output"].split("/", 1)[0] for r in alignment["images"] if r["output"] and r["output"] not in exclude}
