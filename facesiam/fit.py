@@ -387,7 +387,7 @@ class _Fit:
         from .curate.quarantine import apply_quarantine
         from .data import ShardDataset
         from .data.writer import write_shards
-        from .faces.record import read_alignment
+        from .faces.record import crops_of, read_alignment
         from .training.teacher_pass import carry_over
 
         findings = read_findings(check)
@@ -403,7 +403,7 @@ class _Fit:
             check_photos(self.photos, self.run_dir, self.o.val_identities)  # still enough people?
         faces = self.run_dir / "faces"
         alignment = read_alignment(faces)
-        exclude = {r["output"] for r in alignment["images"] if r["output"] and r["path"] in named}
+        exclude = crops_of(alignment, named)
         val = ShardDataset(self.shards, "val")
         held_out = {val.classes[label] for label in set(val.labels.tolist())}
         kept = {r["output"].split("/", 1)[0] for r in alignment["images"] if r["output"] and r["output"] not in exclude}

@@ -4,9 +4,9 @@
 
 Stages (skipped when done, continued when interrupted: run the same command again): align + shards -> the
 teacher's pass -> check (the doctor's report; --clean quarantines its suspects into RUN/quarantine, undo with
-facesiam doctor --undo, and trains without them) -> plan (--minutes split into steps by a short throughput probe) -> distillation -> fine-tuning ->
-evaluation (RUN/report) -> ONNX export (+ --gallery) -> a summary and the facesiam serve command. The work is
-facesiam.fit.fit.
+facesiam doctor --undo, and trains without them) -> plan (--minutes split into steps by a short throughput probe)
+-> distillation -> fine-tuning -> evaluation (RUN/report) -> ONNX export (+ --gallery) -> a summary and the
+facesiam serve command. The work is facesiam.fit.fit.
 """
 
 from __future__ import annotations

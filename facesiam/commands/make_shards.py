@@ -58,12 +58,12 @@ def _excluded(findings: Optional[str], src: Path) -> Optional[set[str]]:
     if not findings:
         return None
     from ..curate.findings import read_findings, suspects
-    from ..faces.record import read_alignment
+    from ..faces.record import crops_of, read_alignment
 
     files = set(suspects(read_findings(findings)))
     record = read_alignment(src)
     if record is not None:
-        files = {r["output"] for r in record["images"] if r["output"] and r["path"] in files}
+        files = crops_of(record, files)
     print(f"make_shards: leaving out {len(files):,} photos named by {findings}", file=sys.stderr)
     return files
 

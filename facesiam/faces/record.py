@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 from ..data.format import METADATA_FILE, read_metadata
 from ..data.recordio import RecordFile, is_record_folder
@@ -56,6 +56,12 @@ def read_alignment(folder: str | os.PathLike) -> Optional[dict[str, Any]]:
         raise InputError(f"{path}: not an alignment record this facesiam reads (format {meta.get('format')!r} "
                          f"version {meta.get('version')!r}); align the photos again with tools/align_faces.py")
     return meta
+
+
+def crops_of(record: dict[str, Any], sources: Collection[str]) -> set[str]:
+    """The aligned crops (paths in the aligned folder) of the source photos ``sources`` (paths in the photo folder),
+    through an alignment record: what to leave out of shards for the doctor's suspects."""
+    return {r["output"] for r in record["images"] if r["output"] and r["path"] in sources}
 
 
 def recorded_alignment(data: str | os.PathLike) -> Optional[dict[str, Any]]:

@@ -258,8 +258,9 @@ def carry_over(src: str | Path, dst: str | Path, teacher: Any, *, source: str = 
     rows: dict[str, tuple[np.ndarray, int]] = {}
     for split in sorted(read_metadata(src)["splits"]):
         photos = PhotoSource(src, split, source)
-        teacher_targets(src, split, teacher, source=source)
         folder = cache_dir(src, split, teacher, photos)
+        if not (folder / "meta.json").is_file():
+            teacher_targets(src, split, teacher, source=source)
         emb, found = np.load(folder / "embeddings.npy"), np.load(folder / "found.npy")
         rows.update((path, (emb[i], int(found[i]))) for i, path in enumerate(photos.dataset.paths))
     for split in sorted(read_metadata(dst)["splits"]):
@@ -273,7 +274,6 @@ def carry_over(src: str | Path, dst: str | Path, teacher: Any, *, source: str = 
                              f"pass on {dst} itself")
         emb = np.stack([rows[path][0] for path in photos.dataset.paths]).astype(np.float32)
         found = np.array([rows[path][1] for path in photos.dataset.paths], np.int8)
-        out.mkdir(parents=True, exist_ok=True)
         _write_cache(out, teacher, photos.dataset.paths, emb, found, carried_from=str(src))
         carried += len(found)
     return carried
@@ -307,6 +307,7 @@ def _fill(data: str, teacher: Any, source: PhotoSource, out: Path, accelerator, 
 def _write_cache(out: Path, teacher: Any, paths: Sequence[str], emb: np.ndarray, found: np.ndarray,
                  **meta: Any) -> dict[str, int]:
     """embeddings.npy and found.npy, then meta.json (last: it marks a whole cache); returns the found_by counts."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, array in (("embeddings.npy", emb), ("found.npy", found)):
         with atomic_write(out / name, "wb", encoding=None) as f:
             np.save(f, array)
