@@ -34,18 +34,35 @@ class ExportError(FacesiamError, RuntimeError):
     """The network cannot be exported to ONNX (an operator the exporter does not know, ...)."""
 
 
-def onnx_metadata(checkpoint: str | os.PathLike, cfg, *, fp16: bool) -> dict:
+def onnx_metadata(checkpoint: str | os.PathLike, cfg, *, fp16: bool, flip: bool = False) -> dict:
     """What an ONNX consumer needs besides the graph (stored as JSON under metadata key "facesiam")."""
     return {"format_version": ONNX_FORMAT_VERSION, "backbone": cfg.backbone, "head": cfg.head,
             "embedding_dim": cfg.embedding_dim, "image_size": cfg.image_size, "mean": list(cfg.mean),
             "std": list(cfg.std), "center_crop": cfg.center_crop, "alignment": exported_alignment(checkpoint),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "layout": "NCHW, RGB, float32 normalised by mean/std",
-            "fp16_weights": fp16, "source": str(checkpoint)}
+            "fp16_weights": fp16, "flip": flip, "source": str(checkpoint)}
+
+
+class FlipSum(torch.nn.Module):
+    """A model whose embedding of a face is the sum of its embeddings of the face and its mirror image, normalised:
+    the LFW evaluation convention (eval/embed.py, ``flip``) built into the graph, so that every consumer of the
+    file (serve, compare, the gallery) scores as the evaluation that chose its threshold did, at twice the
+    network's work."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        emb = self.model(images) + self.model(torch.flip(images, dims=[3]))
+        return torch.nn.functional.normalize(emb.float(), dim=1)
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 18, fp16: bool = False,
-                overwrite: bool = False, check: bool = True) -> dict:
+                flip: bool = False, overwrite: bool = False, check: bool = True) -> dict:
     """RUN/best -> out.onnx (dynamic batch, metadata); returns a summary with the torch/onnxruntime parity check.
+
+    flip: each face embedded with its mirror image (FlipSum), as ``evaluate --flip`` scores.
 
     fp16 stores the weights and activations in half precision (inputs and outputs stay float32); meant for GPUs,
     onnxruntime on CPU runs fp16 slower than fp32. The file appears complete or not at all.
@@ -58,6 +75,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset:
     if opset < MIN_OPSET:
         raise InputError(f"--opset {opset}: facesiam exports opset >= {MIN_OPSET}")
     model, cfg = load_exported(checkpoint, device="cpu")
+    if flip:
+        model = FlipSum(model).eval()
     example = torch.zeros(2, 3, cfg.image_size, cfg.image_size)
     start = time.perf_counter()
     try:
@@ -71,12 +90,12 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset:
                           "train with another --backbone (efficientnet/resnet/mobilenet families export)") from None
     if fp16:
         proto = _to_fp16(proto)
-    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(onnx_metadata(checkpoint, cfg, fp16=fp16))})
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(onnx_metadata(checkpoint, cfg, fp16=fp16, flip=flip))})
     onnx.checker.check_model(proto)
     with atomic_write(out, "wb") as f:
         f.write(proto.SerializeToString())
     summary = {"out": str(out), "opset": opset, "backbone": cfg.backbone, "image_size": cfg.image_size,
-               "embedding_dim": cfg.embedding_dim, "fp16": fp16, "bytes": out.stat().st_size,
+               "embedding_dim": cfg.embedding_dim, "fp16": fp16, "flip": flip, "bytes": out.stat().st_size,
                "seconds": time.perf_counter() - start}
     if check:
         summary["min_cosine"] = parity_check(model, out, cfg.image_size)

@@ -35,8 +35,9 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
                 parity_data: Optional[str | os.PathLike] = None, parity_split: str = "val",
                 calibration_images: int = CALIBRATION_IMAGES, opset: int = 18, overwrite: bool = False,
                 check: bool = True, align: bool = True, threads: Optional[int] = None, seed: int = 0,
-                progress: bool = True) -> dict:
-    """RUN/best -> an int8 out.onnx for CPUs, or an InputError and no file when it loses accuracy.
+                progress: bool = True, flip: bool = False) -> dict:
+    """RUN/best -> an int8 out.onnx for CPUs, or an InputError and no file when it loses accuracy (``flip``: the
+    model embeds each face with its mirror image, export_onnx's FlipSum).
 
     The fp32 export (``export_onnx``) is quantized by onnxruntime (``quantize_static``: QDQ, per-channel int8
     weights, uint8 activations whose ranges come from ``calibration_images`` photos of DATA's train split, fed
@@ -61,7 +62,7 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="facesiam-int8-") as tmp:
         fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        summary = export_onnx(checkpoint, fp32_path, opset=opset, check=check)
+        summary = export_onnx(checkpoint, fp32_path, opset=opset, check=check, flip=flip)
         calibration = quantize_int8(fp32_path, int8_path, data, images=calibration_images, align=align,
                                     seed=seed, progress=progress)
         parity = int8_parity(fp32_path, int8_path, parity_data or data, split=parity_split, align=align,

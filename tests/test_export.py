@@ -68,6 +68,21 @@ def test_onnx_embeddings_equal_torch_on_the_same_files(onnx_file, cropped_model,
     assert np.abs(flipped - ref_flipped).max() < np.abs(flipped - got[:5]).max() / 3
 
 
+def test_a_flip_export_embeds_as_evaluate_flip_does(onnx_file, cropped_model, face_folder, tmp_path):
+    """export --flip builds the mirror image into the graph: the file's plain embedding equals the torch model's
+    flip-averaged one (evaluate --flip, eval/embed.py), not its plain one, and the metadata says so."""
+    flip_file = tmp_path / "flip.onnx"
+    summary = facesiam_main(["export", str(cropped_model), "--onnx", str(flip_file), "--flip"])
+    assert summary["flip"] and summary["min_cosine"] > 0.9999
+    images = _images(face_folder)[:9]
+    got = OnnxEmbedder(flip_file).embed(images, batch_size=4)
+    ref_flipped = embed_images(cropped_model, images, device="cpu", flip=True)
+    plain = OnnxEmbedder(onnx_file).embed(images)
+    assert np.min(np.sum(ref_flipped * got, axis=1)) >= 0.9999
+    assert np.abs(got - ref_flipped).max() < np.abs(got - plain).max() / 3
+    assert OnnxEmbedder(flip_file).meta["flip"] is True and OnnxEmbedder(onnx_file).meta["flip"] is False
+
+
 def test_metadata_describes_the_preprocessing(onnx_file, cropped_model):
     meta = OnnxEmbedder(onnx_file).meta
     cfg = json.loads((cropped_model / "config.json").read_text())

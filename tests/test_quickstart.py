@@ -21,7 +21,7 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "\n".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                         for o in cell.get("outputs", []))
-    assert "facesiam serve --checkpoint" in outputs  # fit's summary
+    assert "facesiam serve --onnx" in outputs  # fit's summary
     assert "same person" in outputs or "different people" in outputs  # compare
     images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
               if "image/png" in o.get("data", {})]

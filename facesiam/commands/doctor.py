@@ -38,7 +38,8 @@ def add_embedder_arguments(p: argparse.ArgumentParser, required: bool) -> None:
                         "(trained on unaligned images, or a teacher) (default %(default)s)")
     p.add_argument("--no-detect", dest="detect", action="store_false",
                    help="for a model trained on unaligned images: do not run the face detector (no face checks)")
-    p.add_argument("--workers", type=int, default=None, help="face-detection processes (default: all CPUs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="face-detection processes, and a teacher's on a photo folder (default: all CPUs)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for embedding")
     p.add_argument("--no-progress", dest="progress", action="store_false")

@@ -26,6 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17; default 18)")
     p.add_argument("--fp16", action="store_true", help="half-precision weights for GPUs (needs onnxconverter-common; "
                    "inputs and outputs stay float32)")
+    p.add_argument("--flip", action="store_true", help="embed each face with its mirror image (the sum, normalised: "
+                   "evaluate --flip's embedding, at twice the network's work); recorded in the metadata")
     p.add_argument("--int8", action="store_true", help="int8 model for CPUs (onnxruntime static quantization, QDQ, "
                    "per-channel weights) calibrated on --data's training photos; written only if on held-out people "
                    f"its TAR@FAR={INT8_FAR:g} is within {INT8_TAR_TOLERANCE:g} and its AUC within "
@@ -59,11 +61,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = export_int8(args.checkpoint, args.onnx, data=args.data, parity_data=args.parity_data,
                               parity_split=args.parity_split, calibration_images=args.calibration_images,
                               opset=args.opset, overwrite=args.overwrite, check=args.check, align=args.align,
-                              threads=args.threads)
+                              threads=args.threads, flip=args.flip)
     else:
-        summary = export_onnx(args.checkpoint, args.onnx, opset=args.opset, fp16=args.fp16,
+        summary = export_onnx(args.checkpoint, args.onnx, opset=args.opset, fp16=args.fp16, flip=args.flip,
                               overwrite=args.overwrite, check=args.check)
-    precision = ", fp16" if summary["fp16"] else ", int8" if summary.get("int8") else ""
+    precision = (", fp16" if summary["fp16"] else ", int8" if summary.get("int8") else "") + \
+        (", with the mirror image" if summary.get("flip") else "")
     print(f"exported {args.checkpoint} -> {summary['out']}: {summary['backbone']}, {summary['image_size']} px in, "
           f"{summary['embedding_dim']}-d out, opset {summary['opset']}, dynamic batch"
           f"{precision}, {summary['bytes'] / 1e6:.1f} MB ({summary['seconds']:.1f} s)")

@@ -31,14 +31,12 @@ shards the 5 points are then the template's own).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -53,6 +51,7 @@ from ..data.remote import RemoteFolder, cache_root, is_remote
 from ..errors import InputError
 from ..faces.template import arcface_template
 from ..fileio import atomic_write, write_json
+from ..processes import helper_pool
 
 log = logging.getLogger("facesiam.train")
 
@@ -201,19 +200,6 @@ class _LocalRanks:
         self.helpers = []
 
 
-def _die_with_parent(parent: int) -> None:
-    """A helper process's start: it ends with the process that started it. A fit killed with SIGKILL would otherwise
-    leave its helpers computing beside the rerun, then waiting forever for work (ProcessPoolExecutor's workers do)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):  # not Linux: a helper outlives a killed parent by its share of the pass
-        pass
-    if os.getppid() != parent:  # the parent died before the prctl
-        os._exit(1)
-
-
 def _fill_as_rank(data: str, split: str, teacher: Any, source: str, out: str, rank: int, count: int,
                   batch_size: int, chunk: int) -> None:
     """A helper process's part of the pass (rank ``rank`` of ``count``); ``teacher`` arrives pickled (the real
@@ -235,9 +221,7 @@ def teacher_targets(data: str | Path, split: str, teacher: Any, *, source: str =
             _fill(str(data), teacher, photos, out, accelerator, batch_size)
         else:
             count = max(1, min(processes, -(-len(photos) // CHUNK)))  # no more processes than chunks
-            executor = (concurrent.futures.ProcessPoolExecutor(count - 1, initializer=_die_with_parent,
-                                                               initargs=(os.getpid(),))
-                        if count > 1 else contextlib.nullcontext())
+            executor = helper_pool(count - 1) if count > 1 else contextlib.nullcontext()
             with executor as pool:
                 helpers = [pool.submit(_fill_as_rank, str(data), split, teacher, photos.mode, str(out), rank, count,
                                        batch_size, CHUNK) for rank in range(1, count)]

@@ -258,7 +258,7 @@ def test_fit_end_to_end_and_killed_twice_gives_the_same_model(tmp_path, photos, 
                  "check/findings.jsonl", "finetune/best/model.safetensors"):
         assert (whole / name).is_file(), name
     summary = (whole / "summary.txt").read_text()
-    assert "facesiam serve --checkpoint" in summary and "--operating-point" in summary
+    assert f"facesiam serve --onnx {whole / 'model.onnx'}" in summary and "--operating-point" in summary
     plan = json.loads((whole / "plan.json").read_text())
     assert plan["steps"] == {"distill": 12, "finetune": 8}
     metrics = json.loads((whole / "report" / "metrics.json").read_text())
@@ -268,7 +268,9 @@ def test_fit_end_to_end_and_killed_twice_gives_the_same_model(tmp_path, photos, 
 
     from facesiam.eval.embed import embed_path
 
-    held = embed_path(whole / "finetune" / "best", whole / "shards", split="val", device="cpu", progress=False)
+    # (each face with its mirror image: the recipe's flip, which the exported model.onnx also does)
+    held = embed_path(whole / "finetune" / "best", whole / "shards", split="val", flip=True, device="cpu",
+                      progress=False)
     labels = np.asarray(held["labels"])
     assert len(set(labels.tolist())) == 3
     i, j = np.triu_indices(len(labels), k=1)

@@ -4,13 +4,15 @@ rebuild is held on an Event, so "the write did not wait" is an order of events, 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 
 import numpy as np
 import pytest
 
 from facesiam.service.database import open_database
-from facesiam.service.live_index import LiveIndex
+from facesiam.service.live_index import MAX_TAILS, MERGE_NICENESS, LiveIndex
 from facesiam.service.store import GalleryStore
 
 pytestmark = pytest.mark.timeout(180)
@@ -76,7 +78,8 @@ def test_a_write_completes_while_a_search_holds_the_index(kind):
     rng = np.random.default_rng(0)
     x = unit(rng.normal(size=(500, DIM)))
     index = LiveIndex(DIM, kind, vectors=x, ids=np.arange(500), merge_rows=10 ** 6, hidden_share=1.0)
-    held = index._main = HeldSearch(index._main)
+    held = HeldSearch(index._parts[0])
+    index._parts = (held,)
     search, result = in_thread(index.search, x[:1], 3)
     assert held.entered.wait(30)
     new = unit(rng.normal(size=(2, DIM)))
@@ -99,7 +102,8 @@ def test_an_enrolment_completes_while_a_search_holds_the_store(tmp_path):
     db.add_faces("ann", rng.normal(size=(3, DIM)), ["t"] * 3, "m")  # in the main index from the start
     store = GalleryStore(db, model="m")
     try:
-        held = store._index._main = HeldSearch(store._index._main)
+        held = HeldSearch(store._index._parts[0])
+        store._index._parts = (held,)
         search, result = in_thread(store.search, rng.normal(size=(1, DIM)), 1)
         assert held.entered.wait(30)
         bo = rng.normal(size=(1, DIM)).astype(np.float32)
@@ -171,8 +175,8 @@ def test_results_after_concurrent_writes_and_merges_equal_brute_force(kind):
     got_s, got_i = index.search(q, 5)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_s, want_s, atol=1e-5)
-    index.merge()  # everything folded into main: the same answers
-    assert index.pending[0] == 0 and (kind == "hnsw" or index.pending[1] == 0)
+    index.merge(full=True)  # everything folded into one base, the removed faces left out: the same answers
+    assert index.pending == (0, 0) and index.tails == 0
     np.testing.assert_array_equal(index.search(q, 5)[1], want_i)
 
 
@@ -184,14 +188,14 @@ def test_an_hnsw_rebuild_keeps_every_enrolment_made_during_it():
     index = LiveIndex(DIM, "hnsw", vectors=x, ids=np.arange(1000), ef_search=512, merge_rows=10 ** 6,
                       hidden_share=0.1)
     building, release = threading.Event(), threading.Event()
-    rebuild = index._rebuilt_hnsw
+    rebuild = index._folded
 
     def held_rebuild(*args):
         building.set()
         assert release.wait(60), "the test never released the rebuild"
         return rebuild(*args)
 
-    index._rebuilt_hnsw = held_rebuild
+    index._folded = held_rebuild
     live = dict(enumerate(x))
     early = unit(rng.normal(size=(5, DIM)))
     index.add(np.arange(2000, 2005), early)  # in the delta when the rebuild starts: it goes into the new graph
@@ -212,10 +216,69 @@ def test_an_hnsw_rebuild_keeps_every_enrolment_made_during_it():
     index.wait_merged(60)
     assert index.merges == 1
     np.testing.assert_array_equal(index.face_ids(), np.sort(np.fromiter(live, np.int64)))
-    assert index._main.ntotal == 1000 - 101 + 5  # the graph was rebuilt without the faces removed before it
+    assert index.tails == 0 and index._parts[0].ntotal == 1000 - 101 + 5  # rebuilt without the faces removed
     # made during the rebuild: the 30 enrolments still in the delta, the 3 removals hidden over the new graph
     assert index.pending == (30, 3)
     _, found = index.search(during[1:], 1)
     assert found[:, 0].tolist() == list(range(3001, 3030))
     _, want = brute(live, x[200:220], 3)
     np.testing.assert_array_equal(index.search(x[200:220], 3)[1], want)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_a_merge_costs_the_delta_not_the_gallery(kind):
+    """A merge turns the delta into a tail and leaves the base as it is (the same object: nothing copied); past
+    MAX_TAILS tails the tails fold into one while they are a small share of the base, and everything folds into a
+    new base once they are not. Answers equal numpy's all along."""
+    rng = np.random.default_rng(4)
+    x = unit(rng.normal(size=(2000, DIM)))
+    index = LiveIndex(DIM, kind, vectors=x, ids=np.arange(2000), nprobe=4096, ef_search=512, merge_rows=10 ** 6)
+    base = index._parts[0]
+    live = dict(enumerate(x))
+    q = unit(rng.normal(size=(10, DIM)))
+
+    def enrol_and_merge(first: int, n: int):
+        v = unit(rng.normal(size=(n, DIM)))
+        index.add(np.arange(first, first + n), v)
+        live.update(zip(range(first, first + n), v))
+        assert index.merge()
+
+    index.remove(np.array([5, 6]))
+    for i in (5, 6):
+        live.pop(i)
+    for m in range(MAX_TAILS):
+        enrol_and_merge(10_000 + 10 * m, 10)
+        assert index._parts[0] is base and index.tails == m + 1
+    np.testing.assert_array_equal(index.search(q, 5)[1], brute(live, q, 5)[1])
+    enrol_and_merge(20_000, 10)  # one tail too many, 90 faces against 2,000: the tails fold into one
+    assert index._parts[0] is base and index.tails == 1 and index._parts[1].ntotal == 90
+    assert index.pending == (0, 2)  # the base still holds the two removed faces, hidden
+    for m in range(MAX_TAILS):  # 90 + 8 x 60 = 570 faces in the tails: past a quarter of the base
+        enrol_and_merge(30_000 + 100 * m, 60)
+    assert index.tails == 0 and index._parts[0] is not base and index.folds == 1
+    assert index._parts[0].ntotal == 2000 + 570 - (2 if kind != "hnsw" else 0)
+    np.testing.assert_array_equal(index.face_ids(), np.sort(np.fromiter(live, np.int64)))
+    got_s, got_i = index.search(q, 5)
+    want_s, want_i = brute(live, q, 5)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_the_merger_runs_below_the_requests_priority():
+    """The merger thread lowers its own CPU priority (the requests' threads keep theirs): a merge takes the cores
+    the searches leave."""
+    index = LiveIndex(DIM, "flat", merge_rows=4)
+    seen = []
+    part = index._part
+
+    def spying_part(*args):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return part(*args)
+
+    index._part = spying_part
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    index.add(np.arange(4), unit(np.eye(DIM)[:4]))  # a merge is due: the merger thread makes a tail
+    index.wait_merged(30)
+    assert seen == [min(mine + MERGE_NICENESS, 19)] and index.tails == 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
