@@ -259,7 +259,8 @@ class LiveIndex:
             with self._state:
                 parts, n = self._parts, self._dn
                 dx, dids, gone = self._dx[:n], self._dids[:n], self._gone  # rows below _dn never change
-            if not n and not (gone and (full or self._hidden_past_share(parts, 0, gone))):
+            fold_due = (full and (len(parts) > 1 or gone)) or (gone and self._hidden_past_share(parts, 0, gone))
+            if not n and not fold_due:
                 return False
             t0 = time.perf_counter()
             gone_ids = np.fromiter(gone, np.int64, len(gone))

@@ -262,6 +262,10 @@ def test_a_merge_costs_the_delta_not_the_gallery(kind):
     want_s, want_i = brute(live, q, 5)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_allclose(got_s, want_s, atol=1e-5)
+    enrol_and_merge(40_000, 5)
+    assert index.tails == 1 and index.merge(full=True) and index.tails == 0  # nothing pending: the tail still folds
+    assert not index.merge(full=True) and not index.merge()  # nothing left to do
+    np.testing.assert_array_equal(index.search(q, 5)[1], brute(live, q, 5)[1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
