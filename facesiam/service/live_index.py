@@ -89,14 +89,12 @@ class LiveIndex:
         self.kind = kind
         # the cells every ivf part shares (an empty, trained index: a part is a copy of it, filled)
         self._cells = trained_ivf(vectors, default_nlist(len(vectors))) if kind == "ivf" else None
+        self._knob: Optional[int] = None  # nprobe / efSearch of every part, once tuned on the base
         base = self._part(vectors, ids)
         self.recall = 1.0
         if kind != "flat":
-            value, self.recall = tune_search(base, kind, nprobe if kind == "ivf" else ef_search, target_recall,
-                                             lambda: _face_recall(base, vectors, ids))
-            if self._cells is not None:
-                set_search_knob(self._cells, kind, value)
-            self._knob = value
+            self._knob, self.recall = tune_search(base, kind, nprobe if kind == "ivf" else ef_search, target_recall,
+                                                  lambda: _face_recall(base, vectors, ids))
         # what a search reads, swapped whole under _state (never changed in place once a search can see it)
         self._state = threading.Lock()
         self._parts: tuple = (base,)
@@ -119,8 +117,8 @@ class LiveIndex:
             base = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             base.hnsw.efConstruction = EF_CONSTRUCTION
             part = faiss.IndexIDMap2(base)
-            if hasattr(self, "_knob"):
-                set_search_knob(part, "hnsw", self._knob)
+        if self._knob is not None:
+            set_search_knob(part, self.kind, self._knob)
         if len(ids):
             part.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
         return part
