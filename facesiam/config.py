@@ -197,6 +197,10 @@ class DistillConfig:
     auto: originals when the shards are aligned and their source folder is there, else the stored images."""
     teacher_batch_size: int = 32
     """Photos per teacher call in the (cached, once per data set) teacher pass."""
+    teacher_mirror: bool = False
+    """The teacher embeds each photo and its mirror image, the target being their sum (faces/teachers.py
+    MirroredTeacher): the teacher's own flip-averaged embedding, one more network pass per photo (no second
+    detection); a cache of its own."""
     center_targets: bool = True
     """Subtract the mean teacher embedding of the training photos from every target before normalising. Face
     descriptors share a large common direction (dlib's on LFW: the mean has norm 0.91, two different people score

@@ -351,11 +351,15 @@ class _Fit:
 
     # --- stages ------------------------------------------------------------------------------------------
     def _teacher_key(self) -> Any:
-        if self.teacher is None:
-            return None
-        from .faces.teachers import build_teacher
+        return None if self.teacher is None else self._build_teacher().fingerprint()
 
-        return build_teacher(self.teacher).fingerprint()
+    def _build_teacher(self) -> Any:
+        """The teacher as the distillation stage builds it (the recipe's distill section: its mirror option), so the
+        teacher's pass fills the very cache the distillation and the check read."""
+        from .config import DistillConfig
+        from .training.setup import distill_teacher
+
+        return distill_teacher(DistillConfig(**{**self.o.recipe.distill["distill"], "teacher": self.teacher}))
 
     def _teacher_source(self) -> str:
         return self.o.recipe.distill["distill"].get("teacher_source", "auto")
@@ -370,10 +374,9 @@ class _Fit:
         from functools import partial
 
         from .curate.doctor import run_doctor
-        from .faces.teachers import build_teacher
         from .training.teacher_pass import teacher_targets
 
-        embedder = build_teacher(self.teacher)
+        embedder = self._build_teacher()
         out = self.run_dir / "check"
         s = run_doctor(self.shards, out, embedder, model=f"teacher {self.teacher}",
                        same_person=getattr(embedder, "same_person_threshold", None), progress=self.o.progress,
@@ -448,10 +451,9 @@ class _Fit:
                 "counts": c, "splits": shards.get("splits")}
 
     def teacher_pass(self, done: dict) -> dict:
-        from .faces.teachers import build_teacher
         from .training.teacher_pass import teacher_targets
 
-        teacher = build_teacher(self.teacher)
+        teacher = self._build_teacher()
         found = {}
         for split in ("train", "val"):  # on every core (dlib's network runs on one)
             _, hit = teacher_targets(self.shards, split, teacher, source=self._teacher_source(),

@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--checkpoint", help="--int8: a trained RUN/best (default: random --backbone weights)")
     p.add_argument("--data", help="--int8 with --checkpoint: its shards (calibration: train split; parity and the "
                    "served photos: val split)")
+    p.add_argument("--flip", action="store_true", help="--int8 with --checkpoint: both models embed each face with "
+                   "its mirror image (export --flip, what fit exports)")
     p.add_argument("--clients", type=int, default=8, help="--int8: concurrent clients of each server")
     p.add_argument("--requests", type=int, default=96, help="--int8: POST /verify requests (2 photos) per run")
     p.add_argument("--write-doc", action="store_true")
@@ -109,13 +111,15 @@ def int8_main(args) -> None:
 
     if bool(args.checkpoint) != bool(args.data):
         raise SystemExit("--checkpoint and --data go together (a trained model and its shards)")
+    if args.flip and not args.checkpoint:
+        raise SystemExit("--flip measures a trained model: pass --checkpoint and --data")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fp32, int8 = tmp / "fp32.onnx", tmp / "int8.onnx"
         if args.checkpoint:
             best, data = Path(args.checkpoint), Path(args.data)
-            export_onnx(best, fp32)
-            parity = export_int8(best, int8, data=data, threads=args.threads)["parity"]
+            export_onnx(best, fp32, flip=args.flip)
+            parity = export_int8(best, int8, data=data, threads=args.threads, flip=args.flip)["parity"]
             backbone = json.loads((best / "config.json").read_text())["backbone"] if best.is_dir() else "?"
         else:
             from facesiam.data import write_shards
@@ -182,9 +186,10 @@ def int8_main(args) -> None:
     rows = "".join(f"| {name} | {sizes[name]:.1f} | {network[name]:.1f} | {2 * served[name]['rps']:.1f} | "
                    f"{served[name]['p50']:.0f} | {served[name]['p99']:.0f} | {served[name]['errors']} |\n"
                    for name in ("fp32", "int8"))
-    model = (f"{args.checkpoint} ({backbone}, trained), calibrated on {data}'s train split" if args.checkpoint
+    model = (f"{args.checkpoint} ({backbone}, trained{', with the mirror image: export --flip' if args.flip else ''}), "
+             f"calibrated on {data}'s train split" if args.checkpoint
              else f"{backbone} at {args.image_size} px, random weights calibrated on synthetic faces (speed only)")
-    command = (f"--checkpoint {args.checkpoint} --data {args.data}" if args.checkpoint
+    command = (f"--checkpoint {args.checkpoint} --data {args.data}{' --flip' if args.flip else ''}" if args.checkpoint
                else f"--backbone {backbone} --image-size {args.image_size}")
     held_out = (f"Parity on {parity['images']} photos of {parity['identities']} held-out people (all pairs, "
                 f"facesiam's evaluator): {parity_line(parity)}.\n" if parity

@@ -54,18 +54,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 def _embed_with_teacher(args: argparse.Namespace) -> None:
     """The teacher's embedding of every photo of a shard split (from its cache, or computed once and cached), so a
-    teacher is measured on the same photos and protocols as the models distilled from it. Photos the teacher found
-    no face in get a zero embedding (scored 0 against everything) and are counted."""
+    teacher is measured on the same photos and protocols as the models distilled from it (``--flip``: with each
+    face's mirror image, the cache of distill.teacher_mirror). Photos the teacher found no face in get a zero
+    embedding (scored 0 against everything) and are counted."""
     from ..data import ShardDataset
     from ..eval.embed import save_embeddings
     from ..faces.teachers import build_teacher
     from ..training.teacher_pass import teacher_targets
 
     teacher = build_teacher(args.teacher, size=args.teacher_size, mean=args.teacher_mean, std=args.teacher_std,
-                            align=None if args.teacher_align == "auto" else args.teacher_align)
+                            align=None if args.teacher_align == "auto" else args.teacher_align, mirror=args.flip)
     embeddings, found = teacher_targets(args.data, args.split, teacher, source=args.teacher_source)
     dataset = ShardDataset(args.data, args.split)
-    meta = {"teacher": teacher.name, "data": str(args.data), "split": args.split, "no_face": int((~found).sum())}
+    meta = {"teacher": teacher.name, "data": str(args.data), "split": args.split, "no_face": int((~found).sum()),
+            "flip": bool(args.flip)}
     save_embeddings(args.out, embeddings * found[:, None], dataset.labels, dataset.paths, dataset.classes, meta)
     log.info("wrote %s: %d x %d teacher embeddings of %d identities (no face found in %d: zero vectors)", args.out,
              *embeddings.shape, len(set(dataset.labels.tolist())), meta["no_face"])

@@ -36,6 +36,7 @@ from ..data.remote import is_remote
 from ..errors import InputError, and_more
 from ..faces.quality import sharpness
 from ..faces.record import read_alignment
+from ..faces.teachers import embed_photos
 from ..faces.template import TEMPLATE_SIZE
 from ..fileio import sha256_file
 from ..processes import helper_pool
@@ -374,13 +375,10 @@ def _set_teacher(teacher: Any) -> None:
 def _teacher_batch(batch: tuple[list[str], list], teacher: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings of the photos the teacher found a face in, found per photo) for one batch of (paths, landmarks)."""
     teacher = teacher or _helper_teacher
-    inputs, found = [], np.zeros(len(batch[0]), bool)
-    for q, (path, marks) in enumerate(zip(*batch)):
-        prepared = teacher.prepare(load_rgb(path), np.asarray(marks, np.float64) if marks else None)
-        if prepared.input is not None:
-            inputs.append(prepared.input)
-            found[q] = True
-    return (teacher.embed(inputs) if inputs else np.zeros((0, teacher.dim), np.float32)), found
+    photos = ((load_rgb(path), np.asarray(marks, np.float64) if marks else None) for path, marks in zip(*batch))
+    emb, found_by = embed_photos(teacher, photos, len(batch[0]), len(batch[0]))
+    found = np.array([f != "none" for f in found_by], bool)
+    return emb[found], found
 
 
 def _embed(embedder: Any, dataset: _Files, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:

@@ -25,7 +25,7 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -71,14 +71,18 @@ class Teacher(Protocol):
     def embed(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
         """Inputs from ``prepare`` -> (n, dim) float32, each row L2-normalised."""
 
+    def mirror(self, input: np.ndarray) -> np.ndarray:
+        """An input from ``prepare``, left and right swapped (the mirror image of the photo's face)."""
+
 
 def build_teacher(spec: str, *, size: Optional[int] = None, mean: Optional[Sequence[float]] = None,
                   std: Optional[Sequence[float]] = None, align: Optional[str] = None,
-                  threads: Optional[int] = None) -> Teacher:
+                  threads: Optional[int] = None, mirror: bool = False) -> Teacher:
     """The teacher ``spec`` names: "dlib" or "onnx:PATH" (an unknown spec is a one-line error listing both).
 
     size, mean, std, align: an ONNX teacher's preprocessing (required unless the file is a facesiam export);
-    threads: onnxruntime's intra-op threads (dlib runs on one thread).
+    threads: onnxruntime's intra-op threads (dlib runs on one thread); mirror: embed each face with its mirror
+    image (MirroredTeacher).
     """
     kind, sep, arg = str(spec).partition(":")
     kind = kind.strip().lower()
@@ -87,10 +91,68 @@ def build_teacher(spec: str, *, size: Optional[int] = None, mean: Optional[Seque
                                           ("--teacher-std", std), ("--teacher-align", align)) if value is not None]
         if given:
             raise InputError(f"teacher dlib crops and normalises faces its own way: drop {', '.join(given)}")
-        return TEACHERS.get("dlib").build(threads=threads)
-    if kind == "onnx" and arg.strip():
-        return TEACHERS.get("onnx").build(arg.strip(), size=size, mean=mean, std=std, align=align, threads=threads)
-    raise InputError(f"unknown teacher {spec!r}; choose one of {SPEC_CHOICES}")
+        teacher = TEACHERS.get("dlib").build(threads=threads)
+    elif kind == "onnx" and arg.strip():
+        teacher = TEACHERS.get("onnx").build(arg.strip(), size=size, mean=mean, std=std, align=align, threads=threads)
+    else:
+        raise InputError(f"unknown teacher {spec!r}; choose one of {SPEC_CHOICES}")
+    return MirroredTeacher(teacher) if mirror else teacher
+
+
+class MirroredTeacher:
+    """A teacher that embeds each face with its mirror image: the sum of the two embeddings, unit length (what
+    ``evaluate --flip`` does for a student). One more network pass per face and no second detection (the mirror
+    of the prepared input). dlib on LFW's held-out people (1,220 photos, 2026-12-07): TAR@FAR=1e-3 0.9362 ->
+    0.9479, rank-1 0.9674 -> 0.9756, pairs 0.9810 -> 0.9840: better distillation targets (distill.teacher_mirror).
+    Its own fingerprint, so its cache is apart from the plain teacher's."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        self.name, self.dim = teacher.name, teacher.dim
+
+    @property
+    def same_person_threshold(self) -> Optional[float]:
+        """The plain teacher's (the doctor's default): the sum moves same-person cosines up by less than their
+        spread (dlib on LFW: 0.991 mean cosine between a face's two embeddings)."""
+        return getattr(self.teacher, "same_person_threshold", None)
+
+    def fingerprint(self) -> dict:
+        return {**self.teacher.fingerprint(), "mirror": True}
+
+    def prepare(self, image: Image.Image, landmarks: Optional[np.ndarray] = None) -> Prepared:
+        return self.teacher.prepare(image, landmarks)
+
+    def embed(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+        inputs = list(inputs)
+        return unit_rows(self.teacher.embed(inputs) + self.teacher.embed([self.teacher.mirror(x) for x in inputs]))
+
+    def mirror(self, input: np.ndarray) -> np.ndarray:
+        return self.teacher.mirror(input)
+
+
+def embed_photos(teacher: Teacher, photos: Iterable[tuple[Image.Image, Optional[np.ndarray]]], count: int,
+                 batch_size: int) -> tuple[np.ndarray, list[str]]:
+    """The teacher's embedding of each of ``count`` (photo, landmarks or None) pairs, prepared one by one and
+    embedded ``batch_size`` at a time: (count x dim float32, zero rows where no face; each photo's found_by). The
+    one loop of the teacher pass (shards) and of the doctor on a photo folder."""
+    emb = np.zeros((count, teacher.dim), np.float32)
+    found_by = ["none"] * count
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            emb[[j for j, _ in pending]] = teacher.embed([x for _, x in pending])
+            pending.clear()
+
+    for j, (image, landmarks) in enumerate(photos):
+        prepared = teacher.prepare(image, landmarks)
+        found_by[j] = prepared.found_by
+        if prepared.input is not None:
+            pending.append((j, prepared.input))
+            if len(pending) >= batch_size:
+                flush()
+    flush()
+    return emb, found_by
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
@@ -240,6 +302,10 @@ class DlibTeacher:
         # Unit length: distillation compares directions (cosine). dlib's own metric is the euclidean distance of the
         # raw descriptors (same person below 0.6); their norms are all close to 1 anyway.
         return unit_rows(np.concatenate(out)) if out else np.zeros((0, self.dim), np.float32)
+
+    @staticmethod
+    def mirror(input: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(input[:, ::-1])  # a height x width x 3 chip
 
 
 # ------------------------------------------------------------------------------------------ ONNX
@@ -408,3 +474,7 @@ class OnnxTeacher:
         out = [self._run(np.stack(inputs[i:i + self.batch_size]).astype(np.float32, copy=False))
                for i in range(0, len(inputs), self.batch_size)]
         return unit_rows(np.concatenate(out))
+
+    @staticmethod
+    def mirror(input: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(input[..., ::-1])  # 3 x size x size

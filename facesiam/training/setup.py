@@ -14,14 +14,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from ..config import TrainConfig
+from ..config import DistillConfig, TrainConfig
 from ..augment.transforms import build_eval_transform, build_train_transform
 from ..data import DistributedPerClassSampler, RecordDataset, ShardDataset
 from ..data.recordio import is_record_folder
@@ -257,17 +257,24 @@ class Distillation:
     """The training photos' identities (row i = dataset index i) when distill.label_weight adds the label loss."""
 
 
+def distill_teacher(d: DistillConfig) -> Any:
+    """The teacher a ``distill`` section names, with its preprocessing and mirror option (faces/teachers.py): the one
+    place a config becomes a teacher (training, and fit's teacher pass and check, which fill the same cache)."""
+    from ..faces.teachers import build_teacher
+
+    return build_teacher(d.teacher, size=d.teacher_size, mean=d.teacher_mean, std=d.teacher_std,
+                         align=None if d.teacher_align == "auto" else d.teacher_align, mirror=d.teacher_mirror)
+
+
 def build_distillation(cfg: TrainConfig, accelerator, data: TrainData) -> Optional[Distillation]:
     """The teacher's embeddings of the train (and val) photos, from the cache beside the shards or computed once;
     None for a metric-learning run. The training split then yields sample indices instead of labels."""
     d = cfg.distill
     if d.teacher is None:
         return None
-    from ..faces.teachers import build_teacher
     from .teacher_pass import teacher_targets
 
-    teacher = build_teacher(d.teacher, size=d.teacher_size, mean=d.teacher_mean, std=d.teacher_std,
-                            align=None if d.teacher_align == "auto" else d.teacher_align)
+    teacher = distill_teacher(d)
     options = dict(source=d.teacher_source, batch_size=d.teacher_batch_size, accelerator=accelerator)
     train = teacher_targets(cfg.data, cfg.train_split, teacher, **options)
     val = teacher_targets(cfg.data, cfg.val_split, teacher, **options) if data.val is not None else None

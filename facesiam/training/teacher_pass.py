@@ -39,7 +39,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,6 +49,7 @@ from ..data.format import METADATA_FILE, read_metadata
 from ..data.images import load_rgb
 from ..data.remote import RemoteFolder, cache_root, is_remote
 from ..errors import InputError
+from ..faces.teachers import embed_photos
 from ..faces.template import arcface_template
 from ..fileio import atomic_write, write_json
 from ..processes import helper_pool
@@ -158,27 +159,17 @@ def cache_dir(data: str | Path, split: str, teacher: Any, photos: "PhotoSource")
 
 
 def _embed_chunk(teacher: Any, source: PhotoSource, indices: range, batch_size: int) -> dict[str, np.ndarray]:
-    found = np.zeros(len(indices), np.int8)
     origin = np.zeros(len(indices), np.int8)  # 1: original photo, 0: stored image
-    emb = np.zeros((len(indices), teacher.dim), np.float32)
-    pending: list[tuple[int, np.ndarray]] = []
 
-    def flush() -> None:
-        if pending:
-            emb[[j for j, _ in pending]] = teacher.embed([x for _, x in pending])
-            pending.clear()
+    def photos() -> Iterator[tuple[Image.Image, Optional[np.ndarray]]]:
+        # a teacher batch of photos read at once (at a URL: in parallel), never a whole chunk of large originals
+        for s in range(0, len(indices), batch_size):
+            for j, (image, landmarks, where) in enumerate(source.many(indices[s:s + batch_size]), s):
+                origin[j] = where == "original"
+                yield image, landmarks
 
-    # a teacher batch of photos read at once (at a URL: in parallel), never a whole chunk of large originals
-    photos = (p for s in range(0, len(indices), batch_size) for p in source.many(indices[s:s + batch_size]))
-    for j, (image, landmarks, where) in enumerate(photos):
-        prepared = teacher.prepare(image, landmarks)
-        found[j], origin[j] = FOUND_BY[prepared.found_by], where == "original"
-        if prepared.input is not None:
-            pending.append((j, prepared.input))
-            if len(pending) >= batch_size:
-                flush()
-    flush()
-    return {"embeddings": emb, "found": found, "original": origin}
+    emb, found_by = embed_photos(teacher, photos(), len(indices), batch_size)
+    return {"embeddings": emb, "found": np.array([FOUND_BY[f] for f in found_by], np.int8), "original": origin}
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -116,6 +116,23 @@ def test_recipe_is_the_launch_configs():
     assert RECIPE.distill_share == pytest.approx(1800 / (1800 + 600))
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_the_teachers_pass_check_and_distillation_use_one_teacher(photos, teacher_onnx, tmp_path, mirror):
+    """The recipe's distill.teacher_mirror reaches the teacher fit builds for its pass and its check: the cache
+    they fill is the one the distillation stage reads (its config, as fit writes it, through training/setup.py)."""
+    from facesiam.config import config_from_dict
+    from facesiam.fit import FitOptions, _Fit
+    from facesiam.training.setup import distill_teacher
+
+    recipe = tiny_recipe()
+    recipe = replace(recipe, distill={**recipe.distill, "distill": {**recipe.distill["distill"],
+                                                                    "teacher_mirror": mirror}})
+    run = _Fit(photos, tmp_path / "run", FitOptions(teacher=f"onnx:{teacher_onnx}", recipe=recipe))
+    stage = config_from_dict({**recipe.distill, "distill": {**recipe.distill["distill"], "teacher": run.teacher}})
+    assert run._teacher_key() == distill_teacher(stage.distill).fingerprint()
+    assert run._teacher_key().get("mirror", False) is mirror
+
+
 # ------------------------------------------------------------------------------------------ one-line errors
 
 def _people(root: Path, people: int, per: int, size: int = 32) -> Path:

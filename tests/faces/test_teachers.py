@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageOps
 
 from facesiam.errors import InputError
 from facesiam.faces import teachers as teachers_module
@@ -255,3 +255,32 @@ def test_onnx_teacher_errors_are_one_line(tmp_path, astronaut):
         with pytest.raises(FileNotFoundError if "no such" in expected else InputError, match=expected) as err:
             build_teacher(f"onnx:{path}", **settings)
         assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ the mirror image
+
+def test_a_mirrored_dlib_teacher_sums_the_face_and_its_mirror_image(dlib_teacher, astronaut):
+    mirrored = build_teacher("dlib", mirror=True)
+    prepared = mirrored.prepare(astronaut)
+    np.testing.assert_array_equal(prepared.input, dlib_teacher.prepare(astronaut).input)  # one detection, the same
+    flipped = np.asarray(ImageOps.mirror(Image.fromarray(prepared.input)))  # the chip mirrored by PIL
+    plain, mirror = dlib_teacher.embed([prepared.input, flipped])
+    assert float(plain @ mirror) < 0.9999  # dlib's descriptor is not mirror-symmetric: the sum is a new target
+    got = mirrored.embed([prepared.input])
+    np.testing.assert_allclose(got, _unit(plain + mirror), atol=1e-5)
+    assert (mirrored.name, mirrored.dim) == ("dlib", 128)
+    # its own cache: the fingerprint says mirror; pickled (helper processes) it is the same teacher
+    assert mirrored.fingerprint() == {**dlib_teacher.fingerprint(), "mirror": True}
+    again = pickle.loads(pickle.dumps(mirrored))
+    np.testing.assert_array_equal(again.embed([prepared.input]), got)
+    assert mirrored.same_person_threshold == dlib_teacher.same_person_threshold
+
+
+def test_a_mirrored_onnx_teacher_sums_the_face_and_its_mirror_image(aligned_onnx, aligned_model, astronaut,
+                                                                   astronaut_landmarks):
+    teacher = build_teacher(f"onnx:{aligned_onnx}", threads=1, mirror=True)
+    prepared = teacher.prepare(astronaut, astronaut_landmarks)
+    crop = warp(astronaut, estimate_transform(astronaut_landmarks, 112), 112)
+    want = _unit(_torch_embedding(aligned_model, crop) + _torch_embedding(aligned_model, ImageOps.mirror(crop)))
+    np.testing.assert_allclose(teacher.embed([prepared.input]), want, atol=1e-4)
+    assert teacher.fingerprint()["mirror"] is True

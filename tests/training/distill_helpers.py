@@ -55,6 +55,10 @@ class FakeTeacher:
         out = np.stack(inputs) @ self.weights
         return (out / np.linalg.norm(out, axis=1, keepdims=True)).astype(np.float32)
 
+    @staticmethod
+    def mirror(input: np.ndarray) -> np.ndarray:
+        return input.reshape(4, 4, 3)[:, ::-1].reshape(-1)
+
 
 class GlooProcess:
     """The same, for a rank of an initialised torch.distributed gloo group."""

@@ -295,8 +295,11 @@ def expected_onnx(shards, onnx):
 
 def test_embed_with_a_teacher_writes_its_embeddings_of_a_split(shards, teacher_onnx, tmp_path):
     """tools/embed.py --teacher: the teacher measured like any model (the same cache a distillation run fills)."""
+    from PIL import ImageOps
+
     from facesiam.commands.embed import main
     from facesiam.eval.embed import load_embeddings
+    from facesiam.faces.teachers import build_teacher
 
     main(["--teacher", f"onnx:{teacher_onnx}", "--data", str(shards), "--split", "train", "--out",
           str(tmp_path / "t.npz")])
@@ -308,6 +311,15 @@ def test_embed_with_a_teacher_writes_its_embeddings_of_a_split(shards, teacher_o
     assert list(got["paths"]) == ds.paths and np.array_equal(got["labels"], ds.labels)
     (cache,) = (shards / teacher_pass.CACHE_DIR).glob("*-train-*")  # and a distillation run would reuse it
     assert json.loads((cache / "meta.json").read_text())["photos"] == len(ds)
+
+    # --flip: the teacher with each face's mirror image (distill.teacher_mirror's targets, in a cache of their own)
+    main(["--teacher", f"onnx:{teacher_onnx}", "--data", str(shards), "--split", "train", "--out",
+          str(tmp_path / "f.npz"), "--flip"])
+    flipped = load_embeddings(tmp_path / "f.npz")
+    teacher = build_teacher(f"onnx:{teacher_onnx}")
+    both = want + teacher.embed([teacher.prepare(ImageOps.mirror(ds[i][0])).input for i in range(len(ds))])
+    np.testing.assert_allclose(flipped["embeddings"], both / np.linalg.norm(both, axis=1, keepdims=True), atol=1e-4)
+    assert flipped["meta"]["flip"] and len(list((shards / teacher_pass.CACHE_DIR).glob("*-train-*"))) == 2
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -331,6 +343,37 @@ def test_targets_are_centred_on_the_training_photos_mean(shards, monkeypatch, ce
     val_emb, val_found = expected(shards, "val")
     np.testing.assert_allclose(got.val[0][val_found], val_emb[val_found] - mean, atol=1e-6)
     assert data.train.return_index  # the training split now yields indices: the targets' rows
+
+
+def test_a_mirrored_teacher_gives_targets_of_each_photo_and_its_mirror_image_from_a_cache_of_their_own(shards,
+                                                                                                      monkeypatch):
+    """distill.teacher_mirror: each target is the teacher's embedding of the photo plus that of the photo mirrored
+    (PIL's mirror here: the face turned, not the teacher's input), and the plain teacher's cache is not reused."""
+    from types import SimpleNamespace
+
+    from PIL import ImageOps
+
+    import facesiam.faces.teachers as teachers
+    from facesiam.config import config_from_dict
+    from facesiam.training.setup import build_distillation
+
+    monkeypatch.setattr(teachers, "build_teacher", lambda spec, **kw: teachers.MirroredTeacher(FakeTeacher())
+                        if kw.get("mirror") else FakeTeacher())
+    data = SimpleNamespace(train=ShardDataset(shards, "train"), val=None)
+    runs = {}
+    for mirror in (False, True):
+        cfg = config_from_dict({"data": str(shards), "distill": {
+            "teacher": "fake", "teacher_source": "shards", "center_targets": False, "teacher_mirror": mirror}})
+        runs[mirror] = build_distillation(cfg, None, data).train
+    assert len(list((shards / teacher_pass.CACHE_DIR).glob("*-train-*"))) == 2  # one cache each
+    plain, found = expected(shards)
+    np.testing.assert_allclose(runs[False][0][found], plain[found], atol=1e-6)
+    teacher, ds = FakeTeacher(), data.train
+    for i in np.flatnonzero(found)[:20]:
+        turned = np.asarray(ImageOps.mirror(ds[i][0]).convert("RGB").resize((4, 4)), np.float32) / 255.0
+        want = plain[i] + teacher.embed([turned.reshape(-1)])[0]
+        np.testing.assert_allclose(runs[True][0][i], want / np.linalg.norm(want), atol=1e-5)
+    assert np.array_equal(runs[True][1], found)
 
 
 def test_unlabelled_photos_distil_and_a_metric_loss_refuses_them(face_folder, teacher_onnx, tmp_path):
