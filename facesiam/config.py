@@ -200,7 +200,8 @@ class DistillConfig:
     teacher_mirror: bool = False
     """The teacher embeds each photo and its mirror image, the target being their sum (faces/teachers.py
     MirroredTeacher): the teacher's own flip-averaged embedding, one more network pass per photo (no second
-    detection); a cache of its own."""
+    detection), a cache of its own. A better target at equal steps; not fit's default, whose budget would pay the
+    longer pass with training steps (measured in docs/results.md, "A teacher that sees each face twice")."""
     center_targets: bool = True
     """Subtract the mean teacher embedding of the training photos from every target before normalising. Face
     descriptors share a large common direction (dlib's on LFW: the mean has norm 0.91, two different people score
