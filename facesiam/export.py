@@ -20,7 +20,7 @@ import torch
 
 from .errors import FacesiamError, InputError
 from .fileio import atomic_write
-from .model import exported_alignment, load_exported
+from .model import embed_with_mirror, exported_alignment, load_exported
 from .onnx_runtime import METADATA_KEY  # metadata_props key holding the JSON of onnx_metadata
 
 log = logging.getLogger("facesiam.export")
@@ -54,8 +54,7 @@ class FlipSum(torch.nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        emb = self.model(images) + self.model(torch.flip(images, dims=[3]))
-        return torch.nn.functional.normalize(emb.float(), dim=1)
+        return embed_with_mirror(self.model, images)
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, opset: int = 18, fp16: bool = False,

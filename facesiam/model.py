@@ -50,6 +50,13 @@ class EmbeddingModel(nn.Module):
         return F.normalize(self.head(features).float(), dim=-1)
 
 
+def embed_with_mirror(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The LFW convention: a face's embedding is the sum of the model's embeddings of the face and of its mirror
+    image (NCHW batches, flipped along the width), normalised; ``evaluate --flip`` and ``export --flip`` both."""
+    emb = model(images).float() + model(torch.flip(images, dims=[3])).float()
+    return F.normalize(emb, dim=1)
+
+
 @contextlib.contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode, except that BatchNorm layers normalise with each batch's own statistics, as they do in training.

@@ -355,11 +355,9 @@ def _embed_teacher(teacher: Any, photos: Photos, rows: np.ndarray, batch_size: i
         done = pool.map(_teacher_batch, batches) if pool else (_teacher_batch(b, teacher) for b in batches)
         results = list(tqdm(done, total=len(batches), desc=f"embed ({teacher.name})", unit="batch",
                             disable=not progress, leave=False))
-    emb = np.zeros((len(rows), teacher.dim), np.float32)
-    found = np.zeros(len(rows), bool)
+    emb, found = np.zeros((len(rows), teacher.dim), np.float32), np.zeros(len(rows), bool)
     for start, (e, f) in zip(range(0, len(rows), batch_size), results):
-        found[start:start + len(f)] = f
-        emb[start:start + len(f)][f] = e
+        emb[start:start + len(f)], found[start:start + len(f)] = e, f
     return emb, found
 
 
@@ -373,12 +371,11 @@ def _set_teacher(teacher: Any) -> None:
 
 
 def _teacher_batch(batch: tuple[list[str], list], teacher: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """(embeddings of the photos the teacher found a face in, found per photo) for one batch of (paths, landmarks)."""
+    """(embeddings, zero rows where no face; found per photo) for one batch of (paths, landmarks)."""
     teacher = teacher or _helper_teacher
     photos = ((load_rgb(path), np.asarray(marks, np.float64) if marks else None) for path, marks in zip(*batch))
     emb, found_by = embed_photos(teacher, photos, len(batch[0]), len(batch[0]))
-    found = np.array([f != "none" for f in found_by], bool)
-    return emb[found], found
+    return emb, np.array([f != "none" for f in found_by], bool)
 
 
 def _embed(embedder: Any, dataset: _Files, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:

@@ -36,10 +36,11 @@ LOADER_TIMEOUT = 600.0
 
 
 def _embed(model: torch.nn.Module, images: torch.Tensor, flip: bool) -> torch.Tensor:
-    emb = model(images).float()
-    if flip:  # LFW convention: sum with the mirrored face's embedding, then re-normalise
-        emb = emb + model(torch.flip(images, dims=[3])).float()
-    return F.normalize(emb, dim=1)
+    if flip:
+        from ..model import embed_with_mirror  # not at the top: onnx-only paths import this module without timm
+
+        return embed_with_mirror(model, images)
+    return F.normalize(model(images).float(), dim=1)
 
 
 def embed_dataset(model: torch.nn.Module, dataset, *, batch_size: int = 128, num_workers: int = 0,
