@@ -9,7 +9,11 @@ needs the MTCNN detector (a torch model) to align raw photos: that step imports 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import platform
+import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,6 +24,8 @@ from .embedder import FaceEmbedder
 from .errors import InputError
 from .onnx_session import METADATA_KEY, open_session
 
+log = logging.getLogger("facesiam.onnx")
+
 
 def parity_line(parity: dict) -> str:
     """An int8 export's parity with fp32 (its metadata's int8.parity) in one line, for logs, errors and /status."""
@@ -27,6 +33,24 @@ def parity_line(parity: dict) -> str:
     return (f"TAR@FAR={parity['far']:g} {q['tar']:.4f} vs fp32 {f['tar']:.4f} (gap {parity['tar_gap']:.4f}, at most "
             f"{parity['tolerance']['tar']:g}), AUC {q['auc']:.4f} vs fp32 {f['auc']:.4f} (gap "
             f"{parity['auc_gap']:.4f}, at most {parity['tolerance']['auc']:g})")
+
+
+@lru_cache(maxsize=1)
+def int8_products_exact() -> Optional[bool]:
+    """Whether onnxruntime's int8 matrix products are exact on this CPU for full-range (8-bit) weights: True on x86
+    with VNNI or AMX (vpdpbusd sums u8 x s8 products in 32 bits) and on ARM64 (widening multiplies); False on x86
+    without them, where the u8 x s8 kernel adds pairs of products in saturating 16 bits (vpmaddubsw) and 8-bit
+    weights overflow it; None where this cannot be told (not Linux x86 or ARM)."""
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return None
+    return re.search(r"\b(avx512_vnni|avx_vnni|amx_int8)\b", cpuinfo) is not None
 
 
 class OnnxEmbedder(FaceEmbedder):
@@ -49,6 +73,24 @@ class OnnxEmbedder(FaceEmbedder):
         self.alignment = self.meta.get("alignment") or None
         self._mean = np.asarray(self.meta["mean"], np.float32).reshape(3, 1, 1)
         self._std = np.asarray(self.meta["std"], np.float32).reshape(3, 1, 1)
+        self._check_int8_weights()
+
+    def _check_int8_weights(self) -> None:
+        """An int8 export with full 8-bit weights (export --int8 on a CPU with VNNI) keeps its parity only where
+        int8 products are exact: refuse it where they saturate, warn where that cannot be told."""
+        weights = ((self.meta.get("int8") or {}).get("calibration") or {}).get("weights")
+        if weights != "full":
+            return
+        exact = int8_products_exact()
+        if exact is False:
+            raise InputError(f"{self.path}: int8 with full 8-bit weights, which this CPU (x86 without VNNI) sums "
+                             "in saturating 16-bit pairs: it would lose the accuracy its parity check measured; "
+                             "export it again on this CPU (export --int8 keeps 7-bit weights here) or serve the "
+                             "fp32 export")
+        if exact is None:
+            log.warning("%s: int8 with full 8-bit weights, measured on a CPU with VNNI; this CPU (%s) was not "
+                        "recognised: if it is x86 without VNNI its int8 products saturate and accuracy drops",
+                        self.path, platform.machine())
 
     def describe(self, parity: bool = True) -> str:
         """'model.onnx (onnxruntime)'; an int8 export (facesiam export --int8) says so, and with ``parity`` its

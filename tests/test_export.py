@@ -275,6 +275,76 @@ def test_int8_export_keeps_the_verification_metrics_of_fp32(int8_onnx, trained_m
     assert abs(tar8 - tar32) <= 0.01 + step and abs(auc8 - auc32) <= TEST_AUC_TOLERANCE + 1e-3
     assert summary["calibration"]["images"] == 128 and summary["bytes"] < summary["fp32_bytes"]
     assert parity["speedup"] > 0  # int8's images/s over fp32's on this CPU, timed on the parity photos
+    # --int8-weights auto: portable first; full tried only where this CPU's int8 products are exact; the first
+    # candidate within parity is the one written
+    from facesiam.onnx_runtime import int8_products_exact
+
+    tried = summary["candidates"]
+    assert list(tried) == (["portable", "full"] if int8_products_exact() else ["portable"])
+    assert summary["calibration"]["weights"] == next(name for name, p in tried.items() if p["ok"])
+    assert tried[summary["calibration"]["weights"]] == parity
+
+
+def _conv_weight_bits(path: Path) -> tuple[list[int], list[int]]:
+    """The largest |int8 weight| of each depthwise and each other convolution of a QDQ graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    stored = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    made_by = {out: node for node in graph.node for out in node.output}
+    depthwise, other = [], []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        dequantize = made_by[node.input[1]]
+        assert dequantize.op_type == "DequantizeLinear"  # the weight is stored as int8
+        largest = int(np.abs(stored[dequantize.input[0]].astype(np.int32)).max())
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        (depthwise if group > 1 else other).append(largest)
+    return depthwise, other
+
+
+@pytest.mark.parametrize("weights", ["portable", "full"])
+def test_portable_int8_keeps_8_bit_weights_only_where_no_cpu_saturates(weights, int8_shards, tmp_path,
+                                                                       monkeypatch, caplog):
+    """portable: 7-bit weights (|q| <= 64) for the convolutions run as u8 x s8 matrix products, which saturate on
+    x86 without VNNI; 8-bit (|q| up to 127) for the depthwise ones, whose kernel sums in 32 bits everywhere. full:
+    8 bits everywhere, and a file that OnnxEmbedder (serve, embed, compare) refuses where products saturate."""
+    from facesiam import onnx_runtime
+    from facesiam.export import export_onnx
+    from facesiam.onnx_session import METADATA_KEY
+    from facesiam.errors import InputError
+    import onnx
+
+    cfg = ModelConfig(backbone="test_efficientnet", embedding_dim=32, image_size=48)
+    torch.manual_seed(0)
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    export_onnx(export_model(build_model(cfg), cfg, tmp_path / "best"), fp32)
+    calibration = quantize.quantize_int8(fp32, int8, int8_shards, images=16, progress=False, weights=weights)
+    assert calibration["weights"] == weights
+    depthwise, other = _conv_weight_bits(int8)
+    assert depthwise and other
+    if weights == "portable":
+        assert min(depthwise) > 64 and max(other) <= 64
+    else:
+        assert min(depthwise) > 64 and min(other) > 64
+
+    proto = onnx.load(str(int8))  # the metadata export_int8 writes (its parity aside)
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = {**json.loads(props[METADATA_KEY]), "int8": {"calibration": calibration}}
+    onnx.helper.set_model_props(proto, {**props, METADATA_KEY: json.dumps(meta)})
+    onnx.save(proto, str(int8))
+    monkeypatch.setattr(onnx_runtime, "int8_products_exact", lambda: False)
+    if weights == "portable":
+        OnnxEmbedder(int8)  # runs at its measured accuracy on any CPU
+    else:
+        with pytest.raises(InputError, match=f"{int8}: int8 with full 8-bit weights.*export it again on this CPU"):
+            OnnxEmbedder(int8)
+    monkeypatch.setattr(onnx_runtime, "int8_products_exact", lambda: None)
+    with caplog.at_level("WARNING", logger="facesiam.onnx"):
+        OnnxEmbedder(int8)
+    assert ("not recognised" in caplog.text) == (weights == "full")
 
 
 @pytest.mark.slow
@@ -298,10 +368,13 @@ def test_int8_export_that_loses_accuracy_is_refused_and_leaves_the_old_file(trai
     assert out.read_bytes() == b"the good model" and sorted(p.name for p in tmp_path.iterdir()) == [out.name]
 
 
-def test_int8_arguments_are_one_line_errors(tiny_model_dir, face_folder, tmp_path):
+def test_int8_arguments_are_one_line_errors(tiny_model_dir, face_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "int8_products_exact", lambda: False)  # x86 without VNNI
     for argv, expected in ((["--int8"], "--int8 needs --data"), (["--int8", "--fp16", "--data", "x"], "exclude"),
                            (["--data", "x"], "--data is for --int8"),
-                           (["--int8", "--data", str(face_folder)], "image folder.*pass --parity-data")):
+                           (["--int8", "--data", str(face_folder)], "image folder.*pass --parity-data"),
+                           (["--int8", "--data", str(face_folder), "--int8-weights", "full"],
+                            "--int8-weights full needs a CPU whose int8 products are exact.*x86 without VNNI")):
         with pytest.raises(SystemExit, match=expected):
             facesiam_main(["export", str(tiny_model_dir), "--onnx", str(tmp_path / "m.onnx"), *argv])
     assert not (tmp_path / "m.onnx").exists()

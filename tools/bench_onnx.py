@@ -51,6 +51,8 @@ def main() -> None:
                    "served photos: val split)")
     p.add_argument("--flip", action="store_true", help="--int8 with --checkpoint: both models embed each face with "
                    "its mirror image (export --flip, what fit exports)")
+    p.add_argument("--int8-weights", choices=("auto", "portable", "full"), default="auto",
+                   help="--int8 with --checkpoint: export --int8-weights")
     p.add_argument("--clients", type=int, default=8, help="--int8: concurrent clients of each server")
     p.add_argument("--requests", type=int, default=96, help="--int8: POST /verify requests (2 photos) per run")
     p.add_argument("--write-doc", action="store_true")
@@ -119,7 +121,9 @@ def int8_main(args) -> None:
         if args.checkpoint:
             best, data = Path(args.checkpoint), Path(args.data)
             export_onnx(best, fp32, flip=args.flip)
-            parity = export_int8(best, int8, data=data, threads=args.threads, flip=args.flip)["parity"]
+            int8_summary = export_int8(best, int8, data=data, threads=args.threads, flip=args.flip,
+                                       weights=args.int8_weights)
+            parity, weights = int8_summary["parity"], int8_summary["calibration"]["weights"]
             backbone = json.loads((best / "config.json").read_text())["backbone"] if best.is_dir() else "?"
         else:
             from facesiam.data import write_shards
@@ -134,7 +138,7 @@ def int8_main(args) -> None:
             write_shards(faces, data, val_identities=10, seed=0, workers=1, progress=False)
             export_onnx(best, fp32)
             quantize_int8(fp32, int8, data)
-            parity, backbone = None, args.backbone
+            parity, backbone, weights = None, args.backbone, "portable"
         embedders = {name: OnnxEmbedder(path, threads=args.threads, providers=["CPUExecutionProvider"])
                      for name, path in (("fp32", fp32), ("int8", int8))}
         size = embedders["fp32"].image_size
@@ -187,9 +191,10 @@ def int8_main(args) -> None:
                    f"{served[name]['p50']:.0f} | {served[name]['p99']:.0f} | {served[name]['errors']} |\n"
                    for name in ("fp32", "int8"))
     model = (f"{args.checkpoint} ({backbone}, trained{', with the mirror image: export --flip' if args.flip else ''}), "
-             f"calibrated on {data}'s train split" if args.checkpoint
+             f"calibrated on {data}'s train split, {weights} int8 weights" if args.checkpoint
              else f"{backbone} at {args.image_size} px, random weights calibrated on synthetic faces (speed only)")
-    command = (f"--checkpoint {args.checkpoint} --data {args.data}{' --flip' if args.flip else ''}" if args.checkpoint
+    command = (f"--checkpoint {args.checkpoint} --data {args.data}{' --flip' if args.flip else ''}"
+               f"{'' if args.int8_weights == 'auto' else ' --int8-weights ' + args.int8_weights}" if args.checkpoint
                else f"--backbone {backbone} --image-size {args.image_size}")
     held_out = (f"Parity on {parity['images']} photos of {parity['identities']} held-out people (all pairs, "
                 f"facesiam's evaluator): {parity_line(parity)}.\n" if parity

@@ -16,7 +16,7 @@ from .common import add_align_argument
 
 @command("export")
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from ..quantize import CALIBRATION_IMAGES, INT8_AUC_TOLERANCE, INT8_FAR, INT8_TAR_TOLERANCE
+    from ..quantize import CALIBRATION_IMAGES, INT8_AUC_TOLERANCE, INT8_FAR, INT8_TAR_TOLERANCE, INT8_WEIGHTS
 
     p = argparse.ArgumentParser(prog="export", description="Export a trained model to ONNX: dynamic batch, unit "
                                 "embeddings out; input size, mean/std, centre crop, face alignment and embedding "
@@ -39,6 +39,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--parity-split", default="val", help="--int8: split of the parity data (default val)")
     p.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES,
                    help=f"--int8: training photos to calibrate on (default {CALIBRATION_IMAGES})")
+    p.add_argument("--int8-weights", choices=INT8_WEIGHTS, default="auto",
+                   help="--int8: portable (7-bit weights where x86 CPUs without VNNI would saturate: the file runs at "
+                   "its measured accuracy on every CPU), full (8-bit: exact only on x86 with VNNI/AMX and ARM64; "
+                   "serve refuses it elsewhere), auto (default: portable; full when portable misses parity and this "
+                   "CPU is exact)")
     p.add_argument("--threads", type=int, default=None, help="--int8: onnxruntime threads for the parity check")
     add_align_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
@@ -61,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         summary = export_int8(args.checkpoint, args.onnx, data=args.data, parity_data=args.parity_data,
                               parity_split=args.parity_split, calibration_images=args.calibration_images,
                               opset=args.opset, overwrite=args.overwrite, check=args.check, align=args.align,
-                              threads=args.threads, flip=args.flip)
+                              threads=args.threads, flip=args.flip, weights=args.int8_weights)
     else:
         summary = export_onnx(args.checkpoint, args.onnx, opset=args.opset, fp16=args.fp16, flip=args.flip,
                               overwrite=args.overwrite, check=args.check)
@@ -74,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"check: onnxruntime vs torch on random inputs, smallest cosine {summary['min_cosine']:.6f}")
     if summary.get("int8"):
         parity = summary["parity"]
-        print(f"int8: calibrated on {summary['calibration']['images']} training photos; on {parity['images']} photos "
+        print(f"int8: {summary['calibration']['weights']} weights, calibrated on {summary['calibration']['images']} "
+              f"training photos; on {parity['images']} photos "
               f"of {parity['identities']} held-out people: {parity_line(parity)}")
     return summary
