@@ -210,6 +210,14 @@ class DistillConfig:
     relational_weight: float = 0.0
     """Weight of the relational term: the batch's student cosine-similarity matrix matched to the teacher's (mean
     squared difference); 0 disables it."""
+    bank_weight: float = 0.0
+    """Weight of the bank term (facesiam/distill.py): each photo's softmax similarity distribution over the teacher's
+    embeddings of up to ``bank_size`` training photos, the student's matched to the teacher's (KL divergence, as in
+    SEED): the teacher's geometry over the training set, where the relational term sees one batch; 0 disables it."""
+    bank_temperature: float = 0.07
+    """Temperature of the bank term's softmax over cosine similarities (lower: sharper, nearer the photo itself)."""
+    bank_size: int = 16384
+    """Training photos in the bank; past it, a fixed random subset (the same in every process and after a resume)."""
     label_weight: float = 0.0
     """Weight of the run's metric loss (the ``loss`` section) on the photos' labels, trained together with the
     distillation loss from the first step; 0: distillation alone, no labels used. A triplet loss needs
@@ -523,6 +531,9 @@ def validate(cfg: TrainConfig) -> None:
         raise InputError("distill.relational_weight must be >= 0")
     if d.teacher_batch_size < 1:
         raise InputError("distill.teacher_batch_size must be >= 1")
+    if d.bank_weight < 0 or d.bank_temperature <= 0 or d.bank_size < 1:
+        raise InputError(f"distill.bank_weight must be >= 0, bank_temperature > 0 and bank_size >= 1 (got "
+                         f"{d.bank_weight}, {d.bank_temperature}, {d.bank_size})")
     if d.teacher is not None and cfg.loss.init_centres == "imprint":
         raise InputError("loss.init_centres imprint has no class centres to imprint in a distillation run "
                          "(distill.teacher is set); drop one of them")

@@ -12,7 +12,11 @@ the teacher's size when the sizes differ (none when they agree: the student's em
 teacher's). The optional relational term matches the batch's cosine-similarity matrix of the student's own
 embeddings to the teacher's, which constrains the geometry inference uses (the student's embedding, not P's
 output): similarity-preserving distillation (Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019),
-with cosine similarities in place of their row-normalised Gram matrices.
+with cosine similarities in place of their row-normalised Gram matrices. The optional bank term widens that
+geometry from the batch to the training set: each photo's similarity distribution over a bank of the teacher's
+embeddings of training photos (softmax of cosines / temperature), the student's matched to the teacher's by KL
+divergence, as SEED does with a queue (Fang et al., "SEED: Self-supervised Distillation For Visual
+Representation", ICLR 2021); here the targets are cached, so the bank is up to ``bank_size`` of them, no queue.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class DistillCriterion(nn.Module):
     name = "distill"
 
     def __init__(self, embedding_dim: int, teacher_dim: int, relational_weight: float = 0.0,
-                 label_loss: Optional[nn.Module] = None, label_weight: float = 0.0):
+                 label_loss: Optional[nn.Module] = None, label_weight: float = 0.0, bank_weight: float = 0.0,
+                 bank_temperature: float = 0.07, bank_size: int = 16384):
         super().__init__()
         # A projection only when the sizes differ; it is trained with the student and dropped at export.
         self.projection = nn.Linear(embedding_dim, teacher_dim, bias=False) if embedding_dim != teacher_dim else None
@@ -44,6 +49,8 @@ class DistillCriterion(nn.Module):
         # A submodule, so that DDP synchronises its class centres like the student's weights.
         self.label_loss = label_loss if label_weight else None
         self.label_weight = label_weight
+        self.bank_weight, self.bank_temperature, self.bank_size = bank_weight, bank_temperature, bank_size
+        self.bank: Optional[torch.Tensor] = None     # (K, teacher_dim): the targets the bank term compares with
         self.targets: Optional[torch.Tensor] = None  # (N, teacher_dim) unit rows; a plain attribute: DDP must not
         self.found: Optional[torch.Tensor] = None    # broadcast it as a buffer at every step
         self.labels: Optional[torch.Tensor] = None   # (N,) identity of dataset index i, for the label loss
@@ -53,6 +60,12 @@ class DistillCriterion(nn.Module):
         """The teacher's embedding of every training photo (row i: dataset index i) and whether it found a face."""
         self.targets = F.normalize(torch.as_tensor(np.asarray(targets), dtype=torch.float32), dim=1).to(device)
         self.found = torch.as_tensor(np.asarray(found), dtype=torch.bool).to(device)
+        if self.bank_weight:
+            rows = torch.nonzero(self.found.cpu()).squeeze(1)
+            if len(rows) > self.bank_size:  # a fixed subset: the same in every process and after a resume
+                pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[:self.bank_size]
+                rows = rows[pick.sort().values]
+            self.bank = self.targets[rows.to(self.targets.device)]
 
     def set_labels(self, labels: np.ndarray | torch.Tensor, device: torch.device | str = "cpu") -> None:
         """The identity of every training photo (row i: dataset index i): the batch carries indices, not labels."""
@@ -70,8 +83,15 @@ class DistillCriterion(nn.Module):
         keep = self.found[indices].to(embeddings.device)
         teacher = self.targets[indices].to(embeddings.device)
         weight = keep.float() / keep.sum().clamp(min=1)
-        cosine = (self.project(embeddings) * teacher).sum(dim=1)
+        projected = self.project(embeddings)
+        cosine = (projected * teacher).sum(dim=1)
         loss = ((1 - cosine) * weight).sum()
+        if self.bank_weight:
+            bank = self.bank.to(embeddings.device)
+            student = F.log_softmax(projected @ bank.t() / self.bank_temperature, dim=1)
+            wanted = F.log_softmax(teacher @ bank.t() / self.bank_temperature, dim=1)
+            divergence = F.kl_div(student, wanted, log_target=True, reduction="none").sum(dim=1)
+            loss = loss + self.bank_weight * (divergence * weight).sum()
         if self.relational_weight:
             s = F.normalize(embeddings.float(), dim=1)
             pair = weight[:, None] * weight[None, :]

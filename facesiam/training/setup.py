@@ -309,7 +309,9 @@ def build_learner(cfg: TrainConfig, num_classes: int, distillation: Optional[Dis
     if cfg.distill.label_weight:
         label_loss = Criterion(cfg.loss, cfg.model.embedding_dim, num_classes=num_classes)
     criterion = DistillCriterion(cfg.model.embedding_dim, distillation.dim, cfg.distill.relational_weight,
-                                 label_loss=label_loss, label_weight=cfg.distill.label_weight)
+                                 label_loss=label_loss, label_weight=cfg.distill.label_weight,
+                                 bank_weight=cfg.distill.bank_weight, bank_temperature=cfg.distill.bank_temperature,
+                                 bank_size=cfg.distill.bank_size)
     criterion.set_targets(*distillation.train, device=device)
     if distillation.labels is not None:
         criterion.set_labels(distillation.labels, device=device)

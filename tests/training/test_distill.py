@@ -134,6 +134,43 @@ def test_the_relational_term_matches_the_batch_similarity_matrices():
     assert crit.projection.weight.grad is not None
 
 
+def test_the_bank_term_matches_similarity_distributions_over_the_teachers_bank():
+    """distill.bank_weight: KL(teacher || student) of softmax(cosines / T) over the targets of the photos with a face,
+    computed here with scipy (softmax, relative entropy)."""
+    from scipy.special import softmax
+    from scipy.stats import entropy
+
+    torch.manual_seed(2)
+    targets = F.normalize(torch.randn(12, 4), dim=1)
+    found = torch.tensor([True] * 10 + [False] * 2)
+    crit = DistillCriterion(embedding_dim=4, teacher_dim=4, bank_weight=0.5, bank_temperature=0.1)
+    crit.set_targets(targets, found)
+    torch.testing.assert_close(crit.bank, targets[:10])  # the photos without a face are no anchor
+    emb = F.normalize(torch.randn(5, 4), dim=1)
+    idx = torch.tensor([0, 11, 4, 7, 2])  # 11: no target, counts for nothing
+    loss, _ = crit(emb, idx)
+    bank = targets[:10].numpy().astype(np.float64)
+    keep = found[idx].numpy()
+    e, t = emb.numpy()[keep].astype(np.float64), targets[idx].numpy()[keep].astype(np.float64)
+    kl = [entropy(softmax(ti @ bank.T / 0.1), softmax(ei @ bank.T / 0.1)) for ei, ti in zip(e, t)]
+    want = np.mean(1 - np.sum(e * t, axis=1)) + 0.5 * np.mean(kl)
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    assert crit(targets[idx], idx)[0].item() == pytest.approx(0.0, abs=1e-5)  # the teacher's own: no loss
+
+
+def test_a_bank_larger_than_bank_size_is_one_fixed_subset():
+    targets = F.normalize(torch.randn(50, 4), dim=1)
+    banks = []
+    for _ in range(2):  # two processes, or a run and its resume
+        crit = DistillCriterion(embedding_dim=4, teacher_dim=4, bank_weight=1.0, bank_size=16)
+        crit.set_targets(targets, torch.ones(50, dtype=torch.bool))
+        banks.append(crit.bank)
+    assert banks[0].shape == (16, 4)
+    torch.testing.assert_close(banks[0], banks[1])
+    rows = [int(torch.nonzero((crit.targets == row).all(dim=1))) for row in banks[0]]
+    assert rows == sorted(set(rows)) and rows != list(range(16))  # distinct photos, in order, not just the first
+
+
 def test_the_label_loss_is_added_on_the_photos_labels():
     """distill.label_weight: distillation + w x the metric loss on labels[indices], the latter computed by PML."""
     from pytorch_metric_learning import distances, losses as pml_losses
@@ -257,6 +294,7 @@ def test_distillation_resumes_exactly(shards, teacher_onnx, tmp_path, label_flag
 
     common = ["--data", str(shards), "--teacher", f"onnx:{teacher_onnx}", *DISTILL_FLAGS, "--val-split", "none",
               "--max-steps", "7", "--relational-weight", "0.5", "--embedding-dim", "16",  # with a projection
+              "--bank-weight", "0.5", "--bank-size", "8",  # a subset of the photos: it must be the same on resume
               *label_flags]  # the label loss's class centres are trained and checkpointed too
     main([*common, "--output", str(tmp_path / "a")])
     reset_accelerate()
