@@ -52,9 +52,13 @@ class EmbeddingModel(nn.Module):
 
 def embed_with_mirror(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The LFW convention: a face's embedding is the sum of the model's embeddings of the face and of its mirror
-    image (NCHW batches, flipped along the width), normalised; ``evaluate --flip`` and ``export --flip`` both."""
-    emb = model(images).float() + model(torch.flip(images, dims=[3])).float()
-    return F.normalize(emb, dim=1)
+    image (NCHW batches, flipped along the width), normalised; ``evaluate --flip`` and ``export --flip`` both.
+
+    One pass over the batch and its mirror images together (the model is in eval mode: each image's embedding is
+    its own): one larger batch runs faster than two, and an exported graph holds one copy of the network, which
+    onnxruntime's optimiser and quantizer would otherwise copy for each pass."""
+    emb = model(torch.cat([images, torch.flip(images, dims=[3])])).float()
+    return F.normalize(emb.reshape(2, -1, emb.shape[1]).sum(dim=0), dim=1)
 
 
 @contextlib.contextmanager

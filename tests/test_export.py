@@ -81,6 +81,11 @@ def test_a_flip_export_embeds_as_evaluate_flip_does(onnx_file, cropped_model, fa
     assert np.min(np.sum(ref_flipped * got, axis=1)) >= 0.9999
     assert np.abs(got - ref_flipped).max() < np.abs(got - plain).max() / 3
     assert OnnxEmbedder(flip_file).meta["flip"] is True and OnnxEmbedder(onnx_file).meta["flip"] is False
+    import onnx
+
+    convolutions = [sum(node.op_type == "Conv" for node in onnx.load(str(path)).graph.node)
+                    for path in (flip_file, onnx_file)]
+    assert convolutions[0] == convolutions[1] > 0  # one pass over the faces and their mirror images together
 
 
 def test_metadata_describes_the_preprocessing(onnx_file, cropped_model):
