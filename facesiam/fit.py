@@ -83,7 +83,8 @@ class Recipe:
 # launch/configs/lfw_distill.yaml + lfw_finetune.yaml (tests/commands/test_fit.py checks they agree).
 RECIPE = Recipe(
     distill={**_recipe_stage(None, 1e-3, 100, 1),
-             "distill": {"teacher_source": "auto", "center_targets": True, "relational_weight": 1.0}},
+             "distill": {"teacher_source": "auto", "center_targets": True, "relational_weight": 1.0,
+                         "bank_weight": 1.0}},
     finetune=_recipe_stage({"loss": "triplet", "margin": 0.1, "distance": "cosine", "miner": "none"}, 5e-5, 50, 2),
     # lfw_aligned.yaml's triplet recipe (lr 2e-4) on the same student
     scratch=_recipe_stage({"loss": "triplet", "margin": 0.1, "distance": "cosine", "miner": "none"}, 2e-4, 60, 2),
