@@ -83,18 +83,18 @@ def export_int8(checkpoint: str | os.PathLike, out: str | os.PathLike, *, data: 
         parities = int8_parity(fp32_path, int8_paths, parity_data or data, split=parity_split, align=align,
                                threads=threads, progress=progress)
         chosen = next((name for name in candidates if parities[name]["ok"]), None)
+        tried = "; ".join(f"{name} weights: {parity_line(parities[name])}" for name in candidates)
         if chosen is None:
             first = parities[candidates[0]]
-            tried = "; ".join(f"{name} weights: {parity_line(parities[name])}" for name in candidates)
             raise InputError(f"{out}: int8 model fails parity on {first['data']} ({first['split']}, "
                              f"{first['images']} photos of {first['identities']} people), nothing written: {tried}; "
                              f"keep the fp32 export (or calibrate on more photos: --calibration-images "
                              f"{2 * calibration[candidates[0]]['images']})")
         parity, calibration = parities[chosen], calibration[chosen]
         if len(candidates) > 1:
-            log.info("int8: %s", "; ".join(f"{name} weights: {parity_line(parities[name])}" for name in candidates))
+            log.info("int8: %s", tried)
         if chosen == "full":
-            log.warning("int8: 7-bit weights miss parity (%s); written with full 8-bit weights, exact on this CPU "
+            log.warning("int8: portable weights miss parity (%s); written with full 8-bit weights, exact on this CPU "
                         "(VNNI): serve refuses the file on x86 CPUs without VNNI",
                         parity_line(parities["portable"]))
         if parity["speedup"] is not None and parity["speedup"] < 1:
@@ -237,24 +237,23 @@ def int8_parity(fp32_path: str | os.PathLike, int8_paths: dict[str, str | os.Pat
             emb[name].append(model.embed_arrays(x))
             seconds[name] += time.perf_counter() - t
     labels = np.asarray(dataset.labels, np.int64)
+    identities = int(len(np.unique(labels)))
     key = far_key(INT8_FAR)
-    scores = {}
+    scores, impostor_pairs = {}, 0
     for name in models:
         metrics = verification_metrics(np.concatenate(emb[name]) if emb[name] else
                                        np.zeros((0, fp32.embedding_dim)), labels)
-        scores[name] = {"tar": metrics["tar_at_far"][key], "auc": metrics["auc"], "pairs": metrics["n_impostor"]}
+        scores[name] = {"tar": metrics["tar_at_far"][key], "auc": metrics["auc"]}
+        impostor_pairs = metrics["n_impostor"]
     if scores["fp32"]["tar"] is None:
-        raise InputError(f"{data} ({split}): {len(labels)} photos of {len(np.unique(labels))} people give "
-                         f"{scores['fp32']['pairs']} impostor pairs, fewer than the {round(1 / INT8_FAR)} that "
-                         f"TAR@FAR={INT8_FAR:g} needs; pass --parity-data with more held-out people")
+        raise InputError(f"{data} ({split}): {len(labels)} photos of {identities} people give {impostor_pairs} "
+                         f"impostor pairs, fewer than the {round(1 / INT8_FAR)} that TAR@FAR={INT8_FAR:g} needs; "
+                         "pass --parity-data with more held-out people")
     results = {}
     for name in int8_paths:
-        result: dict = {"data": str(data), "split": split, "images": int(len(labels)),
-                        "identities": int(len(np.unique(labels))), "far": INT8_FAR,
-                        "tolerance": {"tar": INT8_TAR_TOLERANCE, "auc": INT8_AUC_TOLERANCE},
-                        "impostor_pairs": scores["fp32"]["pairs"],
-                        "fp32": {k: scores["fp32"][k] for k in ("tar", "auc")},
-                        "int8": {k: scores[name][k] for k in ("tar", "auc")}}
+        result: dict = {"data": str(data), "split": split, "images": int(len(labels)), "identities": identities,
+                        "far": INT8_FAR, "tolerance": {"tar": INT8_TAR_TOLERANCE, "auc": INT8_AUC_TOLERANCE},
+                        "impostor_pairs": impostor_pairs, "fp32": dict(scores["fp32"]), "int8": dict(scores[name])}
         result["tar_gap"] = abs(result["int8"]["tar"] - result["fp32"]["tar"])
         result["auc_gap"] = abs(result["int8"]["auc"] - result["fp32"]["auc"])
         result["ok"] = result["tar_gap"] <= INT8_TAR_TOLERANCE and result["auc_gap"] <= INT8_AUC_TOLERANCE

@@ -32,6 +32,7 @@ from facesiam.config import ModelConfig
 from facesiam.export import export_onnx
 from facesiam.model import build_model, export_model
 from facesiam.onnx_runtime import OnnxEmbedder
+from facesiam.quantize import INT8_WEIGHTS
 
 HEADING = "## Inference: onnxruntime vs torch (facesiam export --onnx)"
 INT8_HEADING = "## Inference: int8 vs fp32 on the CPU (facesiam export --int8)"
@@ -51,7 +52,7 @@ def main() -> None:
                    "served photos: val split)")
     p.add_argument("--flip", action="store_true", help="--int8 with --checkpoint: both models embed each face with "
                    "its mirror image (export --flip, what fit exports)")
-    p.add_argument("--int8-weights", choices=("auto", "portable", "full"), default="auto",
+    p.add_argument("--int8-weights", choices=INT8_WEIGHTS, default="auto",
                    help="--int8 with --checkpoint: export --int8-weights")
     p.add_argument("--clients", type=int, default=8, help="--int8: concurrent clients of each server")
     p.add_argument("--requests", type=int, default=96, help="--int8: POST /verify requests (2 photos) per run")
